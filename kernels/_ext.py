@@ -1,0 +1,48 @@
+"""Build (first use) and load the C++ CPU kernels; builds are cached by torch under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the source hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+
+CSRC = Path(__file__).parent / "csrc"
+_lock = threading.Lock()
+_mod = None
+_err: str | None = None
+
+
+def cflags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    return flags
+
+
+def load():
+    """The compiled extension module (raises RuntimeError with the compiler's reason)."""
+    global _mod, _err
+    with _lock:
+        if _mod is not None:
+            return _mod
+        if _err is not None:
+            raise RuntimeError(_err)
+        from torch.utils import cpp_extension
+
+        src = CSRC / "sparse_conv_cpu.cpp"
+        tag = hashlib.sha256(src.read_bytes() + " ".join(cflags()).encode()).hexdigest()[:10]
+        try:
+            _mod = cpp_extension.load(
+                name=f"sparseconv_cpu_{tag}", sources=[str(src)], extra_cflags=cflags(),
+                extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("SPARSECONV_VERBOSE")))
+        except Exception as e:  # compiler missing, flags unsupported, ...
+            _err = f"C++ CPU kernels failed to build: {str(e).strip().splitlines()[-1][:300]}"
+            raise RuntimeError(_err) from e
+        return _mod
+
+
+def isa() -> str:
+    return load().isa()

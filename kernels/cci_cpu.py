@@ -1,0 +1,87 @@
+"""cci_cpu: CCI sparsity on the CPU, and unstructured_cpu as a reference.
+
+Output-stationary: each output channel's pixel tile stays in registers while the kernel streams
+that channel's kept weights (the CCI encoding regrouped per output row at prepare time, each
+entry an input offset and a value). The G rows of a group read the same input columns, so the
+group's input window stays in L1 across its rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from . import patterns as P
+from .cpu_common import SPLITS, TILES, CppKernel, default_tile, make_run
+from .cpu_layout import CpuLayout
+from .registry import register
+
+
+def _row_lists(layer, rows_o, cols, vals):
+    """Per output channel: CSR of (input offset, value), ascending input column."""
+    lay = CpuLayout.of(layer)
+    taps = layer.kh * layer.kw
+    order = torch.argsort(rows_o * (layer.cin * taps) + cols)
+    rows_o, cols, vals = rows_o[order], cols[order], vals[order]
+    rptr = torch.zeros(layer.cout + 1, dtype=torch.int64)
+    rptr[1:] = torch.cumsum(torch.bincount(rows_o, minlength=layer.cout), 0)
+    off = (cols // taps) * lay.chan_stride + lay.tap_offsets()[cols % taps]
+    return rptr, off.contiguous(), vals.float().contiguous()
+
+
+class _RowSparse(CppKernel):
+    def _default(self, layer, sparsity):
+        return {**{k: v[0] for k, v in self.space.items()}, "T": default_tile(layer),
+                "split": "pixels"}
+
+    def _run(self, layer, wm, rows_o, cols, vals, info):
+        rptr, off, v = _row_lists(layer, rows_o, cols, vals)
+        mod = _ext.load()
+        T, split = info.pop("T"), info.pop("split")
+
+        def entry(xl, geo, y):
+            mod.row_sparse(xl, rptr, off, v, geo, y)
+
+        return make_run(layer, wm, entry, T, split, info={"kernel": self.name, **info,
+                                                          "isa": mod.isa()})
+
+
+@register
+class CCICpu(_RowSparse):
+    name = "cci_cpu"
+    pattern = "cci"
+    space = {"G": P.CCI_G, "T": TILES, "split": SPLITS}
+    pattern_params = ("G",)
+
+    def _default(self, layer, sparsity):
+        for G in (4, 8, 16, 2):  # the smallest group that expresses the sparsity exactly
+            try:
+                P.make("cci", sparsity, G=G)
+            except ValueError:
+                continue
+            if layer.cout % G == 0:
+                return {"G": G, "T": default_tile(layer), "split": "pixels"}
+        return {"G": 4, "T": default_tile(layer), "split": "pixels"}
+
+    def _prepare(self, layer, weight, sparsity, config):
+        pat = self.make_pattern(sparsity, config)
+        wm, enc = pat.prune(weight)
+        B, L, s = enc.values.shape
+        b = torch.arange(B).view(B, 1, 1).expand(B, L, s)
+        col = torch.arange(L).view(1, L, 1).expand(B, L, s)
+        rows_o = (b * enc.G + enc.rows.long()).reshape(-1)
+        return self._run(layer, wm, rows_o, col.reshape(-1), enc.values.reshape(-1),
+                         {"G": enc.G, "s": enc.s, "T": config["T"], "split": config["split"]})
+
+
+@register
+class UnstructuredCpu(_RowSparse):
+    name = "unstructured_cpu"
+    pattern = "unstructured"
+    space = {"T": TILES, "split": SPLITS}
+
+    def _prepare(self, layer, weight, sparsity, config):
+        wm, enc = self.make_pattern(sparsity, config).prune(weight)
+        rows_o = torch.repeat_interleave(torch.arange(layer.cout), enc.crow[1:] - enc.crow[:-1])
+        return self._run(layer, wm, rows_o, enc.col.long(), enc.values,
+                         {"T": config["T"], "split": config["split"]})

@@ -1,0 +1,70 @@
+"""Pieces shared by the C++ CPU kernel families: building a Run around a layout and an entry
+point, default pixel tiles, and the availability check (the extension builds on first use)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from .cpu_layout import CpuLayout, check_input
+from .registry import Kernel, Run
+
+TILES = (1, 2, 3, 4, 6, 8)
+SPLITS = ("pixels", "channels")
+OBS = (8, 32, 128)  # output channels per work item (a Cin chunk is reused across them)
+
+
+class CppKernel(Kernel):
+    device = "cpu"
+    sources = ("csrc/sparse_conv_cpu.cpp", "cpu_layout.py", "cpu_common.py")
+
+    def available(self):
+        try:
+            _ext.load()
+        except RuntimeError as e:
+            return str(e)
+        return None
+
+
+def default_tile(layer, allowed=TILES) -> int:
+    """Vectors per pixel tile: large tiles for large images, one tile for small ones."""
+    lay = CpuLayout.of(layer)
+    vw = 16
+    pixels = layer.oh * lay.Wq
+    want = 8 if pixels >= 1024 else 4 if pixels >= 256 else max(1, -(-pixels // vw))
+    return max(t for t in allowed if t <= want) if any(t <= want for t in allowed) else allowed[0]
+
+
+def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None) -> Run:
+    """``entry(x_laid_out, geometry, y)`` computes into NCHW ``y``."""
+    lay = CpuLayout.of(layer)
+    bufs: dict[int, torch.Tensor] = {}
+    cout = layer.cout
+    name = (info or {}).get("kernel", "cpu kernel")
+
+    def resident(xl, out=None):
+        n = xl.shape[0]
+        if out is None:
+            out = torch.empty(n, cout, layer.oh, layer.ow)
+        elif out.shape != (n, cout, layer.oh, layer.ow) or not out.is_contiguous() \
+                or out.dtype != torch.float32:
+            raise ValueError(f"{name}: out must be a contiguous float32 "
+                             f"[{n}, {cout}, {layer.oh}, {layer.ow}] tensor")
+        entry(xl, lay.geometry(n, cout, T, ob, chunk, split, torch.get_num_threads()), out)
+        return out
+
+    def layout(x):
+        check_input(layer, x, name)
+        return lay.layout(x)
+
+    def call(x, out=None):
+        check_input(layer, x, name)
+        if lay.direct:
+            return resident(x.contiguous(), out)
+        n = x.shape[0]
+        if n not in bufs:
+            bufs[n] = lay.empty(n)
+        return resident(lay.fill(x, bufs[n]), out)
+
+    return Run(masked_weight, call, layout=layout, resident=resident,
+               info={"layout": "direct" if lay.direct else f"planes S={lay.S}", **(info or {})})

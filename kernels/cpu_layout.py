@@ -1,0 +1,100 @@
+"""The CPU kernels' input layout (see kernels/csrc/sparse_conv_cpu.cpp).
+
+Per image and input channel: the zero-padded input split into stride-phase planes; plane
+(a, b) is the ``Hq x Wq`` grid of padded pixels ``(S*i + a, S*j + b)``. Output pixel
+``q = oh*Wq + ow`` of kernel tap (r, s) reads ``plane(r%S, s%S) + (r//S)*Wq + s//S + q``.
+Only planes some tap reads are stored (``a < min(S, Kh)``, ``b < min(S, Kw)``). A 1x1,
+stride-1, unpadded layer needs no conversion at all (``direct``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shapes import ConvLayer
+
+ALIGN = 16
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    layer: ConvLayer
+    direct: bool
+    S: int
+    na: int  # planes along rows
+    nb: int  # planes along columns
+    Hq: int
+    Wq: int
+    chan_stride: int
+
+    @classmethod
+    def of(cls, layer: ConvLayer) -> CpuLayout:
+        S, p = layer.stride, layer.padding
+        if S == 1 and p == 0 and layer.kh == 1 and layer.kw == 1:
+            return cls(layer, True, 1, 1, 1, layer.h, layer.w, layer.h * layer.w)
+        Hq = -(-(layer.h + 2 * p) // S)
+        Wq = -(-(layer.w + 2 * p) // S)
+        na, nb = min(S, layer.kh), min(S, layer.kw)
+        # slack past the planes covers the (Kw-1)//S overrun of the last row's garbage columns,
+        # so reads of the last channel stay inside the buffer
+        cs = _round_up(na * nb * Hq * Wq + Wq + ALIGN, ALIGN)
+        return cls(layer, False, S, na, nb, Hq, Wq, cs)
+
+    @property
+    def img_stride(self) -> int:
+        return self.layer.cin * self.chan_stride
+
+    def tap_offsets(self) -> torch.Tensor:
+        """Offset of each kernel tap (r*Kw + s order) inside a channel's region."""
+        L, S = self.layer, self.S
+        offs = [((r % S) * self.nb + (s % S)) * self.Hq * self.Wq + (r // S) * self.Wq + s // S
+                for r in range(L.kh) for s in range(L.kw)]
+        return torch.tensor(offs, dtype=torch.int64)
+
+    def empty(self, n: int) -> torch.Tensor:
+        if self.direct:
+            return torch.zeros(n, self.layer.cin, self.layer.h, self.layer.w)
+        return torch.zeros(n, self.img_stride)
+
+    def fill(self, x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """Copy NCHW ``x`` into the interior of ``buf`` (its padding stays zero)."""
+        if self.direct:
+            return x.contiguous()
+        L, S, p = self.layer, self.S, self.layer.padding
+        n = x.shape[0]
+        body = buf.view(n, L.cin, self.chan_stride)
+        planes = body[:, :, : self.na * self.nb * self.Hq * self.Wq].view(
+            n, L.cin, self.na, self.nb, self.Hq, self.Wq)
+        for a in range(self.na):
+            i0 = max(0, -(-(p - a) // S))  # first plane row holding a real input row
+            r0 = S * i0 + a - p
+            ni = len(range(r0, L.h, S))
+            for b in range(self.nb):
+                j0 = max(0, -(-(p - b) // S))
+                c0 = S * j0 + b - p
+                nj = len(range(c0, L.w, S))
+                planes[:, :, a, b, i0:i0 + ni, j0:j0 + nj].copy_(x[:, :, r0::S, c0::S])
+        return buf
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fill(x, self.empty(x.shape[0]))
+
+    def geometry(self, n: int, cout: int, T: int, OB: int, chunk: int, split: str,
+                 threads: int) -> list[int]:
+        L = self.layer
+        return [n, L.cin, cout, self.chan_stride, self.img_stride, L.oh, L.ow, self.Wq, T, OB,
+                chunk, 0 if split == "pixels" else 1, threads]
+
+
+def check_input(layer: ConvLayer, x: torch.Tensor, name: str) -> None:
+    if x.dim() != 4 or x.shape[1:] != (layer.cin, layer.h, layer.w):
+        raise ValueError(f"{name}: input shape {tuple(x.shape)} does not match layer "
+                         f"{layer.shape_str} (expected [N, {layer.cin}, {layer.h}, {layer.w}])")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{name}: float32 input expected, got {x.dtype}")

@@ -1,0 +1,316 @@
+// Direct sparse convolution kernels for the CPU.
+//
+// Input layout ("resident" layout, built by kernels/cpu_layout.py): per image and input channel,
+// the zero-padded input split into stride-phase planes, plane (a, b) holding padded pixels
+// (S*i + a, S*j + b) as a row-major Hq x Wq grid. Output pixels are computed on the grid
+// OH x Wq (flattened q = oh*Wq + ow; columns ow >= OW are discarded), so kernel tap (r, s)
+// reads the contiguous window  plane(r%S, s%S) + (r/S)*Wq + s/S + q  for every q: each
+// nonzero weight is one broadcast and T vector loads feeding T independent FMAs.
+// A 1x1 stride-1 unpadded layer reads NCHW input directly (Wq = OW, one plane).
+//
+// Vector path chosen at build time: AVX-512 intrinsics where the compiler reports __AVX512F__,
+// else GCC vector extensions that the compiler lowers to what -march=native offers.
+// Threads: OpenMP, count passed by the caller (torch.get_num_threads()).
+
+#include <torch/extension.h>
+#include <omp.h>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SC_VW 16
+#define SC_ISA "avx512"
+#else
+#define SC_VW 8
+#if defined(__AVX2__)
+#define SC_ISA "portable(avx2)"
+#else
+#define SC_ISA "portable"
+#endif
+#endif
+
+namespace {
+
+constexpr int VW = SC_VW;
+// Every loop over accumulators is fully unrolled so they are scalarized into registers.
+#define UNROLL _Pragma("GCC unroll 16")
+
+struct Geo {
+  int64_t N, cin, cout, chan_stride, img_stride, OH, OW, Wq, T, OB, chunk, split, threads;
+  int64_t P() const { return OH * Wq; }
+};
+
+Geo geo_from(const std::vector<int64_t>& g) {
+  TORCH_CHECK(g.size() == 13, "geometry needs 13 entries");
+  return Geo{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
+             std::max<int64_t>(1, g[12])};
+}
+
+// ---- vector helpers: a pixel tile is T vectors; accumulators are plain local arrays so they
+// stay in registers (a struct member or reference would be forced to memory by aliasing).
+#if defined(__AVX512F__)
+typedef __m512 vec;
+typedef __mmask16 vmask;
+inline vmask lane_mask(int64_t n) {
+  return n >= VW ? (vmask)0xFFFF : (n <= 0 ? (vmask)0 : (vmask)((1u << n) - 1));
+}
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset(float w) { return _mm512_set1_ps(w); }
+inline vec vload(const float* p, vmask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline vec vloadu(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+#else
+typedef float vec __attribute__((vector_size(VW * 4)));
+typedef int64_t vmask;  // number of valid lanes; only those are read (no overrun)
+inline vmask lane_mask(int64_t n) { return std::max<int64_t>(0, std::min<int64_t>(n, VW)); }
+inline vec vzero() { return vec{}; }
+inline vec vset(float w) { vec v; for (int i = 0; i < VW; ++i) v[i] = w; return v; }
+inline vec vload(const float* p, vmask m) {
+  vec v{};
+  if (m == VW) { std::memcpy(&v, p, sizeof(v)); return v; }
+  for (int64_t i = 0; i < m; ++i) v[i] = p[i];
+  return v;
+}
+inline vec vloadu(const float* p) { vec v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+inline void vstore(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+#endif
+
+template <int T>
+struct Masks {
+  vmask m[T];
+  explicit Masks(int64_t nvalid) { UNROLL for (int t = 0; t < T; ++t) m[t] = lane_mask(nvalid - t * VW); }
+};
+
+// Copy the valid pixels of a grid tile [q0, q0+n) into an NCHW output plane.
+inline void write_tile(const float* tb, float* yplane, const Geo& g, int64_t q0, int64_t n) {
+  if (g.Wq == g.OW) { std::memcpy(yplane + q0, tb, sizeof(float) * n); return; }
+  int64_t q = q0, end = q0 + n;
+  while (q < end) {
+    int64_t oh = q / g.Wq, ow = q % g.Wq;
+    int64_t seg = std::min(g.Wq - ow, end - q);
+    if (ow < g.OW)
+      std::memcpy(yplane + oh * g.OW + ow, tb + (q - q0), sizeof(float) * std::min(seg, g.OW - ow));
+    q += seg;
+  }
+}
+
+// Work item -> (image, pixel tile, block); split 0: consecutive items share a pixel tile
+// (threads own pixel ranges), split 1: consecutive items share a block (threads own channels).
+inline void item_coords(int64_t it, int64_t nT, int64_t nB, int64_t split, int64_t& n,
+                        int64_t& tile, int64_t& blk) {
+  n = it / (nT * nB);
+  int64_t r = it % (nT * nB);
+  if (split == 0) { tile = r / nB; blk = r % nB; } else { blk = r / nT; tile = r % nT; }
+}
+
+// Drive a row kernel over (image, pixel tile, block of OB output channels) work items.
+// body(tile_buf, first, masks, x_tile, o, c_lo, c_hi) accumulates output channel o's inputs in
+// [c_lo, c_hi) into tile_buf (starting from zero when first); Cin is walked in chunks.
+template <int T, class Body>
+void drive(const Geo& g, const float* x, float* y, Body body) {
+  const int64_t TP = T * VW, P = g.P();
+  const int64_t nT = (P + TP - 1) / TP, nOB = (g.cout + g.OB - 1) / g.OB;
+  const int64_t chunk = g.chunk > 0 ? g.chunk : g.cin;
+  const int64_t items = g.N * nT * nOB;
+#pragma omp parallel num_threads(g.threads)
+  {
+    std::vector<float> buf(g.OB * TP + VW);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      int64_t n, tile, ob;
+      item_coords(it, nT, nOB, g.split, n, tile, ob);
+      const int64_t q0 = tile * TP, nq = std::min(TP, P - q0);
+      const float* xi = x + n * g.img_stride + q0;
+      const int64_t o_lo = ob * g.OB, o_hi = std::min(g.cout, o_lo + g.OB);
+      const Masks<T> mk(nq);
+      for (int64_t c0 = 0; c0 < g.cin; c0 += chunk) {
+        const int64_t c1 = std::min(g.cin, c0 + chunk);
+        for (int64_t o = o_lo; o < o_hi; ++o)
+          body(buf.data() + (o - o_lo) * TP, c0 == 0, mk, xi, o, c0, c1);
+      }
+      for (int64_t o = o_lo; o < o_hi; ++o)
+        write_tile(buf.data() + (o - o_lo) * TP, y + (n * g.cout + o) * g.OH * g.OW, g, q0, nq);
+    }
+  }
+}
+
+template <class F>
+void dispatch_T(int64_t T, F f) {
+  switch (T) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "pixel tile T must be one of 1, 2, 3, 4, 6, 8; got ", T);
+  }
+}
+
+void check_io(const torch::Tensor& x, const torch::Tensor& y, const Geo& g) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && y.scalar_type() == torch::kFloat, "float32 only");
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "x and y must be contiguous");
+  TORCH_CHECK(y.numel() == g.N * g.cout * g.OH * g.OW, "output has the wrong size");
+  TORCH_CHECK(x.numel() >= g.N * g.img_stride, "input buffer is smaller than its geometry");
+}
+
+// 1xN block rows: NB accumulator rows x T vectors; every input vector loaded feeds NB FMAs.
+template <int NB, int T>
+void bsr_rows(const Geo& g, const float* x, float* y, const int32_t* crow, const int64_t* coff,
+              const float* vals, const int64_t* rowmap, int64_t N) {
+  const int64_t TP = T * VW, P = g.P();
+  const int64_t nT = (P + TP - 1) / TP, subs = N / NB, nB = g.cout / N * subs;
+  const int64_t items = g.N * nT * nB;
+#pragma omp parallel num_threads(g.threads)
+  {
+    std::vector<float> buf(TP + VW);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      int64_t n, tile, blk;
+      item_coords(it, nT, nB, g.split, n, tile, blk);
+      const int64_t sub = blk % subs, br = blk / subs;
+      const int64_t q0 = tile * TP, nq = std::min(TP, P - q0);
+      const float* xi = x + n * g.img_stride + q0;
+      const Masks<T> mk(nq);
+      vec acc[NB][T];
+      UNROLL for (int i = 0; i < NB; ++i)
+        UNROLL for (int t = 0; t < T; ++t) acc[i][t] = vzero();
+      for (int64_t b = crow[br]; b < crow[br + 1]; ++b) {
+        const float* p = xi + coff[b];
+        const float* w = vals + b * N + sub * NB;
+        vec xv[T];
+UNROLL
+        for (int t = 0; t < T; ++t) xv[t] = vload(p + t * VW, mk.m[t]);
+UNROLL
+        for (int i = 0; i < NB; ++i) {
+          const vec wb = vset(w[i]);
+UNROLL
+          for (int t = 0; t < T; ++t) acc[i][t] = vfma(wb, xv[t], acc[i][t]);
+        }
+      }
+      UNROLL for (int i = 0; i < NB; ++i) {
+        UNROLL for (int t = 0; t < T; ++t) vstore(buf.data() + t * VW, acc[i][t]);
+        const int64_t o = rowmap[br * N + sub * NB + i];
+        write_tile(buf.data(), y + (n * g.cout + o) * g.OH * g.OW, g, q0, nq);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// CS, cin form: vals/idx [Cout, taps, Cin/K]; slot j = seg*M + n keeps input channel
+// seg*K*M + n + M*idx (the CS paper's n + M*Idx inside each length-K*M segment).
+void cs_direct(torch::Tensor x, torch::Tensor vals, torch::Tensor idx, torch::Tensor tap_off,
+               int64_t K, int64_t M, std::vector<int64_t> geo, torch::Tensor y) {
+  Geo g = geo_from(geo);
+  check_io(x, y, g);
+  const int64_t taps = tap_off.numel(), nj = g.cin / K, KM = K * M;
+  TORCH_CHECK(g.chunk % KM == 0, "cin chunk must be a multiple of K*M");
+  TORCH_CHECK(vals.numel() == g.cout * taps * nj && idx.numel() == vals.numel(), "bad CS encoding");
+  const float* xv = x.data_ptr<float>();
+  const float* wv = vals.data_ptr<float>();
+  const uint8_t* iv = idx.data_ptr<uint8_t>();
+  const int64_t* to = tap_off.data_ptr<int64_t>();
+  const int64_t cs = g.chan_stride;
+  dispatch_T(g.T, [&](auto Tc) {
+    constexpr int T = decltype(Tc)::value;
+    drive<T>(g, xv, y.data_ptr<float>(), [&](float* tb, bool first, const Masks<T>& mk,
+                                           const float* xi, int64_t o, int64_t c0, int64_t c1) {
+      vec acc[T];
+      UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
+      for (int64_t t = 0; t < taps; ++t) {
+        const float* xt = xi + to[t];
+        const float* w = wv + (o * taps + t) * nj;
+        const uint8_t* ix = iv + (o * taps + t) * nj;
+        for (int64_t seg = c0 / KM; seg < c1 / KM; ++seg) {
+          const float* xs = xt + seg * KM * cs;
+          const int64_t j0 = seg * M;
+          for (int64_t n = 0; n < M; ++n) {
+            const vec wb = vset(w[j0 + n]);
+            const float* p = xs + (n + M * (int64_t)ix[j0 + n]) * cs;
+UNROLL
+            for (int u = 0; u < T; ++u) acc[u] = vfma(wb, vload(p + u * VW, mk.m[u]), acc[u]);
+          }
+        }
+      }
+      UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
+    });
+  });
+}
+
+// 1xN blocks: BSR over [Cout/N, Cin*Kh*Kw]; col_off[b] = input offset of block b's column
+// (channel * chan_stride + tap offset), vals [nnzb, N]; output row of block-row lane i is
+// rowmap[brow*N + i] (undoes filter rearrangement). N = 32 runs as two halves of 16.
+void bsr_1xn(torch::Tensor x, torch::Tensor crow, torch::Tensor col_off, torch::Tensor vals,
+             torch::Tensor rowmap, int64_t N, std::vector<int64_t> geo, torch::Tensor y) {
+  Geo g = geo_from(geo);
+  check_io(x, y, g);
+  TORCH_CHECK(g.cout % N == 0 && crow.numel() == g.cout / N + 1, "bad BSR encoding");
+  const int64_t NB = std::min<int64_t>(N, 16);
+  bool done = false;
+  auto run = [&](auto NBc, auto Tc) {
+    constexpr int nb = decltype(NBc)::value, T = decltype(Tc)::value;
+    if (nb != NB || T != g.T) return;
+    bsr_rows<nb, T>(g, x.data_ptr<float>(), y.data_ptr<float>(), crow.data_ptr<int32_t>(),
+                    col_off.data_ptr<int64_t>(), vals.data_ptr<float>(),
+                    rowmap.data_ptr<int64_t>(), N);
+    done = true;
+  };
+  using std::integral_constant;
+  // NB*T accumulators stay within the 32 vector registers, leaving room for T input vectors
+  run(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+  run(integral_constant<int, 4>{}, integral_constant<int, 2>{});
+  run(integral_constant<int, 4>{}, integral_constant<int, 3>{});
+  run(integral_constant<int, 4>{}, integral_constant<int, 4>{});
+  run(integral_constant<int, 4>{}, integral_constant<int, 6>{});
+  run(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+  run(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+  run(integral_constant<int, 8>{}, integral_constant<int, 3>{});
+  run(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+  TORCH_CHECK(done, "bsr_1xn: unsupported N=", N, " with T=", g.T);
+}
+
+// Row-sparse: output channel o sums vals[k] * x[off[k] + q] for k in [rptr[o], rptr[o+1]).
+// Used for CCI (each group's kept weights regrouped per output row) and unstructured.
+void row_sparse(torch::Tensor x, torch::Tensor rptr, torch::Tensor off, torch::Tensor vals,
+                std::vector<int64_t> geo, torch::Tensor y) {
+  Geo g = geo_from(geo);
+  check_io(x, y, g);
+  TORCH_CHECK(rptr.numel() == g.cout + 1, "bad row pointer");
+  g.chunk = 0;  // offsets are not ordered by channel chunk
+  const int64_t* rp = rptr.data_ptr<int64_t>();
+  const int64_t* of = off.data_ptr<int64_t>();
+  const float* wv = vals.data_ptr<float>();
+  dispatch_T(g.T, [&](auto Tc) {
+    constexpr int T = decltype(Tc)::value;
+    drive<T>(g, x.data_ptr<float>(), y.data_ptr<float>(), [&](float* tb, bool first,
+                                                            const Masks<T>& mk, const float* xi,
+                                                            int64_t o, int64_t, int64_t) {
+      vec acc[T];
+      UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
+      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+        const vec wb = vset(wv[k]);
+        const float* p = xi + of[k];
+UNROLL
+        for (int u = 0; u < T; ++u) acc[u] = vfma(wb, vload(p + u * VW, mk.m[u]), acc[u]);
+      }
+      UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
+    });
+  });
+}
+
+std::string isa() { return SC_ISA; }
+int64_t vector_width() { return VW; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cs_direct", &cs_direct, "CS direct convolution (cin form)");
+  m.def("bsr_1xn", &bsr_1xn, "1xN block-sparse direct convolution");
+  m.def("row_sparse", &row_sparse, "row-sparse direct convolution (CCI, unstructured)");
+  m.def("isa", &isa);
+  m.def("vector_width", &vector_width);
+}

@@ -1,0 +1,214 @@
+"""Kernel registry: each kernel family registers itself where it is defined (``@register``)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import itertools
+import os
+from pathlib import Path
+
+import torch
+
+import shapes
+
+from . import patterns as P
+
+_REGISTRY: dict[str, Kernel] = {}
+_BUILTINS = ("kernels.dense", "kernels.cs_cpu", "kernels.block_cpu", "kernels.cci_cpu",
+)
+_loaded = False
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Run:
+    """What ``Kernel.prepare`` returns: ``y = run(x)`` (NCHW in and out; ``out=`` writes into a
+    given tensor), ``masked_weight`` (the dense OIHW weight the kernel computes with) and, where
+    the kernel has its own input layout, ``layout(x)`` plus ``resident(xl)`` so kernel-only time
+    can be measured without the layout conversion."""
+
+    def __init__(self, masked_weight, call, layout=None, resident=None, info=None):
+        self.masked_weight = masked_weight
+        self._call = call
+        self.layout = layout
+        self.resident = resident
+        self.info = dict(info or {})
+
+    @property
+    def has_resident(self) -> bool:
+        return self.resident is not None and self.layout is not None
+
+    def __call__(self, x, out=None):
+        return self._call(x, out)
+
+
+class Kernel:
+    """Base class. Subclasses set ``name``, ``pattern``, ``device``, ``space`` (parameter ->
+    candidate values, pattern parameters included) and implement ``_reason``, ``_default`` and
+    ``_prepare``."""
+
+    name = "kernel"
+    pattern = "dense"
+    device = "cpu"
+    space: dict[str, tuple] = {}
+    pattern_params: tuple[str, ...] = ()  # keys of a config that parameterize the pattern
+    dtypes: tuple[str, ...] = ("float32",)
+    sources: tuple[str, ...] = ()  # files besides the module whose change invalidates tuning
+    baseline = False
+
+    # ---- availability ---------------------------------------------------------------------
+    def available(self) -> str | None:
+        """None when the kernel can run on this machine, else why not."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device on this machine"
+        return None
+
+    # ---- configs ----------------------------------------------------------------------------
+    def _check_config(self, config) -> str | None:
+        bad = sorted(set(config) - set(self.space))
+        if bad:
+            return f"{self.name} has no parameter(s) {bad}; valid: {sorted(self.space)}"
+        for k, v in config.items():
+            if v not in self.space[k]:
+                return f"{self.name}: {k}={v!r} is not in its space {list(self.space[k])}"
+        return None
+
+    def supports(self, layer, sparsity, config=None, dtype="float32") -> str | None:
+        """None when (layer, sparsity, config, dtype) can run, else the reason it cannot."""
+        why = self.available()
+        if why:
+            return why
+        if dtype not in self.dtypes:
+            return f"{self.name} supports dtypes {list(self.dtypes)}, not {dtype}"
+        if layer.groups != 1 and not getattr(self, "grouped", False):
+            return f"{self.name} does not support grouped convolution (groups={layer.groups})"
+        if layer.dilation != 1 and not getattr(self, "dilated", False):
+            return f"{self.name} does not support dilation {layer.dilation}"
+        if self.pattern != "dense":
+            try:
+                P.check_sparsity(sparsity)
+            except ValueError as e:
+                return str(e)
+        cfg = self.full_config(layer, sparsity, config)
+        if isinstance(cfg, str):
+            return cfg
+        why = self._check_config(cfg)
+        if why:
+            return why
+        if self.pattern != "dense":
+            try:
+                pat = self.make_pattern(sparsity, cfg)
+            except ValueError as e:
+                return str(e)
+            why = pat.unsupported((layer.cout, layer.cin // layer.groups, layer.kh, layer.kw))
+            if why:
+                return why
+        return self._reason(layer, sparsity, cfg)
+
+    def full_config(self, layer, sparsity, config=None):
+        """The default config updated by ``config`` (or a reason string when no default)."""
+        base = self.default_config(layer, sparsity)
+        if base is None:
+            return f"{self.name} has no valid configuration for {layer.shape_str} at S={sparsity}"
+        return {**base, **(config or {})}
+
+    def default_config(self, layer, sparsity) -> dict | None:
+        return self._default(layer, sparsity)
+
+    def configs(self, layer, sparsity, dtype="float32", fixed=None) -> list[dict]:
+        """Every supported point of ``space`` (``fixed`` pins some parameters)."""
+        keys = list(self.space)
+        out = []
+        for vals in itertools.product(*(self.space[k] for k in keys)):
+            cfg = dict(zip(keys, vals))
+            if fixed and any(cfg.get(k) != v for k, v in fixed.items() if k in cfg):
+                continue
+            if self.supports(layer, sparsity, cfg, dtype) is None:
+                out.append(cfg)
+        return out
+
+    def make_pattern(self, sparsity, config):
+        return P.make(self.pattern, sparsity, **{k: config[k] for k in self.pattern_params
+                                                 if k in config})
+
+    def prepare(self, layer, weight, sparsity, config=None) -> Run:
+        """Mask and encode ``weight`` for this kernel; the returned ``run`` is the timed part."""
+        if weight.shape != (layer.cout, layer.cin // layer.groups, layer.kh, layer.kw):
+            raise ValueError(f"{self.name}: weight shape {tuple(weight.shape)} does not match "
+                             f"layer {layer.shape_str}")
+        why = self.supports(layer, sparsity, config, _dtype_name(weight.dtype))
+        if why:
+            raise ValueError(why)
+        return self._prepare(layer, weight, sparsity, self.full_config(layer, sparsity, config))
+
+    # ---- subclass hooks ----------------------------------------------------------------------
+    def _reason(self, layer, sparsity, config) -> str | None:
+        return None
+
+    def _default(self, layer, sparsity) -> dict | None:
+        return {k: v[0] for k, v in self.space.items()}
+
+    def _prepare(self, layer, weight, sparsity, config) -> Run:
+        raise NotImplementedError
+
+    # ---- identity ------------------------------------------------------------------------------
+    def source_hash(self) -> str:
+        """Hash of the kernel's source files (module, pattern library, extra sources)."""
+        mod = importlib.import_module(type(self).__module__)
+        files = [Path(mod.__file__)] + [Path(__file__).parent / s for s in self.sources]
+        files.append(Path(P.__file__).parent / f"{_pattern_module(self.pattern)}.py")
+        h = hashlib.sha256()
+        for f in files:
+            if f.is_file():
+                h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+    def __repr__(self):
+        return f"<Kernel {self.name} pattern={self.pattern} device={self.device}>"
+
+
+def _pattern_module(pattern: str) -> str:
+    return {"cs": "cs", "ovw": "ovw", "1xn": "block", "cci": "cci", "nm": "nm",
+            "unstructured": "nm"}.get(pattern, "base")
+
+
+def _dtype_name(dt) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dt, str(dt))
+
+
+def register(cls):
+    """Class decorator: instantiate and register a Kernel subclass under ``cls.name``."""
+    inst = cls()
+    if inst.name in _REGISTRY and type(_REGISTRY[inst.name]).__qualname__ != cls.__qualname__:
+        raise ValueError(f"kernel name {inst.name!r} is registered twice")
+    _REGISTRY[inst.name] = inst
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTINS:
+        importlib.import_module(mod)
+    for mod in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
+        importlib.import_module(mod)
+
+
+def get(name: str) -> Kernel:
+    _load()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown kernel {name!r}; valid: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def names(device: str | None = None, pattern: str | None = None) -> list[str]:
+    _load()
+    return sorted(n for n, k in _REGISTRY.items()
+                  if (device is None or k.device == device)
+                  and (pattern is None or k.pattern == pattern))
+
+
+def weight_shape(layer: shapes.ConvLayer) -> tuple:
+    return (layer.cout, layer.cin // layer.groups, layer.kh, layer.kw)
