@@ -16,10 +16,16 @@ _err: str | None = None
 
 
 def cflags() -> list[str]:
+    """-O3 -march=native; SPARSECONV_PORTABLE=1 builds for baseline x86-64-v2 instead (no AVX-512),
+    which is how the portable path is tested on a machine that has AVX-512."""
     flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
-    return flags
+    if os.environ.get("SPARSECONV_PORTABLE") == "1":
+        flags.append("-march=x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "")
+    elif platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    elif platform.machine() in ("aarch64", "arm64"):
+        flags.append("-mcpu=native")
+    return [f for f in flags if f]
 
 
 def load():

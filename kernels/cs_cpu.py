@@ -31,7 +31,7 @@ class CSCpuDirect(CppKernel):
         try:
             K = P.make("cs", sparsity).K
         except ValueError:
-            return None
+            K = 2  # invalid sparsity: supports() reports the pattern's own error
         ms = [m for m in P.CPU_M if layer.cin % (K * m) == 0]
         return {"M": max(ms) if ms else P.CPU_M[0], "T": default_tile(layer), "split": "pixels",
                 "cin_chunk": 0, "ob": 8}

@@ -1,0 +1,210 @@
+"""Every CPU kernel against F.conv2d in float64 on run.masked_weight (see kernel_check)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_check import check, layer
+
+import kernels
+import shapes
+from kernels import patterns as P
+
+CPU_SPARSE = ["cs_cpu_direct", "bsr_1xn_cpu", "cci_cpu", "unstructured_cpu"]
+GEOMETRIES = [  # (cin, cout, k, stride, padding, h, w)
+    (64, 32, 1, 1, 0, 13, 17),
+    (64, 32, 1, 2, 0, 13, 17),
+    (64, 32, 3, 1, 1, 13, 17),
+    (128, 64, 3, 2, 1, 15, 15),
+    (32, 16, 7, 2, 3, 21, 19),
+    (64, 32, 3, 1, 0, 9, 11),
+    (32, 64, 3, 2, 0, 10, 12),
+]
+
+
+def geom_id(g):
+    return "{}->{} {}x{} s{} p{} {}x{}".format(g[0], g[1], g[2], g[2], *g[3:])
+
+
+def test_cpu_kernels_are_registered_with_pattern_device_and_space():
+    assert set(CPU_SPARSE + ["dense_cpu"]) <= set(kernels.names(device="cpu"))
+    cs = kernels.get("cs_cpu_direct")
+    assert (cs.pattern, cs.device) == ("cs", "cpu") and cs.space["M"] == (2, 4, 8, 16)
+    assert kernels.get("bsr_1xn_cpu").space["N"] == (4, 8, 16, 32)
+    with pytest.raises(ValueError, match="unknown kernel 'nope'"):
+        kernels.get("nope")
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("S", [0.5, 0.75, 0.875, 0.9375])
+@pytest.mark.parametrize("M", P.CPU_M)
+def test_cs_cpu_direct_matches_reference(geom, batch, S, M):
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    k = kernels.get("cs_cpu_direct")
+    why = k.supports(lay, S, {"M": M})
+    if why:
+        assert "divisible" in why  # Cin too small for K*M: a reason, not garbage
+        return
+    err, run = check("cs_cpu_direct", lay, S, {"M": M}, batch=batch)
+    assert err < 1e-5
+    assert P.make("cs", S, form="cin", M=M).conforms(run.masked_weight)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+@pytest.mark.parametrize("cfg", [{"T": 1, "split": "channels", "cin_chunk": 0, "ob": 8},
+                                 {"T": 3, "split": "pixels", "cin_chunk": 32, "ob": 32},
+                                 {"T": 8, "split": "pixels", "cin_chunk": 0, "ob": 128},
+                                 {"T": 6, "split": "channels", "cin_chunk": 32, "ob": 8}])
+def test_cs_cpu_direct_configs_match_reference(geom, cfg):
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    cfg = {**cfg, "M": 2}
+    if lay.cin <= cfg["cin_chunk"]:  # a chunk must be smaller than Cin
+        assert "smaller than Cin" in kernels.get("cs_cpu_direct").supports(lay, 0.9375, cfg)
+        cfg["cin_chunk"] = 0
+    err, _ = check("cs_cpu_direct", lay, 0.9375, cfg, batch=2)
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+@pytest.mark.parametrize("S", [0.5, 0.75, 0.9375])
+@pytest.mark.parametrize("N", P.BLOCK_N)
+@pytest.mark.parametrize("rearrange", [False, True])
+def test_bsr_1xn_cpu_matches_reference(geom, S, N, rearrange):
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    k = kernels.get("bsr_1xn_cpu")
+    for cfg in k.configs(lay, S, fixed={"N": N, "rearrange": rearrange, "split": "pixels"}):
+        err, run = check("bsr_1xn_cpu", lay, S, cfg, batch=3)
+        assert err < 1e-5, cfg
+    if lay.cout % N:
+        assert "divisible by N" in k.supports(lay, S, {"N": N})
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+@pytest.mark.parametrize("G,S", [(2, 0.5), (4, 0.75), (4, 0.5), (8, 0.875), (16, 0.9375),
+                                 (8, 0.625)])
+def test_cci_cpu_matches_reference(geom, G, S):
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    for split in ("pixels", "channels"):
+        err, run = check("cci_cpu", lay, S, {"G": G, "split": split, "T": 3}, batch=3)
+        assert err < 1e-5
+        assert P.make("cci", S, G=G).conforms(run.masked_weight)
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+@pytest.mark.parametrize("S", [0.5, 0.9])
+def test_unstructured_cpu_matches_reference(geom, S):
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    err, _ = check("unstructured_cpu", lay, S, {"T": 4}, batch=1)
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dense_cpu_matches_reference_in_both_layouts(geom, layout):
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    err, run = check("dense_cpu", lay, 0.5, {"layout": layout})
+    assert err < 1e-5
+
+
+def _net_shapes():
+    out = []
+    for net in ("resnet50", "vgg19"):
+        for lay in shapes.unique(shapes.load(net)):
+            # reduced spatial size keeps every kernel/stride/padding combination
+            out.append(pytest.param(lay.scaled(min(lay.h, 11), min(lay.w, 13)),
+                                    id=f"{net}:{lay.name}"))
+    return out
+
+
+@pytest.mark.parametrize("lay", _net_shapes())
+@pytest.mark.parametrize("kernel", CPU_SPARSE)
+def test_every_resnet50_and_vgg19_shape(lay, kernel):
+    k = kernels.get(kernel)
+    checked = 0
+    for S in (0.5, 0.9375) if kernel != "cci_cpu" else (0.5, 0.75):
+        why = k.supports(lay, S)
+        if why:
+            assert lay.cin == 3 or lay.cout % 16, why  # only the RGB stem is unsupported
+            continue
+        err, _ = check(kernel, lay, S, batch=1)
+        assert err < 1e-5
+        checked += 1
+    assert checked or lay.cin == 3
+
+
+def test_unsupported_combinations_give_reasons():
+    stem = shapes.load("resnet50")[0]
+    cs = kernels.get("cs_cpu_direct")
+    assert "Cin=3 divisible" in cs.supports(stem, 0.9375)
+    assert "dtypes" in cs.supports(stem.scaled(16, 16), 0.5, dtype="float16")
+    assert "T must be <=" in kernels.get("bsr_1xn_cpu").supports(layer(64, 64, 3, 1, 1),
+                                                                  0.5, {"N": 32, "T": 2})
+    assert "not in its space" in cs.supports(layer(64, 64, 1), 0.5, {"M": 3})
+    assert "no parameter" in cs.supports(layer(64, 64, 1), 0.5, {"V": 3})
+    assert "power of two" in cs.supports(layer(64, 64, 1), 0.9)
+    grouped = shapes.ConvLayer(net="t", name="g", index=0, cin=64, cout=64, kh=3, kw=3,
+                               stride=1, padding=1, h=8, w=8, groups=2)
+    assert "grouped" in cs.supports(grouped, 0.5)
+    with pytest.raises(ValueError, match="Cin=3"):
+        cs.prepare(stem, torch.randn(64, 3, 7, 7), 0.9375)
+
+
+def test_prepare_rejects_wrong_weight_and_input_shapes():
+    lay = layer(64, 32, 3, 1, 1)
+    k = kernels.get("cs_cpu_direct")
+    with pytest.raises(ValueError, match="does not match"):
+        k.prepare(lay, torch.randn(32, 64, 1, 1), 0.5)
+    run = k.prepare(lay, torch.randn(32, 64, 3, 3), 0.5)
+    with pytest.raises(ValueError, match=r"expected \[N, 64, 9, 9\]"):
+        run(torch.randn(1, 32, 9, 9))
+
+
+def test_kernel_writes_every_output_element():
+    lay = layer(64, 48, 3, 2, 1, h=13, w=17)
+    run = kernels.get("cs_cpu_direct").prepare(lay, torch.randn(48, 64, 3, 3), 0.75)
+    out = torch.full((2, 48, lay.oh, lay.ow), float("nan"))
+    run(torch.randn(2, 64, 13, 17), out=out)
+    assert not out.isnan().any()
+
+
+def test_thread_count_does_not_change_results():
+    lay = layer(64, 32, 3, 1, 1, h=15)
+    run = kernels.get("cs_cpu_direct").prepare(lay, torch.randn(32, 64, 3, 3), 0.875)
+    x = torch.randn(1, 64, 15, 15)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = run(x)
+        torch.set_num_threads(2)
+        b = run(x)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b)
+
+
+PORTABLE_SCRIPT = """
+import sys; sys.path.insert(0, 'tests')
+from kernel_check import check, layer
+from kernels import _ext
+assert _ext.isa().startswith('portable'), _ext.isa()
+worst = 0.0
+for name, S, cfg in [('cs_cpu_direct', 0.9375, {'M': 2, 'T': 3}), ('cs_cpu_direct', 0.5, {'T': 8}),
+                     ('bsr_1xn_cpu', 0.75, {'N': 8, 'T': 2}), ('cci_cpu', 0.75, {'G': 4})]:
+    for g in [(64, 32, 3, 2, 1, 13, 17), (64, 32, 1, 1, 0, 9, 7), (32, 16, 7, 2, 3, 21, 19)]:
+        err, _ = check(name, layer(*g[:5], h=g[5], w=g[6]), S, cfg)
+        worst = max(worst, err)
+print('ISA', _ext.isa(), 'worst', worst)
+assert worst < 1e-5
+"""
+
+
+@pytest.mark.slow
+def test_portable_build_without_avx512_is_correct():
+    env = {**os.environ, "SPARSECONV_PORTABLE": "1"}
+    r = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ISA portable" in r.stdout
