@@ -4,14 +4,19 @@ Weights stay compressed (``values``/``idx`` of the cin-form CS encoding, M in {2
 the kernel decodes each kept input channel as ``seg*K*M + n + M*Idx`` and feeds one broadcast
 weight into T vectors of output pixels. Tunables: M, pixel tile T, how threads split the work
 (``pixels``: each thread a range of pixel tiles; ``channels``: a range of output channels), and
-the Cin chunk a tile accumulates before moving on (0 = all of Cin at once).
+the Cin chunk a tile accumulates before moving on (0 = all of Cin at once), the output channels
+per work item (``ob``: a Cin chunk stays in L1 while that many channels use it), and ``decode``:
+``inline`` decodes the compressed 1-byte indices in the inner loop (the paper's form), ``offsets``
+expands them once at prepare time into int32 input offsets, segment-major.
 """
 
 from __future__ import annotations
 
+import torch
+
 from . import _ext
 from . import patterns as P
-from .cpu_common import OBS, SPLITS, TILES, CppKernel, default_tile, make_run
+from .cpu_common import OBS, SPLITS, TILES, CppKernel, default_schedule, make_run
 from .cpu_layout import CpuLayout
 from .registry import register
 
@@ -21,7 +26,7 @@ class CSCpuDirect(CppKernel):
     name = "cs_cpu_direct"
     pattern = "cs"
     space = {"M": P.CPU_M, "T": TILES, "split": SPLITS, "cin_chunk": (0, 32, 64, 128, 256),
-             "ob": OBS}
+             "ob": OBS, "decode": ("offsets", "inline")}
     pattern_params = ("M",)
 
     def make_pattern(self, sparsity, config):
@@ -33,8 +38,8 @@ class CSCpuDirect(CppKernel):
         except ValueError:
             K = 2  # invalid sparsity: supports() reports the pattern's own error
         ms = [m for m in P.CPU_M if layer.cin % (K * m) == 0]
-        return {"M": max(ms) if ms else P.CPU_M[0], "T": default_tile(layer), "split": "pixels",
-                "cin_chunk": 0, "ob": 8}
+        return {"M": max(ms) if ms else P.CPU_M[0], **default_schedule(layer),
+                "cin_chunk": 0, "decode": "offsets"}
 
     def _reason(self, layer, sparsity, config):
         ch = config["cin_chunk"]
@@ -52,9 +57,24 @@ class CSCpuDirect(CppKernel):
         idx = enc.idx.contiguous()
         taps = CpuLayout.of(layer).tap_offsets()
         mod = _ext.load()
+        if config["decode"] == "inline":
+            def entry(xl, geo, y):
+                mod.cs_direct(xl, vals, idx, taps, enc.K, enc.M, geo, y)
+        else:
+            cs = CpuLayout.of(layer).chan_stride
+            ntap, nseg = layer.kh * layer.kw, layer.cin // (enc.K * enc.M)
+            chan = enc.positions()  # [Cout, taps, Cin/K]: kept input channel of each slot
+            off = chan * cs + taps.view(1, ntap, 1)
+            # [Cout, taps, nseg, M] -> [Cout, nseg, taps, M]: a Cin chunk is a contiguous range
+            off = off.view(-1, ntap, nseg, enc.M).permute(0, 2, 1, 3).reshape(layer.cout, -1)
+            v2 = vals.view(-1, ntap, nseg, enc.M).permute(0, 2, 1, 3).reshape(layer.cout, -1)
+            if int(off.max()) >= 2**31:
+                raise ValueError(f"{self.name}: input too large for int32 offsets; use "
+                                 f"decode='inline'")
+            off32, v2 = off.to(torch.int32).contiguous(), v2.contiguous()
 
-        def entry(xl, geo, y):
-            mod.cs_direct(xl, vals, idx, taps, enc.K, enc.M, geo, y)
+            def entry(xl, geo, y):
+                mod.cs_offsets(xl, v2, off32, enc.K, enc.M, ntap, geo, y)
 
         return make_run(layer, wm, entry, config["T"], config["split"], config["cin_chunk"],
                         config["ob"], info={"kernel": self.name, "K": enc.K, "M": enc.M, "isa": mod.isa()})

@@ -243,6 +243,39 @@ UNROLL
   });
 }
 
+// CS with indices expanded at prepare time: vals/off [Cout, nseg, taps*M] (segment-major, so a
+// Cin chunk is a contiguous range); off = kept channel * chan_stride + tap offset (int32).
+void cs_offsets(torch::Tensor x, torch::Tensor vals, torch::Tensor off, int64_t K, int64_t M,
+                int64_t taps, std::vector<int64_t> geo, torch::Tensor y) {
+  Geo g = geo_from(geo);
+  check_io(x, y, g);
+  const int64_t KM = K * M, nseg = g.cin / KM, per_seg = taps * M;
+  TORCH_CHECK(g.chunk % KM == 0, "cin chunk must be a multiple of K*M");
+  TORCH_CHECK(vals.numel() == g.cout * nseg * per_seg && off.numel() == vals.numel(),
+              "bad CS offsets");
+  const float* wv = vals.data_ptr<float>();
+  const int32_t* ov = off.data_ptr<int32_t>();
+  dispatch_T(g.T, [&](auto Tc) {
+    constexpr int T = decltype(Tc)::value;
+    drive<T>(g, x.data_ptr<float>(), y.data_ptr<float>(), [&](float* tb, bool first,
+                                                            const Masks<T>& mk, const float* xi,
+                                                            int64_t o, int64_t c0, int64_t c1) {
+      vec acc[T];
+      UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
+      const int64_t k0 = (o * nseg + c0 / KM) * per_seg, k1 = (o * nseg + c1 / KM) * per_seg;
+      const float* w = wv;
+      const int32_t* of = ov;
+      for (int64_t k = k0; k < k1; ++k) {
+        const vec wb = vset(w[k]);
+        const float* p = xi + of[k];
+UNROLL
+        for (int u = 0; u < T; ++u) acc[u] = vfma(wb, vload(p + u * VW, mk.m[u]), acc[u]);
+      }
+      UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
+    });
+  });
+}
+
 // 1xN blocks: BSR over [Cout/N, Cin*Kh*Kw]; col_off[b] = input offset of block b's column
 // (channel * chan_stride + tap offset), vals [nnzb, N]; output row of block-row lane i is
 // rowmap[brow*N + i] (undoes filter rearrangement). N = 32 runs as two halves of 16.
@@ -309,6 +342,7 @@ int64_t vector_width() { return VW; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cs_direct", &cs_direct, "CS direct convolution (cin form)");
+  m.def("cs_offsets", &cs_offsets, "CS direct convolution, indices expanded to offsets");
   m.def("bsr_1xn", &bsr_1xn, "1xN block-sparse direct convolution");
   m.def("row_sparse", &row_sparse, "row-sparse direct convolution (CCI, unstructured)");
   m.def("isa", &isa);

@@ -11,7 +11,7 @@ import inspect
 
 from .base import POW2_SPARSITIES, Pattern, check_sparsity
 from .block import BLOCK_N, Block1xN, BSREncoding
-from .cci import CCI_G, CCI, CCIEncoding
+from .cci import CCI, CCI_G, CCIEncoding
 from .cs import CPU_M, CS, CSEncoding
 from .nm import NM, CSREncoding, NMEncoding, Unstructured
 from .ovw import OVW, OVW_V, OVWEncoding

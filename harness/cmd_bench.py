@@ -1,0 +1,176 @@
+"""``python -m harness bench``: sweep, measure, store, summarize."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import kernels
+import shapes
+from kernels import patterns as P
+
+from . import UsageError, analysis, cases, env, runner
+from .store import Store
+
+DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
+
+
+def _sparsities(text: str) -> list[float]:
+    out = []
+    for t in text.split(","):
+        t = t.strip()
+        if not t:
+            continue
+        try:
+            v = float(t)
+        except ValueError:
+            raise UsageError(
+                f"sparsity {t!r} is not a number; e.g. --sparsities 0.5,0.9375") from None
+        if not 0 < v < 1:
+            raise UsageError(f"sparsity {v:g} is outside (0, 1); e.g. 0.5, 0.75, 0.875, 0.9375")
+        out.append(v)
+    if not out:
+        raise UsageError("--sparsities is empty")
+    return out
+
+
+def _names(text, valid, what):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise UsageError(f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
+    return names
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r} must look like i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def add_common(p, defaults_nets="resnet50,vgg19"):
+    p.add_argument("--nets", default=defaults_nets, help=f"comma list of {', '.join(shapes.NETS)}")
+    p.add_argument("--layers", help="comma list of layer names (or catalog indices)")
+    p.add_argument("--shapes-csv", help="extra user-supplied shapes (CSV with ConvLayer fields)")
+    p.add_argument("--sparsities", default=",".join(map(str, cases.SPARSITIES)))
+    p.add_argument("--kernels", help="comma list of kernels (default: all for --device)")
+    p.add_argument("--patterns", help="comma list of patterns (default: all)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores of this machine)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--db", default=str(DEFAULT_DB), help="results database (SQLite)")
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="sweep layers x sparsities x kernels and store timings")
+    add_common(p)
+    p.add_argument("--quick", action="store_true",
+                   help="a few layers and each kernel's default pattern parameter (~1 minute)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="skip cases already measured with this fingerprint (default)")
+    g.add_argument("--fresh", dest="resume", action="store_false", help="measure everything")
+    p.add_argument("--shard", default="0/1", help="run the i-th of n slices of the layers")
+    p.add_argument("--case-timeout", type=float, default=300.0, help="seconds per case")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case")
+    p.add_argument("--min-sample", type=float, default=2e-3, help="seconds per timing sample")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def plan(args):
+    """Validate arguments and build the case list (raises UsageError with one sentence)."""
+    nets = _names(args.nets, shapes.NETS, "net") if args.nets else []
+    sparsities = _sparsities(args.sparsities)
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    threads = args.threads or os.cpu_count() or 1
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    valid_k = kernels.names(device=args.device) if args.device else kernels.names()
+    if args.kernels:
+        knames = _names(args.kernels, kernels.names(), "kernel")
+        wrong = [k for k in knames if kernels.get(k).device != args.device]
+        if wrong:
+            raise UsageError(f"kernel(s) {', '.join(wrong)} do not run on --device "
+                             f"{args.device}; valid: {', '.join(valid_k)}")
+    else:
+        knames = valid_k
+    dense = [k for k in kernels.names(device=args.device) if kernels.get(k).baseline]
+    knames = sorted(set(knames) | set(dense))  # the dense baseline is always measured
+    pats = _names(args.patterns, P.names(), "pattern") if args.patterns else None
+    if args.shapes_csv and not Path(args.shapes_csv).is_file():
+        raise UsageError(f"--shapes-csv {args.shapes_csv!r} does not exist")
+    try:
+        layers = cases.select_layers(nets, args.layers.split(",") if args.layers else None,
+                                     quick=getattr(args, "quick", False),
+                                     shapes_csv=args.shapes_csv)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    i, n = _shard(getattr(args, "shard", "0/1"))
+    layers = [lay for j, lay in enumerate(layers) if j % n == i]
+    return cases.build(layers, sparsities, knames, args.batch, args.dtype, args.device, threads,
+                       quick=getattr(args, "quick", False), patterns=pats), dense, threads
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    net = analysis.network_table(df)
+    if net.empty:
+        return net
+    out = net[["net", "pattern", "sparsity", "covered", "layers", "speedup", "kernel_speedup",
+               "dense_ms", "sparse_ms"]].copy()
+    out["covered"] = out["covered"].astype(str) + "/" + out["layers"].astype(str)
+    return out.drop(columns="layers").rename(columns={
+        "speedup": "net speedup e2e", "kernel_speedup": "net speedup kernel",
+        "covered": "layers covered"}).round(3)
+
+
+def run(args) -> int:
+    t0 = time.time()
+    todo, dense, threads = plan(args)
+    store = Store(args.db)
+    fp = env.fingerprint()
+    fph, mh = env.identity_hash(fp), env.machine_hash(fp)
+    run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
+    print(f"bench: {len(todo)} cases on {fp['cpu']} ({fp['cores']} cores, "
+          f"{', '.join(fp['cpu_isa']) or 'no SIMD flags'}), {threads} threads, "
+          f"batch {args.batch}, {args.dtype}, device {args.device}; db {args.db}")
+    status = "finished"
+    try:
+        counts = runner.sweep(
+            todo, store, run_id, fph, mh, resume=args.resume, case_timeout=args.case_timeout,
+            timing_opts={"rounds": args.rounds, "min_sample": args.min_sample},
+            progress=not args.no_progress, dense_kernel=dense[0] if dense else None)
+    except KeyboardInterrupt:
+        status = "aborted"
+        raise
+    finally:
+        store.finish_run(run_id, status)
+    if counts.get("not run (stopped)"):
+        store.finish_run(run_id, "stopped")
+    print("\ncases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    df = store.measurements(fp_hash=fph)
+    keys = {c["key"] for c in todo}
+    df = df[df.case_key.isin(keys)]
+    s = summary(df)
+    if not s.empty:
+        print("\nNetwork-level speedup against the best dense layout (batch "
+              f"{args.batch}, {threads} threads, {fp['cpu']}):")
+        with pd.option_context("display.width", 200, "display.max_rows", None):
+            print(s.to_string(index=False))
+    bad = df[df.status.isin(["incorrect", "runtime_error", "compile_error", "timeout"])]
+    if len(bad):
+        print(f"\n{len(bad)} case(s) failed; see the report or `python -m harness export`:")
+        for _, r in bad.head(10).iterrows():
+            print(f"  {r.status}: {r.kernel} {r.net}:{r.layer} S={r.sparsity:g}: {r.reason}")
+    print(f"\nbench finished in {time.time() - t0:.0f} s; results in {args.db}")
+    return 0

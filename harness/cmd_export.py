@@ -1,0 +1,34 @@
+"""``python -m harness export``: the results table as CSV or Parquet (with speedups)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import UsageError, analysis
+from .cmd_bench import DEFAULT_DB
+from .store import Store
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="write measurements to CSV or Parquet")
+    p.add_argument("--db", default=str(DEFAULT_DB))
+    p.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    p.add_argument("--out", help="output file (default: results/measurements.<format>)")
+    p.add_argument("--all", action="store_true", help="every row, not only the latest per case")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    store = Store(args.db, create=False)
+    df = analysis.with_speedups(store.measurements(latest=not args.all))
+    out = Path(args.out or Path(args.db).with_name(f"measurements.{args.format}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "csv":
+        df.to_csv(out, index=False)
+    else:
+        try:
+            df.to_parquet(out, index=False)
+        except ImportError as e:
+            raise UsageError(f"parquet export needs pyarrow: {e}") from None
+    print(f"wrote {len(df)} rows to {out}")
+    return 0

@@ -1,0 +1,91 @@
+"""``python -m harness verify``: correctness of every kernel, no timing.
+
+Each kernel runs its default configuration (``--all-configs``: its whole space) at every
+sparsity on each unique layer shape of the chosen nets at reduced spatial size, checked against
+the float64 reference. ``--compile`` adds the ahead-of-time Triton compile of every GPU kernel
+configuration (no GPU needed)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pandas as pd
+import torch
+
+import kernels
+import shapes
+
+from . import UsageError, worker
+from .cmd_bench import _names, _sparsities
+
+
+def add_parser(sub):
+    p = sub.add_parser("verify", help="check every kernel against the float64 reference")
+    p.add_argument("--nets", default="resnet50,vgg19")
+    p.add_argument("--kernels", help="comma list (default: every kernel runnable here)")
+    p.add_argument("--sparsities", default="0.5,0.75,0.875,0.9375")
+    p.add_argument("--size", type=int, default=12, help="spatial size the layers are reduced to")
+    p.add_argument("--all-configs", action="store_true", help="every configuration in the space")
+    p.add_argument("--compile", action="store_true",
+                   help="also compile every Triton kernel configuration ahead of time")
+    p.add_argument("--arch", default="80,90", help="compute capabilities for --compile")
+    p.set_defaults(func=run)
+
+
+def verify_kernels(names, layers, sparsities, all_configs=False, batch=2):
+    rows = []
+    for name in names:
+        k = kernels.get(name)
+        device = "cuda" if k.device == "cuda" else "cpu"
+        for lay in layers:
+            for S in sparsities if k.pattern != "dense" else [0.0]:
+                cfgs = k.configs(lay, S) if all_configs else [None]
+                if not all_configs and k.supports(lay, S):
+                    rows.append({"kernel": name, "layer": lay.name, "shape": lay.shape_str,
+                                 "S": S, "status": "unsupported", "rel_err": None,
+                                 "reason": k.supports(lay, S)})
+                    continue
+                for cfg in cfgs:
+                    w, x = worker.make_inputs(lay, batch, torch.float32, device)
+                    try:
+                        run = k.prepare(lay, w, S, cfg)
+                        err, tol, why = worker.check_correct(lay, run, x, "float32")
+                        status = "incorrect" if why else "ok"
+                    except Exception as e:  # noqa: BLE001
+                        err, why, status = None, worker._err_text(e), worker._classify(e)
+                    rows.append({"kernel": name, "layer": lay.name, "shape": lay.shape_str,
+                                 "S": S, "config": cfg, "status": status, "rel_err": err,
+                                 "reason": why})
+    return pd.DataFrame(rows)
+
+
+def run(args) -> int:
+    t0 = time.time()
+    nets = _names(args.nets, shapes.NETS, "net")
+    sparsities = _sparsities(args.sparsities)
+    if args.size < 3:
+        raise UsageError(f"--size must be >= 3, got {args.size}")
+    names = _names(args.kernels, kernels.names(), "kernel") if args.kernels else [
+        n for n in kernels.names() if kernels.get(n).available() is None]
+    layers = []
+    for net in nets:
+        for lay in shapes.unique(shapes.load(net)):
+            layers.append(lay.scaled(min(lay.h, args.size), min(lay.w, args.size)))
+    torch.set_num_threads(os.cpu_count() or 1)
+    df = verify_kernels(names, layers, sparsities, args.all_configs)
+    bad = df[~df.status.isin(["ok", "unsupported"])]
+    summary = df.groupby(["kernel", "status"]).size().unstack(fill_value=0)
+    worst = df[df.status == "ok"].groupby("kernel")["rel_err"].max().rename("worst rel err")
+    print(summary.join(worst).to_string())
+    rc = 0
+    if len(bad):
+        print(f"\n{len(bad)} failing checks:")
+        print(bad.head(30).to_string(index=False))
+        rc = 1
+    if args.compile:
+        from . import aot
+
+        rc = max(rc, aot.run_cli(args.arch, nets))
+    print(f"\nverify finished in {time.time() - t0:.0f} s")
+    return rc

@@ -1,0 +1,114 @@
+"""Machine and software fingerprint stored with every run, so results from different machines
+or software never mix silently."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "avx2", "fma", "sse4_2", "neon", "asimd", "sve")
+# the fields that decide whether two measurements are comparable (resume and tuning keys)
+IDENTITY = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "torch", "triton", "numpy",
+            "project", "git_commit", "git_dirty", "kernel_isa")
+
+
+def _git(*args) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> dict:
+    try:
+        import cpuinfo
+
+        info = cpuinfo.get_cpu_info()
+    except Exception:  # py-cpuinfo can fail on exotic systems; fall back to platform
+        info = {}
+    flags = sorted(info.get("flags", []))
+    return {"cpu": info.get("brand_raw") or platform.processor() or platform.machine(),
+            "cpu_arch": info.get("arch_string_raw", platform.machine()),
+            "cpu_hz": info.get("hz_advertised_friendly", ""),
+            "cpu_isa": [f for f in _ISA_FLAGS if f in flags],
+            "cpu_flags_hash": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12],
+            "cores": os.cpu_count() or 1,
+            "l2_cache": info.get("l2_cache_size", ""), "l3_cache": info.get("l3_cache_size", "")}
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu() -> dict:
+    out = {"gpu": None, "gpu_driver": None, "gpu_clocks_mhz": None, "gpu_count": 0}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return out
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+        if n:
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.update(gpu=name.decode() if isinstance(name, bytes) else name, gpu_count=n,
+                       gpu_driver=str(pynvml.nvmlSystemGetDriverVersion()),
+                       gpu_clocks_mhz={
+                           "sm_max": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                           "mem_max": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)})
+    except Exception:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return out
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def _kernel_isa() -> str | None:
+    try:
+        from kernels import _ext
+
+        return _ext.isa()
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def fingerprint() -> dict:
+    import harness
+
+    fp = {**_cpu(), **_gpu(), "os": platform.platform(), "python": platform.python_version(),
+          "torch": _version("torch"), "triton": _version("triton"), "numpy": _version("numpy"),
+          "project": harness.__version__, "git_commit": _git("rev-parse", "HEAD"),
+          "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+          "kernel_isa": _kernel_isa(), "hostname": platform.node()}
+    return fp
+
+
+def identity_hash(fp: dict) -> str:
+    return hashlib.sha256(json.dumps({k: fp.get(k) for k in IDENTITY}, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
+
+
+def machine_hash(fp: dict) -> str:
+    """Only the hardware and the versions of torch/triton (not the project's commit)."""
+    keys = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "torch", "triton")
+    return hashlib.sha256(json.dumps({k: fp.get(k) for k in keys}, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,177 @@
+"""Crash-safe results store: SQLite in WAL mode, append-only, one commit per measurement.
+
+A killed sweep loses at most the case in flight; rerunning skips the cases already recorded for
+the same fingerprint (``done_keys``). Several processes may write one file at once (WAL plus a
+busy timeout). Reads take the latest row per (fingerprint, case).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import UsageError
+
+APP = "sparseconv-bench"
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "incorrect", "unsupported", "compile_error", "runtime_error", "timeout")
+
+# column -> SQL type; the measurement dict written by the runner uses these names
+MEASUREMENT_COLUMNS = {
+    "run_id": "INTEGER", "fp_hash": "TEXT", "machine_hash": "TEXT", "case_key": "TEXT",
+    "net": "TEXT", "layer": "TEXT", "layer_index": "INTEGER", "shape": "TEXT",
+    "count": "INTEGER", "cin": "INTEGER", "cout": "INTEGER", "kh": "INTEGER", "kw": "INTEGER",
+    "stride": "INTEGER", "padding": "INTEGER", "h": "INTEGER", "w": "INTEGER",
+    "batch": "INTEGER", "dtype": "TEXT", "device": "TEXT", "threads": "INTEGER",
+    "pattern": "TEXT", "sparsity": "REAL", "param": "TEXT", "kernel": "TEXT", "config": "TEXT",
+    "status": "TEXT", "reason": "TEXT", "rel_err": "REAL", "tolerance": "REAL",
+    "median_s": "REAL", "iqr_s": "REAL", "min_s": "REAL", "noisy": "INTEGER",
+    "kernel_median_s": "REAL", "kernel_iqr_s": "REAL",
+    "dense_median_s": "REAL", "dense_kernel_median_s": "REAL", "dense_layout": "TEXT",
+    "samples": "TEXT", "kernel_samples": "TEXT", "dense_samples": "TEXT", "reps": "INTEGER",
+    "flops": "REAL", "created": "REAL",
+}
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL, finished REAL, fp_hash TEXT,
+    machine_hash TEXT, fingerprint TEXT, args TEXT, status TEXT);
+CREATE TABLE IF NOT EXISTS measurements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    {", ".join(f"{k} {v}" for k, v in MEASUREMENT_COLUMNS.items())});
+CREATE INDEX IF NOT EXISTS m_case ON measurements (fp_hash, case_key);
+CREATE TABLE IF NOT EXISTS tuning (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tune_key TEXT, machine_hash TEXT, kernel TEXT,
+    source_hash TEXT, shape TEXT, batch INTEGER, dtype TEXT, pattern TEXT, sparsity REAL,
+    config TEXT, status TEXT, median_s REAL, kernel_median_s REAL, dense_median_s REAL,
+    rel_err REAL, created REAL);
+CREATE INDEX IF NOT EXISTS t_key ON tuning (tune_key);
+"""
+
+
+class StoreError(UsageError):
+    pass
+
+
+class Store:
+    def __init__(self, path: str | Path, create: bool = True):
+        self.path = Path(path)
+        if not self.path.exists():
+            if not create:
+                raise StoreError(f"no results database at {self.path}; run "
+                                 f"`python -m harness bench` first")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a results database")
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout = 60000")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            tables = {r[0] for r in self.db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a results database (SQLite says: {e})") from None
+        if tables and "meta" not in tables:
+            raise StoreError(f"{self.path} is an SQLite file of another program (tables: "
+                             f"{', '.join(sorted(tables))}); choose another --db")
+        self._init(tables)
+
+    def _init(self, tables):
+        if not tables:
+            self.db.executescript(_SCHEMA)
+            with self._tx():
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP,))
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                (str(SCHEMA_VERSION),))
+        meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        if meta.get("app") != APP:
+            raise StoreError(f"{self.path} belongs to {meta.get('app')!r}, not {APP}")
+        if int(meta.get("schema_version", 0)) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {meta.get('schema_version')}; "
+                             f"this harness reads version {SCHEMA_VERSION}")
+        self.db.executescript(_SCHEMA)  # idempotent: adds tables a newer release introduced
+
+    class _Tx:
+        def __init__(self, db):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type, *_):
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self):
+        return self._Tx(self.db)
+
+    # ---- runs -----------------------------------------------------------------------------
+    def start_run(self, fp: dict, fp_hash: str, machine_hash: str, args: dict) -> int:
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO runs (started, fp_hash, machine_hash, fingerprint, args, status) "
+                "VALUES (?, ?, ?, ?, ?, 'running')",
+                (time.time(), fp_hash, machine_hash, json.dumps(fp, default=str),
+                 json.dumps(args, default=str)))
+            return cur.lastrowid
+
+    def finish_run(self, run_id: int, status: str = "finished") -> None:
+        with self._tx():
+            self.db.execute("UPDATE runs SET finished = ?, status = ? WHERE run_id = ?",
+                            (time.time(), status, run_id))
+
+    # ---- measurements --------------------------------------------------------------------
+    def add(self, m: dict) -> None:
+        """Append one measurement and commit it (the unit of crash safety)."""
+        bad = set(m) - set(MEASUREMENT_COLUMNS)
+        if bad:
+            raise ValueError(f"unknown measurement fields {sorted(bad)}")
+        if m.get("status") not in STATUSES:
+            raise ValueError(f"status {m.get('status')!r} is not one of {STATUSES}")
+        row = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else v)
+               for k, v in m.items()}
+        row.setdefault("created", time.time())
+        cols = ", ".join(row)
+        with self._tx():
+            self.db.execute(f"INSERT INTO measurements ({cols}) VALUES "
+                            f"({', '.join('?' * len(row))})", list(row.values()))
+
+    def done_keys(self, fp_hash: str) -> set[str]:
+        return {r[0] for r in self.db.execute(
+            "SELECT DISTINCT case_key FROM measurements WHERE fp_hash = ?", (fp_hash,))}
+
+    def measurements(self, latest: bool = True, fp_hash: str | None = None) -> pd.DataFrame:
+        where = "WHERE fp_hash = ?" if fp_hash else ""
+        params = (fp_hash,) if fp_hash else ()
+        if latest:
+            q = (f"SELECT * FROM measurements WHERE id IN (SELECT MAX(id) FROM measurements "
+                 f"{where} GROUP BY fp_hash, case_key) ORDER BY id")
+        else:
+            q = f"SELECT * FROM measurements {where} ORDER BY id"
+        return pd.read_sql_query(q, self.db, params=params)
+
+    def runs(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self.db)
+
+    # ---- tuning ------------------------------------------------------------------------------
+    def add_tuning(self, row: dict) -> None:
+        row = {k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+               for k, v in row.items()}
+        row.setdefault("created", time.time())
+        with self._tx():
+            self.db.execute(f"INSERT INTO tuning ({', '.join(row)}) VALUES "
+                            f"({', '.join('?' * len(row))})", list(row.values()))
+
+    def tuning(self, tune_key: str | None = None) -> pd.DataFrame:
+        if tune_key is None:
+            return pd.read_sql_query("SELECT * FROM tuning ORDER BY id", self.db)
+        return pd.read_sql_query("SELECT * FROM tuning WHERE tune_key = ? ORDER BY id", self.db,
+                                 params=(tune_key,))
+
+    def close(self):
+        self.db.close()

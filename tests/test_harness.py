@@ -1,0 +1,286 @@
+"""Harness behaviour end to end: crash safety, concurrent writers, typed failures, CLI errors."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import analysis, timing
+from harness.store import Store, StoreError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = """name,cin,cout,kh,kw,stride,padding,h,w
+a,32,32,3,3,1,1,10,10
+b,64,64,1,1,1,0,8,8
+c,32,64,3,3,2,1,12,12
+d,64,32,1,1,2,0,9,9
+"""
+FAST = ["--rounds", "3", "--min-sample", "0.0002", "--no-progress", "--nets", "",
+        "--threads", "1"]
+
+
+def env(**extra):
+    e = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+         "HARNESS_PLUGINS": "faulty_kernels", **extra}
+    return e
+
+
+def bench(tmp, *args, db=None, timeout=600, **kw):
+    shapes = tmp / "tiny.csv"
+    shapes.write_text(SHAPES)
+    cmd = [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes),
+           "--db", str(db or tmp / "r.sqlite"), *FAST, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def rows(db) -> pd.DataFrame:
+    return Store(db, create=False).measurements(latest=False)
+
+
+def start_bench(tmp, *args, db):
+    shapes = tmp / "tiny.csv"
+    shapes.write_text(SHAPES)
+    cmd = [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes), "--db",
+           str(db), *FAST, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_rows(db, n, proc, limit=300):
+    t_end = time.time() + limit
+    while time.time() < t_end:
+        if db.exists():
+            try:
+                c = sqlite3.connect(db, timeout=30).execute(
+                    "SELECT COUNT(*) FROM measurements").fetchone()[0]
+                if c >= n:
+                    return c
+            except sqlite3.OperationalError:
+                pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} rows after {limit} s")
+
+
+SWEEP = ["--kernels", "cs_cpu_direct,bsr_1xn_cpu", "--sparsities", "0.5,0.75,0.875"]
+
+
+def test_kill_9_mid_sweep_then_rerun_records_every_case_exactly_once(tmp_path):
+    db = tmp_path / "r.sqlite"
+    proc = start_bench(tmp_path, *SWEEP, db=db)
+    try:
+        wait_rows(db, 12, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = rows(db)
+    assert 0 < len(first)
+    r = bench(tmp_path, *SWEEP, db=db)
+    assert r.returncode == 0, r.stderr
+    after = rows(db)
+    assert after.case_key.is_unique  # nothing measured twice
+    assert set(first.case_key) <= set(after.case_key)  # nothing lost
+    assert f"skipped (already measured) {len(first)}" in r.stdout
+    # the complete sweep: 4 layers x (2 dense layouts + 3 sparsities x (4 M + 4 N))
+    assert len(after) == 4 * (2 + 3 * 8)
+    assert (after.status != "ok").sum() == (after.status == "unsupported").sum()
+
+
+def test_two_sweeps_writing_one_database_at_once_both_complete(tmp_path):
+    db = tmp_path / "r.sqlite"
+    a = start_bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5,0.75", db=db)
+    b = start_bench(tmp_path, "--kernels", "cci_cpu", "--sparsities", "0.5,0.75", db=db)
+    for p in (a, b):
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    df = rows(db)
+    sparse = df[df.pattern != "dense"]
+    assert len(sparse[sparse.kernel == "cs_cpu_direct"]) == 4 * 2 * 4
+    assert len(sparse[sparse.kernel == "cci_cpu"]) == 4 * 2 * 4
+    assert (sparse.status.isin(["ok", "unsupported"])).all()
+    runs = Store(db).runs()
+    assert list(runs.status) == ["finished", "finished"]
+
+
+def test_faulty_kernels_are_recorded_with_typed_status_and_the_sweep_completes(tmp_path):
+    r = bench(tmp_path, "--kernels",
+              "faulty_raise,faulty_wrong,faulty_hang,faulty_crash,faulty_prepare,cs_cpu_direct",
+              "--sparsities", "0.5", "--layers", "a", "--case-timeout", "8")
+    assert r.returncode == 0, r.stderr
+    df = rows(tmp_path / "r.sqlite").set_index("kernel")
+    assert df.loc["faulty_raise", "status"] == "runtime_error"
+    assert "deliberate failure" in df.loc["faulty_raise", "reason"]
+    assert df.loc["faulty_wrong", "status"] == "incorrect"
+    assert 0.009 < df.loc["faulty_wrong", "rel_err"] < 0.011
+    assert np.isnan(df.loc["faulty_wrong", "median_s"])  # never timed
+    assert df.loc["faulty_hang", "status"] == "timeout"
+    assert df.loc["faulty_crash", "status"] == "runtime_error"
+    assert "exit code 3" in df.loc["faulty_crash", "reason"]
+    assert df.loc["faulty_prepare", "status"] == "runtime_error"
+    assert "cannot encode" in df.loc["faulty_prepare", "reason"]
+    # the healthy kernel after them still ran, on a fresh worker
+    cs = df.loc["cs_cpu_direct"]
+    assert set(cs.status) == {"ok"} and (cs.rel_err < 1e-5).all()
+
+
+def test_ctrl_c_stops_after_the_case_in_flight_and_keeps_results(tmp_path):
+    db = tmp_path / "r.sqlite"
+    proc = start_bench(tmp_path, *SWEEP, db=db)
+    wait_rows(db, 6, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopping after the case in flight" in err
+    df = rows(db)
+    assert 6 <= len(df) < 4 * (2 + 3 * 8)
+    assert Store(db).runs().status.iloc[-1] == "stopped"
+    assert "not run (stopped)" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nets", "alexnet"], "unknown net 'alexnet'; valid: resnet50"),
+    (["--kernels", "nope"], "unknown kernel 'nope'"),
+    (["--kernels", "dense_cudnn"], "do not run on --device cpu"),
+    (["--sparsities", "1.5"], r"sparsity 1.5 is outside \(0, 1\)"),
+    (["--sparsities", "0"], r"outside \(0, 1\)"),
+    (["--sparsities", "abc"], "is not a number"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--patterns", "zz"], "unknown pattern 'zz'"),
+    (["--layers", "layer9.9.conv9"], "unknown layer"),
+    (["--shard", "3/2"], "need 0 <= i < n"),
+    (["--dtype", "int8"], "invalid choice"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_cli_input_exits_2_with_one_line(args, message):
+    r = subprocess.run([sys.executable, "-m", "harness", "bench", "--db", "/nonexistent/x.db",
+                        *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    import re
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"this is not a database at all" * 100, "is not a results database"),
+    (b"SQLite format 3\x00" + os.urandom(4000), "is not a results database"),
+    (None, "SQLite file of another program"),
+])
+def test_foreign_or_corrupt_database_exits_2(tmp_path, content, message):
+    db = tmp_path / "x.sqlite"
+    if content is None:
+        c = sqlite3.connect(db)
+        c.execute("CREATE TABLE invoices (id INTEGER)")
+        c.commit()
+        c.close()
+    else:
+        db.write_bytes(content)
+    r = bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", db=db)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_list_kernels_and_export(tmp_path):
+    r = bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", "--layers", "b")
+    assert r.returncode == 0, r.stderr
+    out = subprocess.run([sys.executable, "-m", "harness", "list", "kernels"], cwd=ROOT,
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert "cs_cpu_direct" in out.stdout and "no CUDA device" in out.stdout
+    for fmt in ("csv", "parquet"):
+        dest = tmp_path / f"out.{fmt}"
+        e = subprocess.run([sys.executable, "-m", "harness", "export", "--format", fmt, "--db",
+                            str(tmp_path / "r.sqlite"), "--out", str(dest)], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=120)
+        assert e.returncode == 0, e.stderr
+        df = pd.read_csv(dest) if fmt == "csv" else pd.read_parquet(dest)
+        assert len(df) == 2 + 4 and {"speedup", "kernel_speedup", "status"} <= set(df.columns)
+
+
+def test_measurements_carry_the_machine_fingerprint(tmp_path):
+    r = bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", "--layers", "b")
+    assert r.returncode == 0, r.stderr
+    store = Store(tmp_path / "r.sqlite")
+    run = store.runs().iloc[0]
+    fp = json.loads(run.fingerprint)
+    for key in ("cpu", "cpu_isa", "cores", "torch", "triton", "numpy", "git_commit",
+                "git_dirty", "gpu"):
+        assert key in fp
+    df = store.measurements()
+    assert (df.fp_hash == run.fp_hash).all() and (df.threads == 1).all()
+    ok = df[df.status == "ok"]
+    assert (ok.median_s > 0).all() and ok.samples.map(lambda s: len(json.loads(s)) >= 3).all()
+
+
+# ---- units ----------------------------------------------------------------------------------
+def test_stats_match_numpy_and_flag_noise():
+    xs = [1.0, 1.1, 0.9, 1.05, 0.95, 3.0, 1.0]
+    st = timing.stats(xs, reps=4)
+    assert st.median == np.median(xs)
+    q1, q3 = np.percentile(xs, [25, 75])
+    assert st.iqr == pytest.approx(q3 - q1)
+    assert (st.min, st.max, st.rounds, st.reps) == (0.9, 3.0, 7, 4)
+    assert st.noisy == ((q3 - q1) / np.median(xs) > 0.10)
+    assert not timing.stats([1.0, 1.01, 0.99, 1.0]).noisy
+
+
+def test_interleaved_timing_alternates_variants():
+    order = []
+    variants = {k: (lambda a, k=k: order.append(k), None) for k in "ABC"}
+    st, samples = timing.interleaved_cpu(variants, rounds=3, min_sample=0.0, warmup=0.0)
+    tail = [o for o in order][-9:]
+    assert tail == list("ABC") * 3
+    assert {k: len(v) for k, v in samples.items()} == {"A": 3, "B": 3, "C": 3}
+
+
+def test_timer_overhead_is_negligible_against_the_minimum_sample():
+    assert timing.timer_overhead() < 2e-3 * 1e-3
+
+
+def _row(layer, pattern, S, kernel, median, dense, count=1, status="ok", kmed=None, dk=None,
+         layout="nchw"):
+    return {"fp_hash": "f", "net": "n", "layer": layer, "batch": 1, "dtype": "float32",
+            "device": "cpu", "threads": 2, "pattern": pattern, "sparsity": S, "kernel": kernel,
+            "config": json.dumps({"layout": layout}), "status": status, "median_s": median,
+            "kernel_median_s": kmed or median, "dense_median_s": dense,
+            "dense_kernel_median_s": dk or dense, "count": count, "shape": "s", "flops": 1e9,
+            "layer_index": 0}
+
+
+def test_network_speedup_weights_by_count_and_counts_uncovered_layers_at_dense():
+    df = pd.DataFrame([
+        _row("L1", "dense", 0.0, "dense_cpu", 10.0, None, count=3),
+        _row("L1", "dense", 0.0, "dense_cpu", 12.0, None, count=3, layout="channels_last"),
+        _row("L2", "dense", 0.0, "dense_cpu", 5.0, None, count=1),
+        _row("L1", "cs", 0.5, "k", 2.0, 8.0, count=3),  # interleaved: 4x
+        _row("L1", "cs", 0.5, "k2", 4.0, 8.0, count=3),  # worse config of the same layer
+        _row("L2", "cs", 0.5, "k", None, None, status="unsupported"),
+    ])
+    net = analysis.network_table(df)
+    (r,) = net.to_dict("records")
+    # dense: 3*10 + 5 = 35; sparse: 3*10/4 + 5 (L2 at dense) = 12.5
+    assert r["speedup"] == pytest.approx(35 / 12.5)
+    assert r["covered"] == 1 and r["at_dense"] == "L2"
+
+
+def test_store_refuses_other_schema_versions(tmp_path):
+    db = tmp_path / "s.sqlite"
+    Store(db).close()
+    c = sqlite3.connect(db)
+    c.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    c.commit()
+    c.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(db)
+    with pytest.raises(StoreError, match="no results database"):
+        Store(tmp_path / "missing.sqlite", create=False)
