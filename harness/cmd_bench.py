@@ -138,8 +138,9 @@ def run(args) -> int:
     t0 = time.time()
     todo, dense, threads = plan(args)
     store = Store(args.db)
-    fp = env.fingerprint()
+    fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
+    fp["peak_gflops"] = round(env.measured_peak_gflops(threads, args.device), 1)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
     print(f"bench: {len(todo)} cases on {fp['cpu']} ({fp['cores']} cores, "
           f"{', '.join(fp['cpu_isa']) or 'no SIMD flags'}), {threads} threads, "

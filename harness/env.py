@@ -112,3 +112,28 @@ def machine_hash(fp: dict) -> str:
     keys = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "torch", "triton")
     return hashlib.sha256(json.dumps({k: fp.get(k) for k in keys}, sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
+
+
+def measured_peak_gflops(threads: int, device: str = "cpu", n: int = 2048) -> float:
+    """Achieved fp32 GEMM GFLOP/s on this machine (the roofline view's ceiling), best of 5."""
+    import time
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        best = float("inf")
+        for _ in range(6):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 / best / 1e9
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,87 @@
+"""Seaborn figures for the report, returned as inline PNG data URIs (the report works offline)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def layer_bars(best: pd.DataFrame, net: str, col: str = "speedup") -> str:
+    """Per-layer speedup bars by kernel, one panel per sparsity (the CS paper's Fig. 5a/5b)."""
+    d = best[best.net == net].copy()
+    d["layer"] = d["layer"] + " (x" + d["count"].astype(str) + ")"
+    order = d.sort_values("layer_index")["layer"].unique()
+    sps = sorted(d.sparsity.unique())
+    fig, axes = plt.subplots(len(sps), 1, figsize=(max(8, 0.42 * len(order) + 3), 2.6 * len(sps)),
+                             sharex=True, squeeze=False)
+    for ax, S in zip(axes[:, 0], sps):
+        sns.barplot(data=d[d.sparsity == S], x="layer", y=col, hue="kernel", order=order, ax=ax,
+                    errorbar=None)
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_ylabel(f"S={S:g}\nspeedup")
+        ax.set_xlabel("")
+        ax.legend(fontsize=7, ncol=4, loc="upper right")
+    axes[-1, 0].tick_params(axis="x", rotation=75, labelsize=7)
+    fig.suptitle(f"{net}: per-layer speedup vs best dense ({'end-to-end' if col == 'speedup' else 'kernel-only'})")
+    return _png(fig)
+
+
+def network_lines(net_table: pd.DataFrame) -> str:
+    """Network-level speedup against sparsity per pattern and net (Fig. 5c)."""
+    nets = sorted(net_table.net.unique())
+    fig, axes = plt.subplots(1, len(nets), figsize=(5 * len(nets), 3.6), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        sns.lineplot(data=net_table[net_table.net == net], x="sparsity", y="speedup",
+                     hue="pattern", style="machine", markers=True, ax=ax)
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_title(net)
+        ax.set_ylabel("network speedup (end-to-end)")
+    return _png(fig)
+
+
+def param_heatmap(sens: pd.DataFrame, pattern: str, param: str) -> str:
+    """Speedup by layer x parameter value at each sparsity (the OVW appendix's tables)."""
+    sps = sorted(sens.sparsity.unique())
+    fig, axes = plt.subplots(1, len(sps), figsize=(3.2 * len(sps) + 2, 0.28 * sens.layer.nunique() + 2),
+                             squeeze=False, sharey=True)
+    for ax, S in zip(axes[0], sps):
+        piv = sens[sens.sparsity == S].pivot_table(index="layer", columns="value", values="speedup",
+                                                   aggfunc="max")
+        sns.heatmap(piv, annot=True, fmt=".1f", cmap="RdYlGn", center=1.0, cbar=False, ax=ax,
+                    annot_kws={"fontsize": 7})
+        ax.set_title(f"S={S:g}")
+        ax.set_xlabel(param)
+    fig.suptitle(f"{pattern}: speedup by {param}")
+    return _png(fig)
+
+
+def roofline(ok: pd.DataFrame, peak: float | None) -> str:
+    """Achieved GFLOP/s (work actually done and dense-equivalent) against the measured peak."""
+    d = ok.copy()
+    d["actual GFLOP/s"] = d["flops"] * (1 - d["sparsity"]) / d["median_s"] / 1e9
+    d["dense-equivalent GFLOP/s"] = d["flops"] / d["median_s"] / 1e9
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, col in zip(axes, ["actual GFLOP/s", "dense-equivalent GFLOP/s"]):
+        sns.stripplot(data=d, x="kernel", y=col, hue="sparsity", ax=ax, size=3, jitter=0.25,
+                      palette="viridis")
+        if peak:
+            ax.axhline(peak, color="red", ls="--", lw=1.2, label=f"measured GEMM peak {peak:.0f}")
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    return _png(fig)

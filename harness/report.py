@@ -1,0 +1,189 @@
+"""The HTML speedup report: one self-contained file (figures inline) from a jinja2 template."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from . import UsageError, analysis, figures
+from .store import Store
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
+PAPER = Path(__file__).resolve().parent / "data" / "paper_results.csv"
+PARAM = {"cs": "M", "ovw": "V", "1xn": "N", "cci": "G", "nm": "M"}
+
+
+def _machines(store: Store, df: pd.DataFrame) -> list[dict]:
+    runs = store.runs()
+    out = []
+    for fp_hash, grp in runs.groupby("fp_hash", sort=False):
+        if fp_hash not in set(df.fp_hash):
+            continue
+        fp = json.loads(grp.iloc[-1].fingerprint)
+        sub = df[df.fp_hash == fp_hash]
+        peaks = [json.loads(f).get("peak_gflops") for f in grp.fingerprint]
+        out.append({
+            "fp_hash": fp_hash, "label": f"{fp.get('cpu')} / {fp.get('gpu') or 'no GPU'} "
+                                         f"[{fp_hash[:6]}]",
+            "cpu": fp.get("cpu"), "cores": fp.get("cores"), "isa": ", ".join(fp.get("cpu_isa", [])),
+            "gpu": fp.get("gpu") or "none", "driver": fp.get("gpu_driver") or "-",
+            "torch": fp.get("torch"), "triton": fp.get("triton"), "numpy": fp.get("numpy"),
+            "python": fp.get("python"), "commit": (fp.get("git_commit") or "?")[:10],
+            "dirty": fp.get("git_dirty"), "kernel_isa": fp.get("kernel_isa"),
+            "dates": ", ".join(sorted({dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+                                       for t in grp.started})),
+            "threads": ", ".join(map(str, sorted(sub.threads.dropna().unique()))),
+            "batch": ", ".join(map(str, sorted(sub.batch.dropna().unique()))),
+            "dtype": ", ".join(sorted(sub.dtype.dropna().unique())),
+            "devices": ", ".join(sorted(sub.device.dropna().unique())),
+            "peak": max([p for p in peaks if p] or [0]) or None, "runs": len(grp)})
+    return out
+
+
+def _param_value(row) -> str:
+    p = json.loads(row["param"]) if isinstance(row["param"], str) and row["param"] else {}
+    return ", ".join(f"{v}" for v in p.values()) or "-"
+
+
+def _sensitivity(ok: pd.DataFrame):
+    out = []
+    for pattern, key in PARAM.items():
+        d = ok[ok.pattern == pattern]
+        if d.empty:
+            continue
+        d = d.assign(value=d.apply(_param_value, axis=1))
+        if d.value.nunique() < 2:
+            continue
+        table = d.pivot_table(index=["net", "layer", "sparsity"], columns="value",
+                              values="speedup", aggfunc="max").round(2).reset_index()
+        out.append({"pattern": pattern, "param": key, "img": figures.param_heatmap(
+            d.assign(layer=d.net + ":" + d.layer), pattern, key),
+            "table": table.to_html(index=False, classes="tbl", na_rep="-")})
+    return out
+
+
+def _paper(best: pd.DataFrame, net_table: pd.DataFrame) -> pd.DataFrame:
+    paper = pd.read_csv(PAPER)
+    rows = []
+    for _, p in paper.iterrows():
+        meas = kmeas = None
+        device = "cpu" if p.device_class == "cpu" else "cuda"
+        if p.layer == "ALL":
+            m = net_table[(net_table.net == p.net) & (net_table.pattern == p.pattern) &
+                          (net_table.device == device) &
+                          ((net_table.sparsity - p.sparsity).abs() < 1e-9)]
+            if len(m):
+                meas, kmeas = m.speedup.max(), m.kernel_speedup.max()
+        elif not best.empty:
+            m = best[(best.net == p.net) & (best.layer == p.layer) &
+                     (best.pattern == p.pattern) & (best.device == device) &
+                     ((best.sparsity - p.sparsity).abs() < 1e-9)]
+            if len(m):
+                meas, kmeas = m.speedup.max(), m.best_kernel_speedup.max()
+        rows.append({"source": p.source, "pattern": p.pattern, "paper hardware": p.hardware,
+                     "net": p.net, "paper layer": p.paper_label, "mapped layer": p.layer,
+                     "batch": p.batch, "sparsity": p.sparsity, "param": p.param,
+                     "paper speedup": p.speedup_vs_dense,
+                     "measured e2e": None if meas is None else round(meas, 2),
+                     "measured kernel-only": None if kmeas is None else round(kmeas, 2),
+                     "note": p.note if isinstance(p.note, str) else ""})
+    return pd.DataFrame(rows)
+
+
+def _tuning(store: Store) -> pd.DataFrame:
+    t = store.tuning()
+    if t.empty:
+        return t
+    return t.sort_values("id").groupby("tune_key").last().reset_index()
+
+
+def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) -> Path:
+    path = Path(db)
+    if not path.exists():
+        raise UsageError(f"no results database at {path}; run `nox -s bench` (or "
+                         f"`python -m harness bench --quick`) first")
+    store = Store(path, create=False)
+    raw = store.measurements()
+    if raw.empty:
+        raise UsageError(f"the results database {path} holds no measurements yet; run "
+                         f"`python -m harness bench --quick` first")
+    df = analysis.with_speedups(raw)
+    df["machine"] = df.fp_hash.str[:6]
+    machines = _machines(store, df)
+    ok = df[(df.status == "ok") & (df.pattern != "dense")]
+    best = analysis.best_per_layer(raw)
+    net = analysis.network_table(raw)
+    if not net.empty:
+        net["machine"] = net.fp_hash.str[:6]
+    ctx = {"generated": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "db": str(path),
+           "machines": machines, "counts": df.status.value_counts().to_dict(),
+           "nets": [], "net_img": None, "net_table": None}
+    for n in sorted(best.net.unique()) if not best.empty else []:
+        ctx["nets"].append({"net": n, "img": figures.layer_bars(best, n, "speedup"),
+                            "img_kernel": figures.layer_bars(best, n, "best_kernel_speedup")})
+    if not net.empty:
+        ctx["net_img"] = figures.network_lines(net)
+        cols = ["machine", "net", "device", "batch", "threads", "pattern", "sparsity", "covered",
+                "layers", "speedup", "kernel_speedup", "dense_ms", "sparse_ms", "at_dense"]
+        ctx["net_table"] = net[cols].round(3).to_html(index=False, classes="tbl")
+        ctx["net_records"] = net[cols].round(2).to_dict("records")
+    ctx["sensitivity"] = _sensitivity(ok)
+    peak = max([m["peak"] or 0 for m in machines] or [0]) or None
+    ctx["roofline"] = figures.roofline(ok[ok.device == "cpu"], peak) if len(ok) else None
+    ctx["peak"] = peak
+    ctx["paper"] = _paper(best, net).to_html(index=False, classes="tbl", na_rep="not measured")
+    tuning = _tuning(store)
+    ctx["tuning"] = None if tuning.empty else tuning[[
+        "pattern", "sparsity", "shape", "kernel", "config", "median_s", "dense_median_s",
+        "status"]].to_html(index=False, classes="tbl")
+    ctx["plans"] = _plans(plans_dir)
+    ctx["gpu_rows"] = int((df.device == "cuda").sum())
+    if len(machines) > 1 and not best.empty:
+        cmp_ = best.assign(machine=best.fp_hash.str[:6]).pivot_table(
+            index=["net", "layer", "pattern", "sparsity"], columns="machine", values="speedup",
+            aggfunc="max").round(2).reset_index()
+        ctx["compare"] = cmp_.to_html(index=False, classes="tbl", na_rep="-")
+    full = df.assign(param=df.apply(_param_value, axis=1))[[
+        "machine", "net", "layer", "shape", "count", "device", "pattern", "sparsity", "param",
+        "kernel", "config", "status", "rel_err", "median_s", "kernel_median_s",
+        "dense_median_s", "speedup", "kernel_speedup", "noisy", "reason"]]
+    full = full.assign(median_ms=full.median_s * 1e3).drop(columns="median_s")
+    ctx["full_rows"] = full.round(4).to_dict("records")
+    ctx["failed"] = full[~full.status.isin(["ok"])].to_dict("records")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(**ctx)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html)
+    return out
+
+
+def _plans(plans_dir) -> list[dict]:
+    if not plans_dir or not Path(plans_dir).is_dir():
+        return []
+    plans = []
+    for f in sorted(Path(plans_dir).glob("*.json")):
+        try:
+            plans.append({"file": f.name, **json.loads(f.read_text())})
+        except (OSError, json.JSONDecodeError):
+            continue
+    return plans
+
+
+def add_parser(sub):
+    p = sub.add_parser("report", help="write the self-contained HTML speedup report")
+    p.add_argument("--db", default="results/results.sqlite")
+    p.add_argument("--out", default="reports/index.html")
+    p.add_argument("--plans", default="results/plans", help="autotuner plans to show")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    out = build(args.db, args.out, args.plans)
+    print(f"report written to {out.resolve()}")
+    return 0
