@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("what", choices=["shapes", "patterns", "kernels"])
     lp.add_argument("--net", help="comma-separated nets (default: all)")
     lp.set_defaults(func=cmd_list)
-    for mod in ("bench", "verify", "export", "report", "autotune"):
+    for mod in ("bench", "verify", "table", "export", "report", "autotune"):
         try:
             __import__(f"harness.cmd_{mod}")
         except ModuleNotFoundError as e:

@@ -30,6 +30,8 @@ def add_parser(sub):
     p.add_argument("--compile", action="store_true",
                    help="also compile every Triton kernel configuration ahead of time")
     p.add_argument("--arch", default="80,90", help="compute capabilities for --compile")
+    p.add_argument("--sample", action="store_true",
+                   help="with --compile: a representative sample instead of every configuration")
     p.set_defaults(func=run)
 
 
@@ -86,6 +88,6 @@ def run(args) -> int:
     if args.compile:
         from . import aot
 
-        rc = max(rc, aot.run_cli(args.arch, nets))
+        rc = max(rc, aot.run_cli(args.arch, nets, sample=args.sample))
     print(f"\nverify finished in {time.time() - t0:.0f} s")
     return rc

@@ -97,7 +97,7 @@ def execute(case: dict, timing_opts: dict) -> dict:
         return res
 
     variants = {"kernel": (run, x)}
-    if run.has_resident:
+    if run.has_resident and timing_opts.get("resident", True):
         variants["resident"] = (run.resident, run.layout(x))
     dense_layout = case.get("dense_layout")
     if case["kernel"] != case.get("dense_kernel") and dense_layout:
@@ -108,7 +108,8 @@ def execute(case: dict, timing_opts: dict) -> dict:
         krun = dk.prepare(layer, w, 0.0, {"layout": case.get("dense_kernel_layout",
                                                              dense_layout)})
         variants["dense"] = (drun, x)
-        variants["dense_resident"] = (krun.resident, krun.layout(x))
+        if timing_opts.get("resident", True):
+            variants["dense_resident"] = (krun.resident, krun.layout(x))
     try:
         if device == "cuda":
             st, samples = timing.interleaved_cuda(variants, rounds=timing_opts.get("rounds", 25))
@@ -130,7 +131,8 @@ def execute(case: dict, timing_opts: dict) -> dict:
         res.update(kernel_median_s=k.median, kernel_iqr_s=k.iqr)
     if "dense" in st:
         res.update(dense_median_s=st["dense"].median,
-                   dense_kernel_median_s=st["dense_resident"].median,
+                   dense_kernel_median_s=st["dense_resident"].median if "dense_resident" in st
+                   else None,
                    dense_layout=f"{dense_layout}/{case.get('dense_kernel_layout', dense_layout)}",
                    dense_samples=samples["dense"])
     return res

@@ -11,7 +11,6 @@ from .registry import Kernel, Run
 
 TILES = (1, 2, 3, 4, 6, 8)
 SPLITS = ("pixels", "channels")
-OBS = (8, 32, 128)  # output channels per work item (a Cin chunk is reused across them)
 
 
 class CppKernel(Kernel):

@@ -16,7 +16,7 @@ from . import patterns as P
 
 _REGISTRY: dict[str, Kernel] = {}
 _BUILTINS = ("kernels.dense", "kernels.cs_cpu", "kernels.block_cpu", "kernels.cci_cpu",
-)
+             "kernels.triton_kernels")
 _loaded = False
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

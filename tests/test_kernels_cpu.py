@@ -54,10 +54,12 @@ def test_cs_cpu_direct_matches_reference(geom, batch, S, M):
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
-@pytest.mark.parametrize("cfg", [{"T": 1, "split": "channels", "cin_chunk": 0, "ob": 8},
-                                 {"T": 3, "split": "pixels", "cin_chunk": 32, "ob": 32},
-                                 {"T": 8, "split": "pixels", "cin_chunk": 0, "ob": 128},
-                                 {"T": 6, "split": "channels", "cin_chunk": 32, "ob": 8}])
+@pytest.mark.parametrize("cfg", [
+    {"T": 2, "split": "channels", "cin_chunk": 0, "ob": 8, "decode": "inline"},
+    {"T": 4, "split": "pixels", "cin_chunk": 64, "ob": 128, "decode": "offsets"},
+    {"T": 8, "split": "pixels", "cin_chunk": 0, "ob": 128, "decode": "inline"},
+    {"T": 6, "split": "channels", "cin_chunk": 64, "ob": 8, "decode": "inline"},
+    {"T": 2, "split": "pixels", "cin_chunk": 64, "ob": 8, "decode": "offsets"}])
 def test_cs_cpu_direct_configs_match_reference(geom, cfg):
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
     cfg = {**cfg, "M": 2}
@@ -191,7 +193,8 @@ from kernel_check import check, layer
 from kernels import _ext
 assert _ext.isa().startswith('portable'), _ext.isa()
 worst = 0.0
-for name, S, cfg in [('cs_cpu_direct', 0.9375, {'M': 2, 'T': 3}), ('cs_cpu_direct', 0.5, {'T': 8}),
+for name, S, cfg in [('cs_cpu_direct', 0.9375, {'M': 2, 'T': 6}), ('cs_cpu_direct', 0.5, {'T': 8}),
+                     ('cs_cpu_direct', 0.75, {'M': 2, 'T': 2, 'decode': 'inline'}),
                      ('bsr_1xn_cpu', 0.75, {'N': 8, 'T': 2}), ('cci_cpu', 0.75, {'G': 4})]:
     for g in [(64, 32, 3, 2, 1, 13, 17), (64, 32, 1, 1, 0, 9, 7), (32, 16, 7, 2, 3, 21, 19)]:
         err, _ = check(name, layer(*g[:5], h=g[5], w=g[6]), S, cfg)

@@ -1,0 +1,180 @@
+"""Ahead-of-time compile of every Triton kernel configuration for real GPU targets, no GPU needed:
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` builds PTX and a cubin;
+shared memory comes from the compiled metadata, registers and spills from ``ptxas -v`` (the
+ptxas Triton ships). Configurations that fail or exceed the target's shared memory are recorded
+in kernels/triton_pruned.json, which the registry reads to leave them out of the default space.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import kernels
+import shapes
+
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in max
+POINTERS = {
+    "dense_triton_implicit_gemm": {"x": "D", "wt": "D", "y": "D"},
+    "cs_triton_weight_reuse": {"x": "D", "ws": "D", "idx": "u8", "y": "D"},
+    "ovw_triton_feature_reuse": {"x": "D", "cols": "i32", "vals": "D", "perm": "i32", "y": "D"},
+    "bsr_1xn_triton": {"x": "D", "crow": "i32", "colidx": "i32", "vals": "D", "rowmap": "i32",
+                       "y": "D"},
+}
+DT = {"float32": "fp32", "float16": "fp16"}
+
+
+def _ptxas_candidates() -> list[str]:
+    import triton
+
+    d = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return [str(d / n) for n in ("ptxas-blackwell", "ptxas") if (d / n).exists()]
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes as ptxas reports them (the first bundled ptxas that accepts
+    Triton's PTX version)."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        for exe in _ptxas_candidates():
+            r = subprocess.run([exe, "-v", f"--gpu-name={gpu}", str(src), "-o",
+                                str(Path(d) / "k.o")], capture_output=True, text=True, timeout=300)
+            if r.returncode == 0:
+                break
+        else:
+            return {}
+    text = r.stdout + r.stderr
+    regs = re.findall(r"Used (\d+) registers", text)
+    st = re.findall(r"(\d+) bytes spill stores", text)
+    ld = re.findall(r"(\d+) bytes spill loads", text)
+    return {"registers": int(regs[-1]) if regs else None,
+            "spill_stores": int(st[-1]) if st else 0, "spill_loads": int(ld[-1]) if ld else 0}
+
+
+def specializations(kern, nets=("resnet50", "vgg19")) -> list[dict]:
+    """Compile-time constants the kernel is specialized on for the nets' unique shapes."""
+    taps = sorted({(lay.kh, lay.kw) for n in nets for lay in shapes.unique(shapes.load(n))})
+    extra = [{}]
+    if kern.name == "cs_triton_weight_reuse":
+        extra = [{"K": k} for k in (2, 4, 8, 16)]
+    elif kern.name == "ovw_triton_feature_reuse":
+        extra = [{"V": v} for v in kern.space["V"]]
+    elif kern.name == "bsr_1xn_triton":
+        extra = [{"N": n, "USE_DOT": n >= 16} for n in kern.space["N"]]
+    return [{"KH": kh, "KW": kw, **e} for (kh, kw) in taps for e in extra]
+
+
+def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import triton_kernels as tk
+
+    fn = getattr(tk, kern.kernel_fn)
+    consts = {**spec, **{k: v for k, v in tunable.items() if k not in ("num_warps", "num_stages")}}
+    if "IEEE" in fn.arg_names:
+        consts["IEEE"] = dtype == "float32"
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in POINTERS[kern.name]:
+            t = POINTERS[kern.name][name]
+            sig[name] = "*" + (DT[dtype] if t == "D" else t)
+        else:
+            sig[name] = "i32"
+    row = {"kernel": kern.name, "arch": arch, "dtype": dtype, **spec,
+           "config": json.dumps(tunable, sort_keys=True)}
+    t0 = time.perf_counter()
+    try:
+        ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": tunable["num_warps"],
+                                     "num_stages": tunable["num_stages"]})
+    except Exception as e:  # noqa: BLE001 - recorded, then pruned
+        row.update(status="compile_error",
+                   reason=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+        return row
+    row.update(status="ok", shared=int(ck.metadata.shared), seconds=time.perf_counter() - t0,
+               **ptxas_usage(ck.asm["ptx"], arch))
+    if row["shared"] > SMEM_LIMIT.get(arch, 101376):
+        row.update(status="over_shared_memory",
+                   reason=f"{row['shared']} bytes of shared memory > sm_{arch} limit "
+                          f"{SMEM_LIMIT.get(arch)}")
+    return row
+
+
+def compile_all(names=None, archs=(80, 90), dtypes=("float32", "float16"), nets=("resnet50",
+                "vgg19"), sample: bool = False, log=print) -> pd.DataFrame:
+    from kernels.triton_kernels import tunable_points
+
+    names = names or [n for n in kernels.names(device="cuda") if getattr(
+        kernels.get(n), "kernel_fn", None)]
+    rows = []
+    for name in names:
+        kern = kernels.get(name)
+        points = tunable_points(kern)
+        specs = specializations(kern, nets)
+        if sample:  # CI: the first and last configuration, the most demanding specialization
+            points, specs, dts = [points[0], points[-1]], [specs[-1]], dtypes[:1]
+        else:
+            dts = dtypes
+        for arch, dt, spec, pt in itertools.product(archs, dts, specs, points):
+            rows.append(compile_one(kern, pt, spec, dt, arch))
+            r = rows[-1]
+            if r["status"] != "ok" or os.environ.get("SPARSECONV_VERBOSE"):
+                log(f"  {name} sm_{arch} {dt} {spec} {pt}: {r['status']} {r.get('reason', '')}")
+    return pd.DataFrame(rows)
+
+
+def write_pruned(df: pd.DataFrame, path: Path | None = None) -> dict:
+    """Configurations that failed anywhere, with the first reason, per kernel."""
+    from kernels.triton_kernels import PRUNED_FILE
+
+    pruned: dict = {}
+    for _, r in df[df.status != "ok"].iterrows():
+        pruned.setdefault(r.kernel, {}).setdefault(r.config, f"sm_{r.arch} {r.dtype}: {r.reason}")
+    (path or PRUNED_FILE).write_text(json.dumps(pruned, indent=1, sort_keys=True))
+    return pruned
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    ok = df[df.status == "ok"]
+    g = df.groupby(["kernel", "arch"])
+    out = pd.DataFrame({"compiled": g.size(), "ok": g.apply(lambda x: (x.status == "ok").sum())})
+    if len(ok):
+        og = ok.groupby(["kernel", "arch"])
+        out = out.join(pd.DataFrame({"max shared KiB": og.shared.max() / 1024,
+                                     "max registers": og.registers.max(),
+                                     "spilling configs": og.apply(
+                                         lambda x: (x.spill_stores > 0).sum())}))
+    return out.reset_index()
+
+
+def run_cli(arch_text: str, nets, sample: bool = False) -> int:
+    try:
+        archs = tuple(int(a) for a in arch_text.split(","))
+    except ValueError:
+        from . import UsageError
+        raise UsageError(f"--arch {arch_text!r} must be numbers like 80,90") from None
+    t0 = time.time()
+    df = compile_all(archs=archs, nets=tuple(nets), sample=sample)
+    print("\nAhead-of-time Triton compile (no GPU):")
+    print(summarize(df).round(1).to_string(index=False))
+    if not sample:
+        pruned = write_pruned(df)
+        n = sum(len(v) for v in pruned.values())
+        print(f"{n} configuration(s) pruned from the default space -> kernels/triton_pruned.json")
+    print(f"{len(df)} compiles in {time.time() - t0:.0f} s")
+    return 0

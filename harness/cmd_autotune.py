@@ -1,0 +1,145 @@
+"""``python -m harness autotune``: the best kernel and configuration per layer, as a plan."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import kernels
+import shapes
+from kernels import patterns as P
+
+from . import UsageError, env, plan
+from .autotune import STRATEGIES
+from .autotune.tuner import Evaluator, tune_layer
+from .cmd_bench import DEFAULT_DB, _names, _sparsities
+from .runner import Worker
+from .store import Store
+
+
+def add_parser(sub):
+    p = sub.add_parser("autotune", help="choose the fastest kernel and configuration per layer")
+    p.add_argument("--net", default="resnet50", choices=shapes.NETS)
+    p.add_argument("--layers", help="comma list of layer names (default: every unique shape)")
+    p.add_argument("--patterns", default="cs", help="comma list of patterns to consider")
+    p.add_argument("--sparsity", default="0.9375")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--strategy", default="model", choices=list(STRATEGIES))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=int, help="evaluations per layer (default: 25%% of its space)")
+    g.add_argument("--time-budget", type=float, help="seconds for the whole net")
+    p.add_argument("--compare", default="",
+                   help="also run these strategies (e.g. random,model) against exhaustive and "
+                        "print the per-layer regret")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--db", default=str(DEFAULT_DB))
+    p.add_argument("--out-dir", default="results/plans")
+    p.set_defaults(func=run)
+
+
+def _layer_row(r, count_default=True):
+    best_default = min(r.defaults.values(), default=math.inf)
+    return {"layer": r.layer.name, "shape": r.layer.shape_str, "count": r.layer.count,
+            "space": r.candidates, "evals": r.evaluations, "kernel": r.best["kernel"],
+            "config": r.best["config"], "tuned ms": r.best_s * 1e3,
+            "default ms": best_default * 1e3 if math.isfinite(best_default) else None,
+            "dense ms": r.dense_s * 1e3, "speedup": r.dense_s / r.best_s}
+
+
+def run(args) -> int:
+    (S,) = _sparsities(args.sparsity) if "," not in args.sparsity else (None,)
+    if S is None:
+        raise UsageError("--sparsity takes one value; run autotune once per sparsity")
+    pats = _names(args.patterns, P.names(), "pattern")
+    compare = _names(args.compare, list(STRATEGIES), "strategy") if args.compare else []
+    if args.budget is not None and args.budget < 1:
+        raise UsageError(f"--budget must be >= 1, got {args.budget}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    layers = shapes.unique(shapes.load(args.net))
+    if args.layers:
+        wanted = set(args.layers.split(","))
+        missing = wanted - {lay.name for lay in layers}
+        if missing:
+            raise UsageError(f"unknown layer(s) {sorted(missing)} in {args.net}")
+        layers = [lay for lay in layers if lay.name in wanted]
+    if not any(kernels.get(n).pattern in pats for n in kernels.names(device=args.device)):
+        raise UsageError(f"no {args.device} kernel implements pattern(s) {', '.join(pats)}")
+    threads = args.threads or os.cpu_count() or 1
+    store = Store(args.db)
+    fp = env.fingerprint()
+    mh = env.machine_hash(fp)
+    worker = Worker()
+    worker.call(("init", kernels.names(device=args.device)), 1800)
+    t0 = time.monotonic()
+    results, compare_rows = [], []
+    print(f"autotune {args.net} {'+'.join(pats)} S={S:g} on {fp['cpu']} ({threads} threads), "
+          f"strategy {args.strategy}")
+    try:
+        for i, lay in enumerate(layers):
+            deadline = None
+            if args.time_budget:
+                left = args.time_budget - (time.monotonic() - t0)
+                deadline = time.monotonic() + max(0.0, left) / (len(layers) - i)
+            ev = Evaluator(store, worker, mh, lay, S, args.batch, args.dtype, args.device, threads)
+            base = "exhaustive" if compare else args.strategy
+            r = tune_layer(ev, pats, base, args.budget, args.seed, deadline)
+            results.append(r)
+            row = _layer_row(r)
+            print(f"  [{i + 1}/{len(layers)}] {lay.name:22s} {row['kernel']:14s} "
+                  f"{row['speedup']:5.2f}x  evals {r.evaluations}/{r.candidates} "
+                  f"(measured {r.measured})", flush=True)
+            for name in compare:
+                ev2 = Evaluator(store, worker, mh, lay, S, args.batch, args.dtype, args.device,
+                                threads, log=lambda *_: None)
+                r2 = tune_layer(ev2, pats, name, args.budget, args.seed)
+                ex = min(r.history.values(), default=math.inf)
+                got = min(r2.history.values(), default=math.inf)
+                compare_rows.append({"layer": lay.name, "strategy": name,
+                                     "evals": r2.evaluations, "exhaustive evals": r.evaluations,
+                                     "fraction": r2.evaluations / max(1, r.evaluations),
+                                     "best ms": got * 1e3, "exhaustive best ms": ex * 1e3,
+                                     "regret %": 100 * (got / ex - 1) if math.isfinite(ex)
+                                     else float("nan")})
+    finally:
+        worker.close()
+    table = pd.DataFrame([_layer_row(r) for r in results])
+    with pd.option_context("display.width", 220, "display.max_colwidth", 70,
+                           "display.max_rows", None):
+        print(table.round(3).to_string(index=False))
+    dense = sum(r.layer.count * r.dense_s for r in results)
+    tuned = sum(r.layer.count * r.best_s for r in results)
+    default = sum(r.layer.count * min([r.dense_s, *r.defaults.values()]) for r in results)
+    out = {"schema": plan.SCHEMA, "net": args.net, "pattern": "+".join(pats), "sparsity": S,
+           "device": args.device, "batch": args.batch, "dtype": args.dtype, "threads": threads,
+           "strategy": "exhaustive" if compare else args.strategy, "fingerprint": fp,
+           "machine_hash": mh, "network_speedup": dense / tuned,
+           "default_network_speedup": dense / default,
+           "evaluations": int(sum(r.evaluations for r in results)),
+           "layers": [{"layer": r.layer.name, "index": r.layer.index, "count": r.layer.count,
+                       "shape": r.layer.shape_str, "kernel": r.best["kernel"],
+                       "config": r.best["config"], "time_s": r.best_s, "dense_s": r.dense_s,
+                       "speedup": r.dense_s / r.best_s,
+                       "default_time_s": min(r.defaults.values(), default=None)}
+                      for r in results]}
+    path = plan.save(out, Path(args.out_dir) / f"{args.net}_{'+'.join(pats)}_{S:g}_"
+                                               f"{args.device}.json")
+    print(f"\nnetwork speedup against dense: tuned {dense / tuned:.2f}x, kernels' default "
+          f"configurations {dense / default:.2f}x; plan written to {path}")
+    if compare_rows:
+        cmp_ = pd.DataFrame(compare_rows)
+        print("\nstrategy comparison (regret against exhaustive's best per layer):")
+        print(cmp_.round(2).to_string(index=False))
+        for name, g in cmp_.groupby("strategy"):
+            print(f"  {name}: worst regret {g['regret %'].max():.1f}%, mean "
+                  f"{g['regret %'].mean():.1f}%, evaluations {g.evals.sum()} of "
+                  f"{g['exhaustive evals'].sum()} ({100 * g.evals.sum() / g['exhaustive evals'].sum():.0f}%)")
+    print(f"autotune finished in {time.monotonic() - t0:.0f} s")
+    return 0

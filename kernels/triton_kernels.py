@@ -1,0 +1,354 @@
+"""Triton GPU kernels: CS weight-reuse, OVW feature-reuse, 1xN BSR, and a dense implicit GEMM.
+
+All are implicit-GEMM convolutions over NCHW input: a program owns a tile of output pixels
+(flattened ``p = (n*OH + oh)*OW + ow``) and output channels; the reduction runs over the im2col
+column ``r = (c*KH + kr)*KW + ks`` (OIHW order), whose input element is
+``x[n, c, oh*S - P + kr, ow*S - P + ks]`` (zero outside the image). fp32 or fp16 inputs, fp32
+accumulation; fp32 dots use IEEE precision (no TF32) so comparisons with cuDNN are fair.
+
+Without a GPU, ``TRITON_INTERPRET=1`` runs them on CPU tensors (tests), and
+``python -m harness verify --compile`` builds every configuration for sm_80/sm_90.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import patterns as P
+from . import triton_configs as TC
+from .registry import Kernel, Run, register
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # non-Linux or a minimal install: kernels register but report why not
+    HAVE_TRITON = False
+
+PRUNED_FILE = Path(__file__).with_name("triton_pruned.json")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW):
+        ptr = y + ((n[:, None] * COUT + co[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
+        tl.store(ptr, acc.to(y.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def dense_igemm_kernel(x, wt, y, NB, C, H, W, COUT, OH, OW, R, STRIDE, PAD,
+                           KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        """Dense implicit GEMM (after torch inductor's conv template); wt is [R, COUT]."""
+        p = tl.program_id(0) * BM + tl.arange(0, BM)
+        co = tl.program_id(1) * BN + tl.arange(0, BN)
+        pmask, cmask = p < NB * OH * OW, co < COUT
+        n, q = p // (OH * OW), p % (OH * OW)
+        oh, ow = q // OW, q % OW
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for r0 in range(0, R, BK):
+            r = r0 + tl.arange(0, BK)
+            c, t = r // (KH * KW), r % (KH * KW)
+            ih = (oh * STRIDE - PAD)[:, None] + (t // KW)[None, :]
+            iw = (ow * STRIDE - PAD)[:, None] + (t % KW)[None, :]
+            m = pmask[:, None] & (r < R)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=m, other=0.0)
+            b = tl.load(wt + r[:, None] * COUT + co[None, :],
+                        mask=(r < R)[:, None] & cmask[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW)
+
+    @triton.jit
+    def cs_weight_reuse_kernel(x, ws, idx, y, NB, C, H, W, COUT, OH, OW, MM, STRIDE, PAD,
+                               KH: tl.constexpr, KW: tl.constexpr, K: tl.constexpr,
+                               BM: tl.constexpr, BN: tl.constexpr):
+        """CS (row form, MM = C*KH*KW/K): for each compressed slot m the K candidate input
+        columns m + MM*k are loaded once for the pixel tile ([BM, K], weight reuse) and every
+        output channel picks its candidate by index (n + M*Idx). ws/idx are [MM, COUT]."""
+        p = tl.program_id(0) * BM + tl.arange(0, BM)
+        co = tl.program_id(1) * BN + tl.arange(0, BN)
+        pmask, cmask = p < NB * OH * OW, co < COUT
+        n, q = p // (OH * OW), p % (OH * OW)
+        oh, ow = q // OW, q % OW
+        ih0, iw0 = oh * STRIDE - PAD, ow * STRIDE - PAD
+        kk = tl.arange(0, K)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for m in range(0, MM):
+            r = m + MM * kk  # the K candidate im2col columns of slot m
+            c, t = r // (KH * KW), r % (KH * KW)
+            ih = ih0[:, None] + (t // KW)[None, :]
+            iw = iw0[:, None] + (t % KW)[None, :]
+            msk = pmask[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xk = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=msk,
+                         other=0.0).to(tl.float32)
+            wi = tl.load(idx + m * COUT + co, mask=cmask, other=0).to(tl.int32)
+            wv = tl.load(ws + m * COUT + co, mask=cmask, other=0.0).to(tl.float32)
+            sel = tl.gather(xk, tl.broadcast_to(wi[None, :], (BM, BN)), axis=1)
+            acc += sel * wv[None, :]
+        _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW)
+
+    @triton.jit
+    def ovw_feature_reuse_kernel(x, cols, vals, perm, y, NB, C, H, W, COUT, OH, OW, KEEP,
+                                 STRIDE, PAD, KH: tl.constexpr, KW: tl.constexpr,
+                                 V: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                                 IEEE: tl.constexpr):
+        """OVW: group g of V output channels walks its KEEP kept im2col columns; each input
+        row is loaded once and feeds all V channels (dot of [BM, BK] by [BK, V])."""
+        p = tl.program_id(0) * BM + tl.arange(0, BM)
+        g = tl.program_id(1)
+        v = tl.arange(0, V)
+        pmask = p < NB * OH * OW
+        n, q = p // (OH * OW), p % (OH * OW)
+        oh, ow = q // OW, q % OW
+        acc = tl.zeros((BM, V), dtype=tl.float32)
+        for j0 in range(0, KEEP, BK):
+            j = j0 + tl.arange(0, BK)
+            jm = j < KEEP
+            r = tl.load(cols + g * KEEP + j, mask=jm, other=0)
+            c, t = r // (KH * KW), r % (KH * KW)
+            ih = (oh * STRIDE - PAD)[:, None] + (t // KW)[None, :]
+            iw = (ow * STRIDE - PAD)[:, None] + (t % KW)[None, :]
+            m = pmask[:, None] & jm[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=m, other=0.0)
+            b = tl.load(vals + (g * KEEP + j)[:, None] * V + v[None, :], mask=jm[:, None],
+                        other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        oc = tl.load(perm + g * V + v)  # permuted channels return to their original place
+        _store_out(y, acc, n, oc, oh, ow, pmask, v < V, COUT, OH, OW)
+
+    @triton.jit
+    def bsr_1xn_kernel(x, crow, colidx, vals, rowmap, y, NB, C, H, W, COUT, OH, OW, STRIDE, PAD,
+                       KH: tl.constexpr, KW: tl.constexpr, N: tl.constexpr, BM: tl.constexpr,
+                       BK: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+        """1xN BSR: block row b (N output channels) walks its kept columns like bsr_dense_mm,
+        over implicit-im2col rows; tl.dot for N >= 16, an outer-product FMA path below."""
+        p = tl.program_id(0) * BM + tl.arange(0, BM)
+        b = tl.program_id(1)
+        nn = tl.arange(0, N)
+        pmask = p < NB * OH * OW
+        n, q = p // (OH * OW), p % (OH * OW)
+        oh, ow = q // OW, q % OW
+        start = tl.load(crow + b)
+        end = tl.load(crow + b + 1)
+        acc = tl.zeros((BM, N), dtype=tl.float32)
+        if USE_DOT:
+            for j0 in range(start, end, BK):
+                j = j0 + tl.arange(0, BK)
+                jm = j < end
+                r = tl.load(colidx + j, mask=jm, other=0)
+                c, t = r // (KH * KW), r % (KH * KW)
+                ih = (oh * STRIDE - PAD)[:, None] + (t // KW)[None, :]
+                iw = (ow * STRIDE - PAD)[:, None] + (t % KW)[None, :]
+                m = pmask[:, None] & jm[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=m,
+                            other=0.0)
+                wv = tl.load(vals + j[:, None] * N + nn[None, :], mask=jm[:, None], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, wv, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, wv, acc)
+        else:
+            for j in range(start, end):
+                r = tl.load(colidx + j)
+                c, t = r // (KH * KW), r % (KH * KW)
+                ih = oh * STRIDE - PAD + t // KW
+                iw = ow * STRIDE - PAD + t % KW
+                m = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                xv = tl.load(x + ((n * C + c) * H + ih) * W + iw, mask=m, other=0.0)
+                wv = tl.load(vals + j * N + nn)
+                acc += xv.to(tl.float32)[:, None] * wv.to(tl.float32)[None, :]
+        oc = tl.load(rowmap + b * N + nn)
+        _store_out(y, acc, n, oc, oh, ow, pmask, nn < N, COUT, OH, OW)
+
+
+def _pruned() -> dict:
+    try:
+        return json.loads(PRUNED_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _geom(layer, x):
+    return (x.shape[0], layer.cin, layer.h, layer.w, layer.cout, layer.oh, layer.ow)
+
+
+def _launch_opts(config):
+    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+
+class TritonKernel(Kernel):
+    device = "cuda"
+    dtypes = ("float32", "float16")
+    tunables: dict = {}
+    kernel_fn = None  # name of the @triton.jit function (for the AOT compile)
+
+    def available(self):
+        if not HAVE_TRITON:
+            return "triton is not installed"
+        if interpreting():
+            return None  # TRITON_INTERPRET=1 runs the kernel on CPU tensors
+        return super().available()
+
+    def _reason(self, layer, sparsity, config):
+        bad = _pruned().get(self.name, {}).get(json.dumps(self.tunable_part(config),
+                                                          sort_keys=True))
+        return f"configuration pruned by the AOT compile: {bad}" if bad else None
+
+    def tunable_part(self, config):
+        return {k: config[k] for k in self.tunables if k in config}
+
+    def _io(self, layer, x, out):
+        y = out if out is not None else torch.empty(x.shape[0], layer.cout, layer.oh, layer.ow,
+                                                    device=x.device, dtype=x.dtype)
+        return x.contiguous(), y
+
+    def _wrap(self, layer, masked_weight, launch, info=None):
+        def call(x, out=None):
+            if x.shape[1:] != (layer.cin, layer.h, layer.w):
+                raise ValueError(f"{self.name}: input {tuple(x.shape)} does not match "
+                                 f"{layer.shape_str}")
+            x, y = self._io(layer, x, out)
+            launch(x, y)
+            return y
+
+        return Run(masked_weight, call, info={"kernel": self.name, **(info or {})})
+
+
+@register
+class DenseTritonImplicitGemm(TritonKernel):
+    name = "dense_triton_implicit_gemm"
+    pattern = "dense"
+    tunables = TC.DENSE
+    space = dict(TC.DENSE)
+    kernel_fn = "dense_igemm_kernel"
+
+    def _prepare(self, layer, weight, sparsity, config):
+        R = layer.cin * layer.kh * layer.kw
+        wt = weight.reshape(layer.cout, R).t().contiguous()
+        BM, BN, BK = config["BM"], config["BN"], config["BK"]
+
+        def launch(x, y):
+            NB, C, H, W, CO, OH, OW = _geom(layer, x)
+            grid = (triton.cdiv(NB * OH * OW, BM), triton.cdiv(CO, BN))
+            dense_igemm_kernel[grid](x, wt.to(x.dtype), y, NB, C, H, W, CO, OH, OW, R,
+                                     layer.stride, layer.padding, KH=layer.kh, KW=layer.kw,
+                                     BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
+                                     **_launch_opts(config))
+
+        return self._wrap(layer, weight, launch)
+
+
+@register
+class CSTritonWeightReuse(TritonKernel):
+    name = "cs_triton_weight_reuse"
+    pattern = "cs"
+    tunables = TC.CS
+    space = dict(TC.CS)
+    kernel_fn = "cs_weight_reuse_kernel"
+
+    def make_pattern(self, sparsity, config):
+        return P.make("cs", sparsity, form="row")
+
+    def _prepare(self, layer, weight, sparsity, config):
+        wm, enc = self.make_pattern(sparsity, config).prune(weight)
+        ws = enc.values.t().contiguous()  # [MM, COUT]: coalesced over output channels
+        idx = enc.idx.t().contiguous()
+        BM, BN = config["BM"], config["BN"]
+
+        def launch(x, y):
+            NB, C, H, W, CO, OH, OW = _geom(layer, x)
+            grid = (triton.cdiv(NB * OH * OW, BM), triton.cdiv(CO, BN))
+            cs_weight_reuse_kernel[grid](x, ws.to(x.dtype), idx, y, NB, C, H, W, CO, OH, OW,
+                                         enc.M, layer.stride, layer.padding, KH=layer.kh,
+                                         KW=layer.kw, K=enc.K, BM=BM, BN=BN,
+                                         **_launch_opts(config))
+
+        return self._wrap(layer, wm, launch, {"K": enc.K, "M": enc.M})
+
+
+@register
+class OVWTritonFeatureReuse(TritonKernel):
+    name = "ovw_triton_feature_reuse"
+    pattern = "ovw"
+    tunables = TC.OVW
+    space = {"V": P.OVW_V, "permute": (False, True), **TC.OVW}
+    pattern_params = ("V", "permute")
+    kernel_fn = "ovw_feature_reuse_kernel"
+
+    def _default(self, layer, sparsity):
+        vs = [v for v in P.OVW_V if layer.cout % v == 0]
+        return {"V": 32 if 32 in vs else (max(vs) if vs else 32), "permute": False,
+                **{k: v[0] for k, v in TC.OVW.items()}}
+
+    def _prepare(self, layer, weight, sparsity, config):
+        wm, enc = self.make_pattern(sparsity, config).prune(weight)
+        keep = enc.cols.shape[1]
+        cols = enc.cols.contiguous()
+        vals = enc.values.contiguous()
+        perm = enc.perm.to(torch.int32).contiguous()
+        BM, BK = config["BM"], config["BK"]
+
+        def launch(x, y):
+            NB, C, H, W, CO, OH, OW = _geom(layer, x)
+            grid = (triton.cdiv(NB * OH * OW, BM), CO // enc.V)
+            ovw_feature_reuse_kernel[grid](x, cols, vals.to(x.dtype), perm, y, NB, C, H, W, CO,
+                                           OH, OW, keep, layer.stride, layer.padding,
+                                           KH=layer.kh, KW=layer.kw, V=enc.V, BM=BM, BK=BK,
+                                           IEEE=x.dtype == torch.float32,
+                                           **_launch_opts(config))
+
+        return self._wrap(layer, wm, launch, {"keep": keep})
+
+
+@register
+class Bsr1xNTriton(TritonKernel):
+    name = "bsr_1xn_triton"
+    pattern = "1xn"
+    tunables = TC.BSR
+    space = {"N": P.BLOCK_N, "rearrange": (False, True), **TC.BSR}
+    pattern_params = ("N", "rearrange")
+    kernel_fn = "bsr_1xn_kernel"
+
+    def _default(self, layer, sparsity):
+        ns = [n for n in P.BLOCK_N if layer.cout % n == 0]
+        return {"N": 16 if 16 in ns else (max(ns) if ns else 16), "rearrange": False,
+                **{k: v[0] for k, v in TC.BSR.items()}}
+
+    def _prepare(self, layer, weight, sparsity, config):
+        wm, enc = self.make_pattern(sparsity, config).prune(weight)
+        crow = enc.crow.to(torch.int32).contiguous()
+        col = enc.col.to(torch.int32).contiguous()
+        vals = enc.values.contiguous()
+        rowmap = enc.perm.to(torch.int32).contiguous()
+        BM, BK = config["BM"], config["BK"]
+
+        def launch(x, y):
+            NB, C, H, W, CO, OH, OW = _geom(layer, x)
+            grid = (triton.cdiv(NB * OH * OW, BM), CO // enc.N)
+            bsr_1xn_kernel[grid](x, crow, col, vals.to(x.dtype), rowmap, y, NB, C, H, W, CO, OH,
+                                 OW, layer.stride, layer.padding, KH=layer.kh, KW=layer.kw,
+                                 N=enc.N, BM=BM, BK=BK, USE_DOT=enc.N >= 16,
+                                 IEEE=x.dtype == torch.float32, **_launch_opts(config))
+
+        return self._wrap(layer, wm, launch, {"nnzb": enc.nnzb})
+
+
+def tunable_points(kernel) -> list[dict]:
+    keys = list(kernel.tunables)
+    return [dict(zip(keys, v)) for v in itertools.product(*(kernel.tunables[k] for k in keys))]

@@ -1,0 +1,156 @@
+"""Autotuner: strategies on deterministic synthetic costs, the tuning database's reuse and
+refusal, and plans that round-trip and validate."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from test_harness import ROOT, env
+
+from harness import plan
+from harness.autotune import strategy
+from harness.store import Store
+
+
+def grid():
+    """A synthetic space: two kernels with different parameters, a known optimum."""
+    out = [{"kernel": "a", "config": {"T": t, "ob": ob, "split": sp}}
+           for t in (1, 2, 3, 4, 6, 8) for ob in (8, 32, 128) for sp in ("pixels", "channels")]
+    out += [{"kernel": "b", "config": {"N": n, "T": t}} for n in (4, 8, 16, 32) for t in (1, 2, 3)]
+    return out
+
+
+def synthetic_cost(c):
+    cfg = c["config"]
+    if c["kernel"] == "a":
+        return (1.0 + 0.1 * (cfg["T"] - 6) ** 2 + 0.002 * abs(cfg["ob"] - 32)
+                + (0.3 if cfg["split"] == "pixels" else 0.0))
+    return 2.0 + 0.05 * abs(cfg["N"] - 16) + 0.1 * cfg["T"]
+
+
+OPTIMUM = min(grid(), key=synthetic_cost)
+
+
+def run_strategy(name, budget, seed=0, cost=synthetic_cost):
+    s = strategy(name)(grid(), budget, seed)
+    while (c := s.ask()) is not None:
+        s.tell(c, cost(c))
+    return s
+
+
+def test_exhaustive_visits_every_candidate_once_and_finds_the_optimum():
+    s = run_strategy("exhaustive", None)
+    assert s.evaluations == len(grid())
+    best, cost = s.best()
+    assert best == OPTIMUM and cost == synthetic_cost(OPTIMUM)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_model_strategy_finds_the_optimum_with_a_quarter_of_the_evaluations(seed):
+    budget = len(grid()) // 4
+    s = run_strategy("model", budget, seed)
+    assert s.evaluations <= budget
+    best, cost = s.best()
+    assert cost <= synthetic_cost(OPTIMUM) * 1.05
+
+
+def test_random_strategy_respects_budget_and_never_repeats():
+    s = run_strategy("random", 20, seed=3)
+    assert s.evaluations == 20 and len(s.history) == 20
+    s_all = run_strategy("random", len(grid()), seed=3)
+    assert s_all.best()[0] == OPTIMUM
+
+
+def test_model_strategy_survives_failed_candidates():
+    def cost(c):
+        return math.inf if c["kernel"] == "a" and c["config"]["T"] == 6 else synthetic_cost(c)
+    s = run_strategy("model", 30, seed=1, cost=cost)
+    best, c = s.best()
+    assert math.isfinite(c) and best["config"].get("T") != 6 or best["kernel"] == "b"
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match="valid: exhaustive, random, model"):
+        strategy("annealing")
+
+
+def make_plan(**over):
+    layers = [{"layer": "l1", "index": 1, "count": 3, "shape": "64->64 1x1 @56x56",
+               "kernel": "cs_cpu_direct", "config": {"M": 4}, "time_s": 0.001, "dense_s": 0.004,
+               "speedup": 4.0},
+              {"layer": "l2", "index": 2, "count": 1, "shape": "3->64 7x7 s2 p3 @224x224",
+               "kernel": "dense_cpu", "config": {"layout": "nchw"}, "time_s": 0.002,
+               "dense_s": 0.002, "speedup": 1.0}]
+    p = {"schema": 1, "net": "resnet50", "pattern": "cs", "sparsity": 0.9375, "device": "cpu",
+         "batch": 1, "dtype": "float32", "threads": 2, "strategy": "model",
+         "fingerprint": {"cpu": "x"}, "machine_hash": "abc", "layers": layers,
+         "network_speedup": (3 * 0.004 + 0.002) / (3 * 0.001 + 0.002)}
+    p.update(over)
+    return p
+
+
+def test_plan_round_trips_and_validates(tmp_path):
+    path = plan.save(make_plan(), tmp_path / "p.json")
+    assert plan.load(path) == json.loads(json.dumps(make_plan()))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"schema": 2}, "schema 2"),
+    ({"network_speedup": 9.0}, "does not match"),
+    ({"layers": []}, "no layers"),
+    ({"net": 5}, "'net' must be str"),
+])
+def test_plan_validation_rejects_bad_plans(tmp_path, change, message):
+    with pytest.raises(plan.PlanError, match=message):
+        plan.validate(make_plan(**change))
+
+
+def test_plan_validation_checks_kernels_and_configs():
+    p = make_plan()
+    p["layers"][0]["config"] = {"M": 3}
+    with pytest.raises(plan.PlanError, match="not in its space"):
+        plan.validate(p)
+    p["layers"][0]["kernel"] = "warp_drive"
+    with pytest.raises(plan.PlanError, match="unknown kernel"):
+        plan.validate(p)
+    with pytest.raises(plan.PlanError, match="no plan at"):
+        plan.load("/nonexistent/plan.json")
+
+
+def autotune(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "harness", "autotune", "--net", "resnet50",
+                           "--layers", "layer4.1.conv2", "--threads", "1", "--db",
+                           str(tmp_path / "t.sqlite"), "--out-dir", str(tmp_path / "plans"),
+                           *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
+    r = autotune(tmp_path, "--strategy", "random", "--budget", "4")
+    assert r.returncode == 0, r.stderr
+    p = plan.load(tmp_path / "plans" / "resnet50_cs_0.9375_cpu.json")
+    (lay,) = p["layers"]
+    assert lay["layer"] == "layer4.1.conv2" and lay["count"] == 2
+    assert lay["speedup"] >= 1.0 - 1e-9  # dense is a candidate: never slower than dense
+    store = Store(tmp_path / "t.sqlite")
+    n = len(store.tuning())
+    assert n == 2 + 1 + 4  # two dense layouts, the kernel's default, four random candidates
+    # same key: nothing measured again
+    r2 = autotune(tmp_path, "--strategy", "random", "--budget", "4")
+    assert r2.returncode == 0, r2.stderr
+    assert "(measured 0)" in r2.stdout and len(store.tuning()) == n
+    # another machine's records are refused with a message, then measured again
+    store.db.execute("UPDATE tuning SET machine_hash = 'other-machine', tune_key = tune_key || 'x'")
+    r3 = autotune(tmp_path, "--strategy", "random", "--budget", "4")
+    assert r3.returncode == 0, r3.stderr
+    assert "measured with another machine" in r3.stdout
+    assert len(store.tuning()) == 2 * n
+
+
+def test_autotune_bad_input_exits_2(tmp_path):
+    r = autotune(tmp_path, "--sparsity", "0.9,0.5")
+    assert r.returncode == 2 and "one value" in r.stderr
+    r = autotune(tmp_path, "--patterns", "ovw")
+    assert r.returncode == 2 and "no cpu kernel implements pattern(s) ovw" in r.stderr

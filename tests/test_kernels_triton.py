@@ -1,0 +1,99 @@
+"""Triton kernels without a GPU: interpreter correctness (TRITON_INTERPRET=1, set in conftest)
+against the float64 reference, and the ahead-of-time compile for sm_80 / sm_90."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_check import layer
+
+import kernels
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+GEOMS = [(16, 32, 3, 2, 1, 9, 11), (32, 32, 1, 1, 0, 7, 5), (16, 64, 3, 1, 1, 6, 7),
+         (8, 16, 7, 2, 3, 11, 9)]
+
+
+def run_check(name, geom, S, cfg, dtype, batch=2):
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    k = kernels.get(name)
+    why = k.supports(lay, S, cfg, {torch.float32: "float32", torch.float16: "float16"}[dtype])
+    if why:
+        return why
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(lay.cout, lay.cin, lay.kh, lay.kw, generator=g).to(dtype)
+    x = torch.randn(batch, lay.cin, lay.h, lay.w, generator=g).to(dtype)
+    run = k.prepare(lay, w, S, cfg)
+    out = torch.full((batch, lay.cout, lay.oh, lay.ow), float("nan"), dtype=dtype)
+    y = run(x, out=out)
+    ref = F.conv2d(x.double(), run.masked_weight.double(), stride=lay.stride, padding=lay.padding)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], (name, geom, S, cfg, dtype, err)
+    return None
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", [{"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+                                 {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}])
+def test_dense_triton_implicit_gemm(geom, dtype, cfg):
+    assert run_check("dense_triton_implicit_gemm", geom, 0.0, cfg, dtype) is None
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=str)
+@pytest.mark.parametrize("S", [0.5, 0.75, 0.875, 0.9375])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cs_triton_weight_reuse(geom, S, dtype):
+    cfg = {"BM": 32, "BN": 32} if S in (0.5, 0.875) else {"BM": 64, "BN": 64, "num_stages": 2}
+    why = run_check("cs_triton_weight_reuse", geom, S, cfg, dtype)
+    assert why is None or "divisible" in why  # Cin*Kh*Kw must split into K groups
+
+
+@pytest.mark.parametrize("geom", GEOMS[:3], ids=str)
+@pytest.mark.parametrize("V", [16, 32, 64])
+@pytest.mark.parametrize("S,permute,BK", [(0.5, False, 16), (0.9, True, 32), (0.75, True, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_ovw_triton_feature_reuse(geom, V, S, permute, BK, dtype):
+    why = run_check("ovw_triton_feature_reuse", geom, S,
+                    {"V": V, "permute": permute, "BK": BK}, dtype)
+    if why:
+        assert "V=" in why and V > geom[1] or geom[1] % V
+
+
+@pytest.mark.parametrize("geom", GEOMS[:3], ids=str)
+@pytest.mark.parametrize("N", [4, 8, 16, 32])
+@pytest.mark.parametrize("S,rearrange", [(0.75, False), (0.9375, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_bsr_1xn_triton(geom, N, S, rearrange, dtype):
+    why = run_check("bsr_1xn_triton", geom, S, {"N": N, "rearrange": rearrange, "BK": 16},
+                    dtype, batch=1)
+    assert why is None
+
+
+def test_triton_kernels_registered_with_config_spaces():
+    for name in ("cs_triton_weight_reuse", "ovw_triton_feature_reuse", "bsr_1xn_triton",
+                 "dense_triton_implicit_gemm", "dense_cudnn"):
+        assert kernels.get(name).device == "cuda"
+    assert kernels.get("ovw_triton_feature_reuse").space["V"] == (16, 32, 64)
+    assert {"BM", "BN", "num_warps", "num_stages"} <= set(kernels.get("cs_triton_weight_reuse")
+                                                          .space)
+
+
+def test_without_gpu_or_interpreter_cuda_kernels_say_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    lay = layer(16, 32, 3, 1, 1)
+    for name in ("cs_triton_weight_reuse", "dense_cudnn"):
+        assert kernels.get(name).supports(lay, 0.5) == "no CUDA device on this machine"
+
+
+@pytest.mark.slow
+def test_ahead_of_time_compile_sample_for_sm80_and_sm90():
+    from harness import aot
+
+    df = aot.compile_all(archs=(80, 90), sample=True)
+    assert set(df.kernel) == {"cs_triton_weight_reuse", "ovw_triton_feature_reuse",
+                              "bsr_1xn_triton", "dense_triton_implicit_gemm"}
+    assert (df.status == "ok").all(), df[df.status != "ok"].to_string()
+    assert (df.registers > 0).all()
+    dots = df[df.kernel != "cs_triton_weight_reuse"]
+    assert (dots.shared > 0).all()  # tl.dot operands staged in shared memory
+    assert set(df.arch) == {80, 90}
