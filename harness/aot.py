@@ -163,10 +163,13 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_cli(arch_text: str, nets, sample: bool = False) -> int:
+    from . import UsageError
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise UsageError("--compile builds real GPU binaries: unset TRITON_INTERPRET")
     try:
         archs = tuple(int(a) for a in arch_text.split(","))
     except ValueError:
-        from . import UsageError
         raise UsageError(f"--arch {arch_text!r} must be numbers like 80,90") from None
     t0 = time.time()
     df = compile_all(archs=archs, nets=tuple(nets), sample=sample)
