@@ -17,9 +17,12 @@ class Strategy(BaseStrategy):
 
     def __init__(self, candidates, budget=None, seed=0):
         super().__init__(candidates, budget, seed)
+        import warnings
+
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self._optuna = optuna
         self.valid = {cand_key(c): c for c in self.candidates}
         self.kernels = sorted({c["kernel"] for c in self.candidates})
