@@ -115,13 +115,18 @@ def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
     return row
 
 
+def _compile_job(args):
+    name, pt, spec, dt, arch = args
+    return compile_one(kernels.get(name), pt, spec, dt, arch)
+
+
 def compile_all(names=None, archs=(80, 90), dtypes=("float32", "float16"), nets=("resnet50",
-                "vgg19"), sample: bool = False, log=print) -> pd.DataFrame:
+                "vgg19"), sample: bool = False, jobs: int = 1, log=print) -> pd.DataFrame:
     from kernels.triton_kernels import tunable_points
 
     names = names or [n for n in kernels.names(device="cuda") if getattr(
         kernels.get(n), "kernel_fn", None)]
-    rows = []
+    work = []
     for name in names:
         kern = kernels.get(name)
         points = tunable_points(kern)
@@ -130,11 +135,19 @@ def compile_all(names=None, archs=(80, 90), dtypes=("float32", "float16"), nets=
             points, specs, dts = [points[0], points[-1]], [specs[-1]], dtypes[:1]
         else:
             dts = dtypes
-        for arch, dt, spec, pt in itertools.product(archs, dts, specs, points):
-            rows.append(compile_one(kern, pt, spec, dt, arch))
-            r = rows[-1]
-            if r["status"] != "ok" or os.environ.get("SPARSECONV_VERBOSE"):
-                log(f"  {name} sm_{arch} {dt} {spec} {pt}: {r['status']} {r.get('reason', '')}")
+        work += [(name, pt, spec, dt, arch)
+                 for arch, dt, spec, pt in itertools.product(archs, dts, specs, points)]
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(_compile_job, work, chunksize=4))
+    else:
+        rows = [_compile_job(w) for w in work]
+    for r in rows:
+        if r["status"] != "ok" or os.environ.get("SPARSECONV_VERBOSE"):
+            log(f"  {r['kernel']} sm_{r['arch']} {r['dtype']} {r['config']}: {r['status']} "
+                f"{r.get('reason', '')}")
     return pd.DataFrame(rows)
 
 
@@ -172,12 +185,15 @@ def run_cli(arch_text: str, nets, sample: bool = False) -> int:
     except ValueError:
         raise UsageError(f"--arch {arch_text!r} must be numbers like 80,90") from None
     t0 = time.time()
-    df = compile_all(archs=archs, nets=tuple(nets), sample=sample)
+    df = compile_all(archs=archs, nets=tuple(nets), sample=sample, jobs=os.cpu_count() or 1)
+    out = Path("results") / "aot_compile.csv"
+    out.parent.mkdir(exist_ok=True)
+    df.to_csv(out, index=False)
     print("\nAhead-of-time Triton compile (no GPU):")
     print(summarize(df).round(1).to_string(index=False))
     if not sample:
         pruned = write_pruned(df)
         n = sum(len(v) for v in pruned.values())
         print(f"{n} configuration(s) pruned from the default space -> kernels/triton_pruned.json")
-    print(f"{len(df)} compiles in {time.time() - t0:.0f} s")
+    print(f"{len(df)} compiles in {time.time() - t0:.0f} s; every row in {out}")
     return 0

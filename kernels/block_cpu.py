@@ -14,7 +14,7 @@ from . import _ext
 from . import patterns as P
 from .cpu_common import SPLITS, CppKernel, default_tile, make_run
 from .cpu_layout import CpuLayout
-from .registry import register
+from .registry import pick_divisor, register
 
 MAX_T = {4: 6, 8: 3, 16: 1, 32: 1}
 TILES_1XN = (1, 2, 3, 4, 6)
@@ -28,8 +28,7 @@ class Bsr1xNCpu(CppKernel):
     pattern_params = ("N", "rearrange")
 
     def _default(self, layer, sparsity):
-        ns = [n for n in P.BLOCK_N if layer.cout % n == 0]
-        N = 16 if 16 in ns else (max(ns) if ns else 16)
+        N = pick_divisor(P.BLOCK_N, layer.cout, 16)
         allowed = tuple(t for t in TILES_1XN if t <= MAX_T[N])
         return {"N": N, "rearrange": False, "T": default_tile(layer, allowed), "split": "pixels"}
 

@@ -210,5 +210,12 @@ def names(device: str | None = None, pattern: str | None = None) -> list[str]:
                   and (pattern is None or k.pattern == pattern))
 
 
+def pick_divisor(values, n: int, prefer: int) -> int:
+    """``prefer`` when it divides ``n``, else the largest of ``values`` that does (a kernel's
+    default for V or N; an unsupported choice still reports its reason in ``supports``)."""
+    ok = [v for v in values if n % v == 0]
+    return prefer if prefer in ok else (max(ok) if ok else prefer)
+
+
 def weight_shape(layer: shapes.ConvLayer) -> tuple:
     return (layer.cout, layer.cin // layer.groups, layer.kh, layer.kw)

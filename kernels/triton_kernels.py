@@ -21,7 +21,7 @@ import torch
 
 from . import patterns as P
 from . import triton_configs as TC
-from .registry import Kernel, Run, register
+from .registry import Kernel, Run, pick_divisor, register
 
 try:
     import triton
@@ -292,8 +292,7 @@ class OVWTritonFeatureReuse(TritonKernel):
     kernel_fn = "ovw_feature_reuse_kernel"
 
     def _default(self, layer, sparsity):
-        vs = [v for v in P.OVW_V if layer.cout % v == 0]
-        return {"V": 32 if 32 in vs else (max(vs) if vs else 32), "permute": False,
+        return {"V": pick_divisor(P.OVW_V, layer.cout, 32), "permute": False,
                 **{k: v[0] for k, v in TC.OVW.items()}}
 
     def _prepare(self, layer, weight, sparsity, config):
@@ -326,8 +325,7 @@ class Bsr1xNTriton(TritonKernel):
     kernel_fn = "bsr_1xn_kernel"
 
     def _default(self, layer, sparsity):
-        ns = [n for n in P.BLOCK_N if layer.cout % n == 0]
-        return {"N": 16 if 16 in ns else (max(ns) if ns else 16), "rearrange": False,
+        return {"N": pick_divisor(P.BLOCK_N, layer.cout, 16), "rearrange": False,
                 **{k: v[0] for k, v in TC.BSR.items()}}
 
     def _prepare(self, layer, weight, sparsity, config):

@@ -32,8 +32,7 @@ class Strategy(BaseStrategy):
                 self.values[(c["kernel"], p)].add(json.dumps(v))
         startup = max(3, min(10, self.budget // 3))
         self.study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup, multivariate=True, group=True,
-            warn_independent_sampling=False))
+            seed=seed, n_startup_trials=startup, multivariate=True, group=True))
         self._trials: dict[str, object] = {}
         self._fallback = sorted(self.valid)
 
