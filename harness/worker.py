@@ -138,6 +138,34 @@ def execute(case: dict, timing_opts: dict) -> dict:
     return res
 
 
+def race(spec: dict, timing_opts: dict) -> dict:
+    """Time several (kernel, config, sparsity) candidates of one layer interleaved in one run:
+    ``{"medians": [seconds or None per candidate], "reasons": [...]}``. Each candidate passes
+    the correctness gate first; one that fails gets None and its reason."""
+    layer = ConvLayer(**spec["layer"])
+    dtype = kernels.DTYPES[spec["dtype"]]
+    torch.set_num_threads(spec["threads"])
+    w, x = make_inputs(layer, spec["batch"], dtype, spec["device"])
+    variants, reasons = {}, []
+    for i, c in enumerate(spec["cands"]):
+        try:
+            run = kernels.get(c["kernel"]).prepare(layer, w, c["sparsity"], c["config"])
+            _, _, why = check_correct(layer, run, x, spec["dtype"])
+        except Exception as e:  # noqa: BLE001
+            run, why = None, _err_text(e)
+        reasons.append(why)
+        if why is None:
+            variants[i] = (run, x)
+    if spec["device"] == "cuda":
+        st, _ = timing.interleaved_cuda(variants, rounds=timing_opts.get("rounds", 25))
+    else:
+        st, _ = timing.interleaved_cpu(variants, rounds=timing_opts.get("rounds", 15),
+                                       min_sample=timing_opts.get("min_sample", 2e-3),
+                                       warmup=timing_opts.get("warmup", 0.05))
+    return {"medians": [st[i].median if i in st else None for i in range(len(reasons))],
+            "reasons": reasons}
+
+
 def serve(conn) -> None:
     """Worker loop: receive ('init', kernel names) or ('case', case, opts); reply a dict."""
     import signal
@@ -154,6 +182,8 @@ def serve(conn) -> None:
             if msg[0] == "init":
                 reasons = {n: kernels.get(n).available() for n in msg[1]}
                 conn.send({"ok": True, "reasons": reasons})
+            elif msg[0] == "race":
+                conn.send(race(msg[1], msg[2]))
             else:
                 conn.send(execute(msg[1], msg[2]))
         except Exception as e:  # noqa: BLE001

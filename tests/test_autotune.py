@@ -140,7 +140,7 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     # same key: nothing measured again
     r2 = autotune(tmp_path, "--strategy", "random", "--budget", "4")
     assert r2.returncode == 0, r2.stderr
-    assert "(measured 0)" in r2.stdout and len(store.tuning()) == n
+    assert "(measured 0, raced 4)" in r2.stdout and len(store.tuning()) == n
     # another machine's records are refused with a message, then measured again
     store.db.execute("UPDATE tuning SET machine_hash = 'other-machine', tune_key = tune_key || 'x'")
     r3 = autotune(tmp_path, "--strategy", "random", "--budget", "4")

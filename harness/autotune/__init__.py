@@ -4,7 +4,8 @@ runner measures, with its correctness gate and typed failures."""
 
 import importlib
 
-STRATEGIES = {"exhaustive": "exhaustive", "random": "random_search", "model": "model"}
+STRATEGIES = {"exhaustive": "exhaustive", "random": "random_search", "model": "model",
+              "tpe": "tpe"}
 
 
 def strategy(name: str):

@@ -7,6 +7,7 @@ and re-measures) one measured on another machine or with other kernel source."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,6 +22,8 @@ from . import strategy as get_strategy
 from .base import cand_key
 
 TIMING = {"rounds": 5, "min_sample": 1e-3, "warmup": 0.02, "resident": False}
+RACE = {"rounds": 25, "min_sample": 2e-3, "warmup": 0.05}
+CONFIRM_TOP = 3  # a single timing can be a lucky outlier: the top picks race each other
 
 
 def candidates(layer, patterns, sparsity, device, dtype):
@@ -56,7 +59,8 @@ class Evaluator:
         self.dense_s = None
         self.dense_layout = "nchw"
         self.dense_kernel = next(n for n in kernels.names(device=device) if kernels.get(n).baseline)
-        self.measured = 0
+        self.measured = 0  # new candidate measurements (each also stored in the tuning table)
+        self.raced = 0  # confirmation timings of already-measured candidates
         self._warned = set()
 
     def _key(self, kern, config, S):
@@ -121,6 +125,20 @@ class Evaluator:
             return self.dense_s * med / float(dm)
         return med
 
+    def race(self, cands: list[dict]) -> list[float]:
+        """Seconds per candidate, measured interleaved in one worker call (inf on failure)."""
+        spec = {"layer": dataclasses.asdict(self.layer), "batch": self.batch, "dtype": self.dtype,
+                "device": self.device, "threads": self.threads,
+                "cands": [{**c, "sparsity": 0.0 if kernels.get(c["kernel"]).pattern == "dense"
+                           else self.S} for c in cands]}
+        try:
+            res = self.worker.call(("race", spec, RACE), self.timeout * 2)
+        except (WorkerTimeout, WorkerDied):
+            return [math.inf] * len(cands)
+        self.raced += len(cands)
+        return [m if m is not None else math.inf for m in res.get("medians", [])] or \
+            [math.inf] * len(cands)
+
     def dense(self):
         k = kernels.get(self.dense_kernel)
         best = (math.inf, "nchw")
@@ -149,9 +167,17 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
             if deadline is not None and time.monotonic() > deadline and strat.evaluations:
                 break
             strat.tell(cand, ev.cost(cand))
-        s_best, s_cost = strat.best()
-        if s_best is not None and s_cost < best_s:  # dense is always a candidate
-            best, best_s = s_best, s_cost
+        top = sorted(strat.history, key=strat.history.get)[:CONFIRM_TOP]
+        top = [json.loads(k) for k in top if math.isfinite(strat.history[k])]
+        if top:  # confirm: the top picks and dense race each other interleaved
+            dense_c = {"kernel": ev.dense_kernel, "config": {"layout": layout}}
+            times = ev.race([dense_c] + top)
+            if math.isfinite(times[0]):
+                i = min(range(len(top)), key=lambda j: times[j + 1])
+                if math.isfinite(times[i + 1]):
+                    cost = dense_s * times[i + 1] / times[0]
+                    if cost < best_s:  # dense is always a candidate
+                        best, best_s = top[i], cost
     return LayerResult(layer=ev.layer, dense_s=dense_s, dense_layout=layout, best=best,
                        best_s=best_s, defaults=defaults,
                        evaluations=strat.evaluations if strat else 0, measured=ev.measured,
