@@ -74,12 +74,21 @@ def check_correct(layer, run, x, dtype_name):
     return err, tol, None
 
 
+def gpu_settings(device: str) -> None:
+    """fp32 fairness on the GPU: cuDNN picks its fastest algorithm, and no TF32 anywhere."""
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def execute(case: dict, timing_opts: dict) -> dict:
     """Run a case to a measurement dict (fields of store.MEASUREMENT_COLUMNS)."""
     layer = ConvLayer(**case["layer"])
     dtype = kernels.DTYPES[case["dtype"]]
     device = case["device"]
     torch.set_num_threads(case["threads"])
+    gpu_settings(device)
     res = {"status": None, "reason": None}
     kern = kernels.get(case["kernel"])
     w, x = make_inputs(layer, case["batch"], dtype, device)
@@ -145,6 +154,7 @@ def race(spec: dict, timing_opts: dict) -> dict:
     layer = ConvLayer(**spec["layer"])
     dtype = kernels.DTYPES[spec["dtype"]]
     torch.set_num_threads(spec["threads"])
+    gpu_settings(spec["device"])
     w, x = make_inputs(layer, spec["batch"], dtype, spec["device"])
     variants, reasons = {}, []
     for i, c in enumerate(spec["cands"]):
