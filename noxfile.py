@@ -50,7 +50,13 @@ def bench(session):
     install(session, "test")
     args = session.posargs or []
     session.run("python", "-m", "harness", "bench", *args)
-    session.run("python", "-m", "harness", "report")
+    report = []
+    for i, a in enumerate(args):  # the report reads the database the sweep wrote
+        if a == "--db" and i + 1 < len(args):
+            report = ["--db", args[i + 1]]
+        elif a.startswith("--db="):
+            report = ["--db", a.split("=", 1)[1]]
+    session.run("python", "-m", "harness", "report", *report)
 
 
 @nox.session(venv_params=VENV)
