@@ -45,7 +45,7 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _layer_row(r, count_default=True):
+def _layer_row(r):
     best_default = min(r.defaults.values(), default=math.inf)
     return {"layer": r.layer.name, "shape": r.layer.shape_str, "count": r.layer.count,
             "space": r.candidates, "evals": r.evaluations, "kernel": r.best["kernel"],

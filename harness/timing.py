@@ -77,11 +77,10 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
             fn(arg)
         reps[name] = calibrate(fn, arg, min_sample)
     samples: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         for name, (fn, arg) in variants.items():
             samples[name].append(_time_reps(fn, arg, reps[name]))
-        if deadline is not None and time.perf_counter() > deadline and \
-                len(samples[name]) >= 3:
+        if deadline is not None and done >= 3 and time.perf_counter() > deadline:
             break
     return {k: stats(v, reps[k]) for k, v in samples.items()}, samples
 

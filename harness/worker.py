@@ -26,7 +26,7 @@ def _seed(layer: ConvLayer, what: str) -> int:
 def make_inputs(layer: ConvLayer, batch: int, dtype, device):
     """Deterministic random weight and non-zero input for a layer (same for every kernel)."""
     g = torch.Generator().manual_seed(_seed(layer, "w"))
-    w = torch.randn(layer.cout, layer.cin // layer.groups, layer.kh, layer.kw, generator=g)
+    w = torch.randn(*kernels.weight_shape(layer), generator=g)
     g.manual_seed(_seed(layer, "x"))
     x = torch.rand(batch, layer.cin, layer.h, layer.w, generator=g) + 0.5  # no zeros
     x = x * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)

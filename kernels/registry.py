@@ -100,7 +100,7 @@ class Kernel:
                 pat = self.make_pattern(sparsity, cfg)
             except ValueError as e:
                 return str(e)
-            why = pat.unsupported((layer.cout, layer.cin // layer.groups, layer.kh, layer.kw))
+            why = pat.unsupported(weight_shape(layer))
             if why:
                 return why
         return self._reason(layer, sparsity, cfg)
@@ -133,7 +133,7 @@ class Kernel:
 
     def prepare(self, layer, weight, sparsity, config=None) -> Run:
         """Mask and encode ``weight`` for this kernel; the returned ``run`` is the timed part."""
-        if weight.shape != (layer.cout, layer.cin // layer.groups, layer.kh, layer.kw):
+        if tuple(weight.shape) != weight_shape(layer):
             raise ValueError(f"{self.name}: weight shape {tuple(weight.shape)} does not match "
                              f"layer {layer.shape_str}")
         why = self.supports(layer, sparsity, config, _dtype_name(weight.dtype))

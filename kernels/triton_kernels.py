@@ -1,8 +1,9 @@
 """Triton GPU kernels: CS weight-reuse, OVW feature-reuse, 1xN BSR, and a dense implicit GEMM.
 
-All are implicit-GEMM convolutions over NCHW input: a program owns a tile of output pixels
-(flattened ``p = (n*OH + oh)*OW + ow``) and output channels; the reduction runs over the im2col
-column ``r = (c*KH + kr)*KW + ks`` (OIHW order), whose input element is
+All are implicit-GEMM convolutions over NCHW input (weights are encoded in ``prepare`` in the
+weight's dtype, which is the input's; nothing is converted inside the timed call): a program
+owns a tile of output pixels (flattened ``p = (n*OH + oh)*OW + ow``) and output channels; the
+reduction runs over the im2col column ``r = (c*KH + kr)*KW + ks`` (OIHW order), whose input element is
 ``x[n, c, oh*S - P + kr, ow*S - P + ks]`` (zero outside the image). fp32 or fp16 inputs, fp32
 accumulation; fp32 dots use IEEE precision (no TF32) so comparisons with cuDNN are fair.
 
@@ -246,7 +247,7 @@ class DenseTritonImplicitGemm(TritonKernel):
         def launch(x, y):
             NB, C, H, W, CO, OH, OW = _geom(layer, x)
             grid = (triton.cdiv(NB * OH * OW, BM), triton.cdiv(CO, BN))
-            dense_igemm_kernel[grid](x, wt.to(x.dtype), y, NB, C, H, W, CO, OH, OW, R,
+            dense_igemm_kernel[grid](x, wt, y, NB, C, H, W, CO, OH, OW, R,
                                      layer.stride, layer.padding, KH=layer.kh, KW=layer.kw,
                                      BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
                                      **_launch_opts(config))
@@ -274,7 +275,7 @@ class CSTritonWeightReuse(TritonKernel):
         def launch(x, y):
             NB, C, H, W, CO, OH, OW = _geom(layer, x)
             grid = (triton.cdiv(NB * OH * OW, BM), triton.cdiv(CO, BN))
-            cs_weight_reuse_kernel[grid](x, ws.to(x.dtype), idx, y, NB, C, H, W, CO, OH, OW,
+            cs_weight_reuse_kernel[grid](x, ws, idx, y, NB, C, H, W, CO, OH, OW,
                                          enc.M, layer.stride, layer.padding, KH=layer.kh,
                                          KW=layer.kw, K=enc.K, BM=BM, BN=BN,
                                          **_launch_opts(config))
@@ -306,7 +307,7 @@ class OVWTritonFeatureReuse(TritonKernel):
         def launch(x, y):
             NB, C, H, W, CO, OH, OW = _geom(layer, x)
             grid = (triton.cdiv(NB * OH * OW, BM), CO // enc.V)
-            ovw_feature_reuse_kernel[grid](x, cols, vals.to(x.dtype), perm, y, NB, C, H, W, CO,
+            ovw_feature_reuse_kernel[grid](x, cols, vals, perm, y, NB, C, H, W, CO,
                                            OH, OW, keep, layer.stride, layer.padding,
                                            KH=layer.kh, KW=layer.kw, V=enc.V, BM=BM, BK=BK,
                                            IEEE=x.dtype == torch.float32,
@@ -339,7 +340,7 @@ class Bsr1xNTriton(TritonKernel):
         def launch(x, y):
             NB, C, H, W, CO, OH, OW = _geom(layer, x)
             grid = (triton.cdiv(NB * OH * OW, BM), CO // enc.N)
-            bsr_1xn_kernel[grid](x, crow, col, vals.to(x.dtype), rowmap, y, NB, C, H, W, CO, OH,
+            bsr_1xn_kernel[grid](x, crow, col, vals, rowmap, y, NB, C, H, W, CO, OH,
                                  OW, layer.stride, layer.padding, KH=layer.kh, KW=layer.kw,
                                  N=enc.N, BM=BM, BK=BK, USE_DOT=enc.N >= 16,
                                  IEEE=x.dtype == torch.float32, **_launch_opts(config))
