@@ -7,6 +7,7 @@ in kernels/triton_pruned.json, which the registry reads to leave them out of the
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import os
@@ -21,14 +22,9 @@ import pandas as pd
 import kernels
 import shapes
 
+from .records import Status
+
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in max
-POINTERS = {
-    "dense_triton_implicit_gemm": {"x": "D", "wt": "D", "y": "D"},
-    "cs_triton_weight_reuse": {"x": "D", "ws": "D", "idx": "u8", "y": "D"},
-    "ovw_triton_feature_reuse": {"x": "D", "cols": "i32", "vals": "D", "perm": "i32", "y": "D"},
-    "bsr_1xn_triton": {"x": "D", "crow": "i32", "colidx": "i32", "vals": "D", "rowmap": "i32",
-                       "y": "D"},
-}
 DT = {"float32": "fp32", "float16": "fp16"}
 
 
@@ -62,16 +58,10 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
 
 
 def specializations(kern, nets=("resnet50", "vgg19")) -> list[dict]:
-    """Compile-time constants the kernel is specialized on for the nets' unique shapes."""
+    """Compile-time constants the kernel is specialized on for the nets' unique shapes: the
+    tap sizes, times what the kernel class declares (``aot_specializations``)."""
     taps = sorted({(lay.kh, lay.kw) for n in nets for lay in shapes.unique(shapes.load(n))})
-    extra = [{}]
-    if kern.name == "cs_triton_weight_reuse":
-        extra = [{"K": k} for k in (2, 4, 8, 16)]
-    elif kern.name == "ovw_triton_feature_reuse":
-        extra = [{"V": v} for v in kern.space["V"]]
-    elif kern.name == "bsr_1xn_triton":
-        extra = [{"N": n, "USE_DOT": n >= 16} for n in kern.space["N"]]
-    return [{"KH": kh, "KW": kw, **e} for (kh, kw) in taps for e in extra]
+    return [{"KH": kh, "KW": kw, **e} for (kh, kw) in taps for e in kern.aot_specializations()]
 
 
 def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
@@ -79,9 +69,7 @@ def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_kernels as tk
-
-    fn = getattr(tk, kern.kernel_fn)
+    fn = getattr(importlib.import_module(type(kern).__module__), kern.kernel_fn)
     consts = {**spec, **{k: v for k, v in tunable.items() if k not in ("num_warps", "num_stages")}}
     if "IEEE" in fn.arg_names:
         consts["IEEE"] = dtype == "float32"
@@ -89,8 +77,8 @@ def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in POINTERS[kern.name]:
-            t = POINTERS[kern.name][name]
+        elif name in kern.aot_pointers:
+            t = kern.aot_pointers[name]
             sig[name] = "*" + (DT[dtype] if t == "D" else t)
         else:
             sig[name] = "i32"
@@ -103,14 +91,14 @@ def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
                             options={"num_warps": tunable["num_warps"],
                                      "num_stages": tunable["num_stages"]})
     except Exception as e:  # noqa: BLE001 - recorded, then pruned
-        row.update(status="compile_error",
+        row.update(status=Status.COMPILE_ERROR.value,
                    reason=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
         return row
-    row.update(status="ok", shared=int(ck.metadata.shared), seconds=time.perf_counter() - t0,
+    row.update(status=Status.OK.value, shared=int(ck.metadata.shared), seconds=time.perf_counter() - t0,
                **ptxas_usage(ck.asm["ptx"], arch))
     if row["shared"] > SMEM_LIMIT.get(arch, 101376):
-        row.update(status="over_shared_memory",
-                   reason=f"{row['shared']} bytes of shared memory > sm_{arch} limit "
+        row.update(status=Status.COMPILE_ERROR.value,
+                   reason=f"over shared memory: {row['shared']} bytes of shared memory > sm_{arch} limit "
                           f"{SMEM_LIMIT.get(arch)}")
     return row
 
@@ -125,7 +113,7 @@ def compile_all(names=None, archs=(80, 90), dtypes=("float32", "float16"), nets=
     from kernels.triton_kernels import tunable_points
 
     names = names or [n for n in kernels.names(device="cuda") if getattr(
-        kernels.get(n), "kernel_fn", None)]
+        kernels.get(n), "kernel_fn", None) and getattr(kernels.get(n), "aot_pointers", None)]
     work = []
     for name in names:
         kern = kernels.get(name)
@@ -145,7 +133,7 @@ def compile_all(names=None, archs=(80, 90), dtypes=("float32", "float16"), nets=
     else:
         rows = [_compile_job(w) for w in work]
     for r in rows:
-        if r["status"] != "ok" or os.environ.get("SPARSECONV_VERBOSE"):
+        if r["status"] != Status.OK or os.environ.get("SPARSECONV_VERBOSE"):
             log(f"  {r['kernel']} sm_{r['arch']} {r['dtype']} {r['config']}: {r['status']} "
                 f"{r.get('reason', '')}")
     return pd.DataFrame(rows)
@@ -156,16 +144,17 @@ def write_pruned(df: pd.DataFrame, path: Path | None = None) -> dict:
     from kernels.triton_kernels import PRUNED_FILE
 
     pruned: dict = {}
-    for _, r in df[df.status != "ok"].iterrows():
+    for _, r in df[df.status != Status.OK].iterrows():
         pruned.setdefault(r.kernel, {}).setdefault(r.config, f"sm_{r.arch} {r.dtype}: {r.reason}")
     (path or PRUNED_FILE).write_text(json.dumps(pruned, indent=1, sort_keys=True))
     return pruned
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    ok = df[df.status == "ok"]
+    ok = df[df.status == Status.OK]
     g = df.groupby(["kernel", "arch"])
-    out = pd.DataFrame({"compiled": g.size(), "ok": g.apply(lambda x: (x.status == "ok").sum())})
+    out = pd.DataFrame({"compiled": g.size(),
+                        "built": g.apply(lambda x: (x.status == Status.OK).sum())})
     if len(ok):
         og = ok.groupby(["kernel", "arch"])
         out = out.join(pd.DataFrame({"max shared KiB": og.shared.max() / 1024,

@@ -1,42 +1,26 @@
-"""Sweep construction: layers x sparsities x kernels x pattern parameters -> cases.
-
-A case is a plain dict (it crosses to the worker process): layer fields, batch, dtype, device,
-threads, pattern, sparsity, kernel, full config, and ``key`` (canonical JSON identity used for
-resume). Combinations a kernel cannot run are kept as cases with ``status='unsupported'`` and a
-reason, never dropped.
-"""
+"""Sweep construction: layers x sparsities x kernels x pattern parameters -> cases
+(:class:`harness.records.Case`). Combinations a kernel cannot run are kept as cases with their
+reason (``unsupported``), never dropped."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import kernels
 import shapes
+
+from . import baseline
+from .records import Case, Config, Device
 
 SPARSITIES = (0.5, 0.75, 0.875, 0.9375)
 # the CS paper's mapped ResNet50 layers (see shared mapping rule): the quick set
 QUICK_LAYERS = ("layer1.0.conv3", "layer2.0.conv2", "layer4.0.conv2")
 
 
-def case_key(c: dict) -> str:
-    lay = c["layer"]
-    ident = {"net": lay["net"], "layer": lay["name"], "shape": [lay[k] for k in (
-        "cin", "cout", "kh", "kw", "stride", "padding", "h", "w", "dilation", "groups")],
-        "batch": c["batch"], "dtype": c["dtype"], "device": c["device"],
-        "threads": c["threads"], "kernel": c["kernel"], "sparsity": c["sparsity"],
-        "config": c["config"]}
-    return json.dumps(ident, sort_keys=True, default=str)
-
-
 def make_case(layer, kernel, sparsity, config, batch, dtype, device, threads, param=None,
-              reason=None) -> dict:
-    c = {"layer": dataclasses.asdict(layer), "batch": batch, "dtype": dtype, "device": device,
-         "threads": threads, "pattern": kernel.pattern, "sparsity": sparsity,
-         "kernel": kernel.name, "config": config, "param": param or {},
-         "status": "unsupported" if reason else None, "reason": reason}
-    c["key"] = case_key(c)
-    return c
+              reason=None) -> Case:
+    return Case(layer=layer, kernel=kernel.name, pattern=kernel.pattern, sparsity=sparsity,
+                config=Config(config), batch=batch, dtype=dtype, device=Device(device),
+                threads=threads, source_hash=kernel.source_hash(), param=Config(param or {}),
+                unsupported=reason)
 
 
 def select_layers(nets, layer_names=None, quick=False, shapes_csv=None):
@@ -72,31 +56,41 @@ def pattern_param_values(kernel, layer, sparsity, quick=False):
     return key, list(kernel.space[key])
 
 
+def _configured(kernel, layer, sparsity, fixed, dtype):
+    """(config, reason or None) for a kernel with some parameters fixed."""
+    cfg = kernel.full_config(layer, sparsity, fixed)
+    if isinstance(cfg, str):  # no configuration at all: the reason
+        return fixed, cfg
+    return cfg, kernel.supports(layer, sparsity, cfg, dtype)
+
+
 def build(layers, sparsities, kernel_names, batch, dtype, device, threads, quick=False,
-          patterns=None):
-    """Per layer: the dense baseline cases, then every sparse case (unsupported ones with
-    their reason)."""
+          patterns=None) -> list[Case]:
+    """Per layer: the dense baseline cases (one per layout), then the other dense kernels at
+    their default configuration, then every sparse case (unsupported ones with their
+    reason)."""
+    device = Device(device)
     out = []
-    dense = [kernels.get(n) for n in kernel_names if kernels.get(n).pattern == "dense"]
-    sparse = [kernels.get(n) for n in kernel_names if kernels.get(n).pattern != "dense"]
+    base = baseline.kernel_for(device)
+    chosen = [kernels.get(n) for n in kernel_names if n != base.name]
+    dense = [k for k in chosen if k.pattern == "dense"]
+    sparse = [k for k in chosen if k.pattern != "dense"]
     if patterns:
         sparse = [k for k in sparse if k.pattern in patterns]
     for layer in layers:
+        for cfg in baseline.configs(base):
+            why = base.supports(layer, 0.0, cfg, dtype)
+            out.append(make_case(layer, base, 0.0, cfg, batch, dtype, device, threads,
+                                 reason=why))
         for k in dense:
-            for cfg in [{"layout": v} for v in k.space["layout"]]:
-                why = k.supports(layer, 0.0, cfg, dtype)
-                out.append(make_case(layer, k, 0.0, cfg, batch, dtype, device, threads,
-                                     reason=why))
+            cfg, why = _configured(k, layer, 0.0, {}, dtype)
+            out.append(make_case(layer, k, 0.0, cfg, batch, dtype, device, threads, reason=why))
         for S in sparsities:
             for k in sparse:
                 pkey, values = pattern_param_values(k, layer, S, quick)
                 for v in values:
                     fixed = {pkey: v} if pkey else {}
-                    cfg = k.full_config(layer, S, fixed)
-                    if isinstance(cfg, str):  # no configuration at all: the reason
-                        why, cfg = cfg, fixed
-                    else:
-                        why = k.supports(layer, S, cfg, dtype)
+                    cfg, why = _configured(k, layer, S, fixed, dtype)
                     out.append(make_case(layer, k, S, cfg, batch, dtype, device, threads,
                                          param=fixed, reason=why))
     return out

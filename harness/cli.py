@@ -69,9 +69,12 @@ def cmd_list(args) -> int:
         rows = []
         for name in kernels.names():
             k = kernels.get(name)
+            why = k.available()
+            if why is None and k.device == "cuda" and kernels.interpreting():
+                why = "interpreter only (TRITON_INTERPRET=1)"
             rows.append({"kernel": k.name, "pattern": k.pattern, "device": k.device,
                          "space": "; ".join(f"{p}={list(v)}" for p, v in k.space.items()) or "-",
-                         "available": k.available() or "yes"})
+                         "available": why or "yes"})
         _print_table(pd.DataFrame(rows))
         return 0
     raise UsageError(f"unknown list target {args.what!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -16,9 +15,10 @@ from kernels import patterns as P
 
 from . import UsageError, env, plan
 from .autotune import STRATEGIES
-from .autotune.tuner import RACE, Evaluator, tune_layer
-from .cmd_bench import DEFAULT_DB, _names, _sparsities
-from .runner import Worker
+from .autotune.tuner import RACE, Evaluator, candidates, tune_layer
+from .cmd_bench import DEFAULT_DB, _names, _sparsities, device_of, positive
+from .records import Status
+from .runner import Worker, init_kernels
 from .store import Store
 
 
@@ -29,16 +29,20 @@ def add_parser(sub):
     p.add_argument("--patterns", default="cs", help="comma list of patterns to consider")
     p.add_argument("--sparsity", default="0.9375")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--interpret", action="store_true",
+                   help="with --device cuda: Triton's interpreter on the CPU (pipeline check)")
     p.add_argument("--strategy", default="model", choices=list(STRATEGIES))
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=int, help="evaluations per layer (default: 25%% of its space)")
-    g.add_argument("--time-budget", type=float, help="seconds for the whole net")
+    g.add_argument("--budget", type=positive(int, 1),
+                   help="evaluations per layer (default: 25%% of its space)")
+    g.add_argument("--time-budget", type=positive(float, 0, strict=True),
+                   help="seconds for the whole net")
     p.add_argument("--compare", default="",
                    help="also run these strategies (e.g. random,model) against exhaustive and "
                         "print the per-layer regret")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive(int, 1), default=1)
     p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive(int, 1), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--db", default=str(DEFAULT_DB))
     p.add_argument("--out-dir", default="results/plans")
@@ -48,8 +52,8 @@ def add_parser(sub):
 def _layer_row(r):
     best_default = min(r.defaults.values(), default=math.inf)
     return {"layer": r.layer.name, "shape": r.layer.shape_str, "count": r.layer.count,
-            "space": r.candidates, "evals": r.evaluations, "kernel": r.best["kernel"],
-            "config": r.best["config"], "tuned ms": r.best_s * 1e3,
+            "space": r.candidates, "evals": r.evaluations, "kernel": r.best.kernel,
+            "config": dict(r.best.config), "tuned ms": r.best_s * 1e3,
             "default ms": best_default * 1e3 if math.isfinite(best_default) else None,
             "dense ms": r.dense_s * 1e3, "speedup": r.dense_s / r.best_s}
 
@@ -60,10 +64,7 @@ def run(args) -> int:
         raise UsageError("--sparsity takes one value; run autotune once per sparsity")
     pats = _names(args.patterns, P.names(), "pattern")
     compare = _names(args.compare, list(STRATEGIES), "strategy") if args.compare else []
-    if args.budget is not None and args.budget < 1:
-        raise UsageError(f"--budget must be >= 1, got {args.budget}")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    device = device_of(args)
     layers = shapes.unique(shapes.load(args.net))
     if args.layers:
         wanted = set(args.layers.split(","))
@@ -71,25 +72,35 @@ def run(args) -> int:
         if missing:
             raise UsageError(f"unknown layer(s) {sorted(missing)} in {args.net}")
         layers = [lay for lay in layers if lay.name in wanted]
-    if not any(kernels.get(n).pattern in pats for n in kernels.names(device=args.device)):
+    if not any(kernels.get(n).pattern in pats for n in kernels.names(device=device.kernel_device)):
         raise UsageError(f"no {args.device} kernel implements pattern(s) {', '.join(pats)}")
-    threads = args.threads or os.cpu_count() or 1
+    none = [lay.name for lay in layers if not candidates(lay, pats, S, device, args.dtype)]
+    if len(none) == len(layers):
+        raise UsageError(f"no sparse candidate for any layer of {args.net} with "
+                         f"{'+'.join(pats)} at S={S:g} (e.g. CS needs K=1/(1-S) to be a power "
+                         f"of two: 0.5, 0.75, 0.875, 0.9375); nothing to tune")
+    threads = args.threads if args.threads is not None else os.cpu_count() or 1
     store = Store(args.db)
     fp = env.fingerprint()
-    mh = env.machine_hash(fp)
+    ident = env.identity_hash(fp)
     worker = Worker()
-    worker.call(("init", kernels.names(device=args.device)), 1800)
+    states = init_kernels(worker, kernels.names(device=device.kernel_device), 1800)
+    broken = {n: st for n, st in states.items() if st.status is Status.COMPILE_ERROR}
+    for n, st in broken.items():
+        print(f"warning: {n} is left out: {st.reason}")
     t0 = time.monotonic()
     results, compare_rows = [], []
-    print(f"autotune {args.net} {'+'.join(pats)} S={S:g} on {fp['cpu']} ({threads} threads), "
-          f"strategy {args.strategy}")
+    print(f"autotune {args.net} {'+'.join(pats)} S={S:g} on {fp['cpu']} ({threads} threads, "
+          f"device {device}), strategy {args.strategy}")
+    if none:
+        print(f"  no sparse candidate (these stay dense): {', '.join(none)}")
     try:
         for i, lay in enumerate(layers):
             deadline = None
             if args.time_budget:
                 left = args.time_budget - (time.monotonic() - t0)
                 deadline = time.monotonic() + max(0.0, left) / (len(layers) - i)
-            ev = Evaluator(store, worker, mh, lay, S, args.batch, args.dtype, args.device, threads)
+            ev = Evaluator(store, worker, ident, lay, S, args.batch, args.dtype, device, threads)
             base = "exhaustive" if compare else args.strategy
             r = tune_layer(ev, pats, base, args.budget, args.seed, deadline)
             results.append(r)
@@ -100,7 +111,7 @@ def run(args) -> int:
             picks = {"exhaustive": r.best}
             evals = {}
             for name in compare:
-                ev2 = Evaluator(store, worker, mh, lay, S, args.batch, args.dtype, args.device,
+                ev2 = Evaluator(store, worker, ident, lay, S, args.batch, args.dtype, device,
                                 threads, log=lambda *_: None)
                 r2 = tune_layer(ev2, pats, name, args.budget, args.seed)
                 picks[name], evals[name] = r2.best, r2.evaluations
@@ -112,8 +123,7 @@ def run(args) -> int:
                         "layer": lay.name, "strategy": name, "evals": evals[name],
                         "exhaustive evals": r.evaluations,
                         "fraction": evals[name] / max(1, r.evaluations),
-                        "pick": picks[name]["kernel"] + " " + json.dumps(picks[name]["config"],
-                                                                         sort_keys=True),
+                        "pick": picks[name].label(),
                         "same pick": picks[name] == picks["exhaustive"],
                         "pick ms": times[name] * 1e3,
                         "exhaustive pick ms": times["exhaustive"] * 1e3,
@@ -128,25 +138,25 @@ def run(args) -> int:
     tuned = sum(r.layer.count * r.best_s for r in results)
     default = sum(r.layer.count * min([r.dense_s, *r.defaults.values()]) for r in results)
     out = {"schema": plan.SCHEMA, "net": args.net, "pattern": "+".join(pats), "sparsity": S,
-           "device": args.device, "batch": args.batch, "dtype": args.dtype, "threads": threads,
+           "device": device.value, "batch": args.batch, "dtype": args.dtype, "threads": threads,
            "strategy": "exhaustive" if compare else args.strategy, "fingerprint": fp,
-           "machine_hash": mh, "network_speedup": dense / tuned,
+           "machine_hash": ident, "network_speedup": dense / tuned,
            "default_network_speedup": dense / default,
            "evaluations": int(sum(r.evaluations for r in results)),
            "layers": [{"layer": r.layer.name, "index": r.layer.index, "count": r.layer.count,
-                       "shape": r.layer.shape_str, "kernel": r.best["kernel"],
-                       "config": r.best["config"], "time_s": r.best_s, "dense_s": r.dense_s,
+                       "shape": r.layer.shape_str, "kernel": r.best.kernel,
+                       "config": dict(r.best.config), "time_s": r.best_s, "dense_s": r.dense_s,
                        "speedup": r.dense_s / r.best_s,
                        "default_time_s": min(r.defaults.values(), default=None)}
                       for r in results]}
     path = plan.save(out, Path(args.out_dir) / f"{args.net}_{'+'.join(pats)}_{S:g}_"
-                                               f"{args.device}.json")
+                                               f"{device}.json")
     print(f"\nnetwork speedup against dense: tuned {dense / tuned:.2f}x, kernels' default "
           f"configurations {dense / default:.2f}x; plan written to {path}")
     if compare_rows:
         cmp_ = pd.DataFrame(compare_rows)
         print("\nstrategy comparison: each strategy's confirmed pick raced (interleaved, "
-              f"{RACE['rounds']} rounds) against exhaustive's; regret = pick / exhaustive - 1")
+              f"{RACE.rounds} rounds) against exhaustive's; regret = pick / exhaustive - 1")
         with pd.option_context("display.width", 250, "display.max_colwidth", 110):
             print(cmp_.drop(columns="pick").round(2).to_string(index=False))
         for name, g in cmp_.groupby("strategy"):

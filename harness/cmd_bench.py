@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import shapes
 from kernels import patterns as P
 
 from . import UsageError, analysis, cases, env, runner
+from .records import Device, RunStatus, Status, TimingOptions
 from .store import Store
 
 DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
@@ -55,6 +57,41 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def positive(kind, minimum, strict=False):
+    """argparse type: a number >= minimum (> minimum with ``strict``), else one clear line."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not v == v or (v <= minimum if strict else v < minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device_of(args) -> Device:
+    """The device from ``--device`` and ``--interpret``; a CUDA run needs CUDA or the flag."""
+    if args.device == "cpu":
+        if getattr(args, "interpret", False):
+            raise UsageError("--interpret runs the GPU kernels through Triton's interpreter: "
+                             "use it with --device cuda")
+        return Device.CPU
+    if getattr(args, "interpret", False):
+        os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are first imported
+        return Device.CUDA_INTERPRET
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device on this machine; add --interpret to run "
+                         "the GPU kernels through Triton's interpreter on the CPU (a pipeline "
+                         "check, not a timing)")
+    return Device.CUDA
+
+
 def add_common(p, defaults_nets="resnet50,vgg19"):
     p.add_argument("--nets", default=defaults_nets, help=f"comma list of {', '.join(shapes.NETS)}")
     p.add_argument("--layers", help="comma list of layer names (or catalog indices)")
@@ -62,11 +99,15 @@ def add_common(p, defaults_nets="resnet50,vgg19"):
     p.add_argument("--sparsities", default=",".join(map(str, cases.SPARSITIES)))
     p.add_argument("--kernels", help="comma list of kernels (default: all for --device)")
     p.add_argument("--patterns", help="comma list of patterns (default: all)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive(int, 1), default=1)
     p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive(int, 1), default=None,
                    help="CPU threads (default: all cores of this machine)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--interpret", action="store_true",
+                   help="with --device cuda: run the GPU kernels through Triton's interpreter "
+                        "on CPU tensors (a pipeline check without a GPU; rows are stored as "
+                        "device cuda-interpret and never shown as GPU speedups)")
     p.add_argument("--db", default=str(DEFAULT_DB), help="results database (SQLite)")
 
 
@@ -79,10 +120,15 @@ def add_parser(sub):
     g.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="skip cases already measured with this fingerprint (default)")
     g.add_argument("--fresh", dest="resume", action="store_false", help="measure everything")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: measure again the cases whose last result is not ok")
     p.add_argument("--shard", default="0/1", help="run the i-th of n slices of the layers")
-    p.add_argument("--case-timeout", type=float, default=300.0, help="seconds per case")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case")
-    p.add_argument("--min-sample", type=float, default=2e-3, help="seconds per timing sample")
+    p.add_argument("--case-timeout", type=positive(float, 0, strict=True), default=300.0,
+                   help="seconds per case")
+    p.add_argument("--rounds", type=positive(int, 1), default=7,
+                   help="interleaved timing rounds per case")
+    p.add_argument("--min-sample", type=positive(float, 0), default=2e-3,
+                   help="seconds per timing sample")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -91,22 +137,17 @@ def plan(args):
     """Validate arguments and build the case list (raises UsageError with one sentence)."""
     nets = _names(args.nets, shapes.NETS, "net") if args.nets else []
     sparsities = _sparsities(args.sparsities)
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    threads = args.threads or os.cpu_count() or 1
-    if threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
-    valid_k = kernels.names(device=args.device) if args.device else kernels.names()
+    device = device_of(args)
+    threads = args.threads if args.threads is not None else os.cpu_count() or 1
+    valid_k = kernels.names(device=device.kernel_device)
     if args.kernels:
         knames = _names(args.kernels, kernels.names(), "kernel")
-        wrong = [k for k in knames if kernels.get(k).device != args.device]
+        wrong = [k for k in knames if kernels.get(k).device != device.kernel_device]
         if wrong:
             raise UsageError(f"kernel(s) {', '.join(wrong)} do not run on --device "
                              f"{args.device}; valid: {', '.join(valid_k)}")
     else:
         knames = valid_k
-    dense = [k for k in kernels.names(device=args.device) if kernels.get(k).baseline]
-    knames = sorted(set(knames) | set(dense))  # the dense baseline is always measured
     pats = _names(args.patterns, P.names(), "pattern") if args.patterns else None
     if args.shapes_csv and not Path(args.shapes_csv).is_file():
         raise UsageError(f"--shapes-csv {args.shapes_csv!r} does not exist")
@@ -118,8 +159,8 @@ def plan(args):
         raise UsageError(str(e)) from None
     i, n = _shard(getattr(args, "shard", "0/1"))
     layers = [lay for j, lay in enumerate(layers) if j % n == i]
-    return cases.build(layers, sparsities, knames, args.batch, args.dtype, args.device, threads,
-                       quick=getattr(args, "quick", False), patterns=pats), dense, threads
+    return cases.build(layers, sparsities, knames, args.batch, args.dtype, device, threads,
+                       quick=getattr(args, "quick", False), patterns=pats), device, threads
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -136,39 +177,42 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def run(args) -> int:
     t0 = time.time()
-    todo, dense, threads = plan(args)
+    todo, device, threads = plan(args)
     store = Store(args.db)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
-    fp["peak_gflops"] = round(env.measured_peak_gflops(threads, args.device), 1)
+    fp["peak_gflops"] = round(env.measured_peak_gflops(threads, device.tensor_device), 1)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
     print(f"bench: {len(todo)} cases on {fp['cpu']} ({fp['cores']} cores, "
           f"{', '.join(fp['cpu_isa']) or 'no SIMD flags'}), {threads} threads, "
-          f"batch {args.batch}, {args.dtype}, device {args.device}; db {args.db}")
-    status = "finished"
+          f"batch {args.batch}, {args.dtype}, device {device}; db {args.db}")
+    if device.interpreted:
+        print("device cuda-interpret: the GPU kernels run through Triton's interpreter on the "
+              "CPU; its timings check the pipeline and are not GPU timings")
+    status = RunStatus.FAILED  # unless the sweep returns or is stopped
     try:
         counts = runner.sweep(
-            todo, store, run_id, fph, mh, resume=args.resume, case_timeout=args.case_timeout,
-            timing_opts={"rounds": args.rounds, "min_sample": args.min_sample},
-            progress=not args.no_progress, dense_kernel=dense[0] if dense else None)
+            todo, store, run_id, fph, mh, resume=args.resume, retry_failed=args.retry_failed,
+            case_timeout=args.case_timeout,
+            timing=TimingOptions(rounds=args.rounds, min_sample=args.min_sample),
+            progress=not args.no_progress, node=fp.get("hostname"))
+        status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
     except KeyboardInterrupt:
-        status = "aborted"
+        status = RunStatus.ABORTED
         raise
     finally:
         store.finish_run(run_id, status)
-    if counts.get("not run (stopped)"):
-        store.finish_run(run_id, "stopped")
     print("\ncases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     df = store.measurements(fp_hash=fph)
-    keys = {c["key"] for c in todo}
+    keys = {c.key for c in todo}
     df = df[df.case_key.isin(keys)]
-    s = summary(df)
+    s = summary(df) if not device.interpreted else pd.DataFrame()
     if not s.empty:
         print("\nNetwork-level speedup against the best dense layout (batch "
               f"{args.batch}, {threads} threads, {fp['cpu']}):")
         with pd.option_context("display.width", 200, "display.max_rows", None):
             print(s.to_string(index=False))
-    bad = df[df.status.isin(["incorrect", "runtime_error", "compile_error", "timeout"])]
+    bad = df[df.status.map(lambda st: Status(st).failed)]
     if len(bad):
         print(f"\n{len(bad)} case(s) failed; see the report or `python -m harness export`:")
         for _, r in bad.head(10).iterrows():

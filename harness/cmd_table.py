@@ -7,6 +7,7 @@ import pandas as pd
 
 from . import UsageError, analysis
 from .cmd_bench import DEFAULT_DB, _sparsities
+from .records import Device, Status
 from .store import Store
 
 
@@ -23,7 +24,7 @@ def add_parser(sub):
 def run(args) -> int:
     store = Store(args.db, create=False)
     df = analysis.with_speedups(store.measurements())
-    df = df[(df.net == args.net) & (df.status == "ok") & (df.pattern != "dense")]
+    df = df[(df.net == args.net) & (df.status == Status.OK) & (df.pattern != "dense")]
     if args.patterns:
         df = df[df.pattern.isin(args.patterns.split(","))]
     if args.kernels:
@@ -33,18 +34,23 @@ def run(args) -> int:
     if df.empty:
         raise UsageError(f"no successful sparse measurements for {args.net} with these filters "
                          f"in {args.db}; run `python -m harness bench` first")
-    keys = ["fp_hash", "kernel", "sparsity", "layer"]
+    # one table per machine identity, device, batch, dtype, threads, kernel and sparsity: ratios
+    # never mix rows measured under different conditions
+    table = ["fp_hash", "device", "batch", "dtype", "threads", "kernel", "sparsity"]
+    keys = table + ["layer"]
     best = df.loc[df.groupby(keys)["speedup"].idxmax()]
     kbest = df.groupby(keys)["kernel_speedup"].max().rename("kernel-only")
     best = best.join(kbest, on=keys)
-    for (fp, kern, S), g in best.groupby(["fp_hash", "kernel", "sparsity"]):
+    for (fp, device, batch, dtype, threads, kern, S), g in best.groupby(table):
         g = g.sort_values("layer_index")
         out = pd.DataFrame({"layer": g.layer, "shape": g["shape"], "count": g["count"],
                             "dense ms": g.dense_median_s * 1e3, "kernel ms": g.median_s * 1e3,
                             "e2e x": g.speedup, "kernel-only x": g["kernel-only"],
                             "noisy": g.noisy.map({1: "noisy", 0: ""}), "config": g.config})
-        print(f"\n{args.net} {kern} S={S:g} (machine {fp[:6]}, batch {g.batch.iloc[0]}, "
-              f"{g.threads.iloc[0]} threads, {g.dtype.iloc[0]})")
+        note = " [interpreter: a pipeline check, not GPU timings]" \
+            if Device(device).interpreted else ""
+        print(f"\n{args.net} {kern} S={S:g} (machine {fp[:6]}, device {device}, batch {batch}, "
+              f"{threads} threads, {dtype}){note}")
         with pd.option_context("display.width", 250, "display.max_colwidth", 90,
                                "display.max_rows", None):
             print(out.round(3).to_string(index=False))

@@ -18,6 +18,7 @@ import shapes
 
 from . import UsageError, worker
 from .cmd_bench import _names, _sparsities
+from .records import Status
 
 
 def add_parser(sub):
@@ -39,26 +40,28 @@ def verify_kernels(names, layers, sparsities, all_configs=False, batch=2):
     rows = []
     for name in names:
         k = kernels.get(name)
-        device = "cuda" if k.device == "cuda" else "cpu"
+        device = "cuda" if k.device == "cuda" and torch.cuda.is_available() else "cpu"
         for lay in layers:
             for S in sparsities if k.pattern != "dense" else [0.0]:
                 cfgs = k.configs(lay, S) if all_configs else [None]
                 if not all_configs and k.supports(lay, S):
                     rows.append({"kernel": name, "layer": lay.name, "shape": lay.shape_str,
-                                 "S": S, "status": "unsupported", "rel_err": None,
+                                 "S": S, "status": Status.UNSUPPORTED.value, "rel_err": None,
                                  "reason": k.supports(lay, S)})
                     continue
                 for cfg in cfgs:
                     w, x = worker.make_inputs(lay, batch, torch.float32, device)
                     try:
                         run = k.prepare(lay, w, S, cfg)
-                        err, tol, why = worker.check_correct(lay, run, x, "float32")
-                        status = "incorrect" if why else "ok"
+                        gate = worker.check_correct(lay, k, run, x, S, k.full_config(lay, S, cfg),
+                                                    "float32")
+                        err, why = gate.rel_err, gate.reason
+                        status = Status.INCORRECT if why else Status.OK
                     except Exception as e:  # noqa: BLE001
-                        err, why, status = None, worker._err_text(e), worker._classify(e)
+                        err, why, status = None, worker._err_text(e), worker.status_of(e)
                     rows.append({"kernel": name, "layer": lay.name, "shape": lay.shape_str,
-                                 "S": S, "config": cfg, "status": status, "rel_err": err,
-                                 "reason": why})
+                                 "S": S, "config": cfg, "status": Status(status).value,
+                                 "rel_err": err, "reason": why})
     return pd.DataFrame(rows)
 
 
@@ -76,9 +79,9 @@ def run(args) -> int:
             layers.append(lay.scaled(min(lay.h, args.size), min(lay.w, args.size)))
     torch.set_num_threads(os.cpu_count() or 1)
     df = verify_kernels(names, layers, sparsities, args.all_configs)
-    bad = df[~df.status.isin(["ok", "unsupported"])]
+    bad = df[df.status.map(lambda st: Status(st).failed)]
     summary = df.groupby(["kernel", "status"]).size().unstack(fill_value=0)
-    worst = df[df.status == "ok"].groupby("kernel")["rel_err"].max().rename("worst rel err")
+    worst = df[df.status == Status.OK].groupby("kernel")["rel_err"].max().rename("worst rel err")
     print(summary.join(worst).to_string())
     rc = 0
     if len(bad):

@@ -14,9 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 _ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
               "amx_tile", "avx2", "fma", "sse4_2", "neon", "asimd", "sve")
-# the fields that decide whether two measurements are comparable (resume and tuning keys)
-IDENTITY = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "torch", "triton", "numpy",
-            "project", "git_commit", "git_dirty", "kernel_isa")
+# What decides whether two measurements are comparable. The machine: hardware and the flags the
+# C++ kernels are built with (the host name is recorded but two identical hosts are one
+# machine). The software: versions of what runs the kernels. The kernels' own code enters each
+# case's identity through its source hash (records.Case.key); the git commit and the hash of
+# uncommitted changes are provenance only.
+MACHINE = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "kernel_build")
+SOFTWARE = ("torch", "triton", "numpy", "python", "project")
+IDENTITY = MACHINE + SOFTWARE
 
 
 def _git(*args) -> str | None:
@@ -91,6 +96,25 @@ def _kernel_isa() -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
+def kernel_build() -> str:
+    """The compiler and flags the C++ kernels are built with (``-march=native`` resolves to this
+    CPU's ISA, so a portable build is another machine)."""
+    from kernels import _ext
+
+    try:
+        r = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=10)
+        cc = r.stdout.splitlines()[0] if r.returncode == 0 and r.stdout else "no c++ compiler"
+    except (OSError, subprocess.SubprocessError):
+        cc = "no c++ compiler"
+    return f"{cc}; {' '.join(_ext.cflags())}"
+
+
+def _diff_hash() -> str | None:
+    diff = _git("diff", "HEAD")
+    return hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else None
+
+
+@functools.lru_cache(maxsize=1)
 def fingerprint() -> dict:
     import harness
 
@@ -98,20 +122,24 @@ def fingerprint() -> dict:
           "torch": _version("torch"), "triton": _version("triton"), "numpy": _version("numpy"),
           "project": harness.__version__, "git_commit": _git("rev-parse", "HEAD"),
           "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-          "kernel_isa": _kernel_isa(), "hostname": platform.node()}
+          "git_diff_hash": _diff_hash(), "kernel_isa": _kernel_isa(),
+          "kernel_build": kernel_build(), "hostname": platform.node()}
     return fp
 
 
-def identity_hash(fp: dict) -> str:
-    return hashlib.sha256(json.dumps({k: fp.get(k) for k in IDENTITY}, sort_keys=True,
+def _hash(fp: dict, keys) -> str:
+    return hashlib.sha256(json.dumps({k: fp.get(k) for k in keys}, sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
+
+
+def identity_hash(fp: dict) -> str:
+    """Machine and software: rows and tuning records are reused only under the same one."""
+    return _hash(fp, IDENTITY)
 
 
 def machine_hash(fp: dict) -> str:
-    """Only the hardware and the versions of torch/triton (not the project's commit)."""
-    keys = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "torch", "triton")
-    return hashlib.sha256(json.dumps({k: fp.get(k) for k in keys}, sort_keys=True,
-                                     default=str).encode()).hexdigest()[:16]
+    """The hardware and the kernels' build flags alone (for grouping machines in reports)."""
+    return _hash(fp, MACHINE)
 
 
 def measured_peak_gflops(threads: int, device: str = "cpu", n: int = 2048) -> float:

@@ -9,12 +9,16 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
+from kernels import patterns as P
+
 from . import UsageError, analysis, figures
+from .records import Device, Status
 from .store import Store
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
 PAPER = Path(__file__).resolve().parent / "data" / "paper_results.csv"
-PARAM = {"cs": "M", "ovw": "V", "1xn": "N", "cci": "G", "nm": "M"}
+# each pattern's swept parameter, from the pattern registry
+PARAM = {name: param for name, (param, _) in P.SWEEP_PARAMS.items() if param}
 
 
 def _machines(store: Store, df: pd.DataFrame) -> list[dict]:
@@ -72,25 +76,32 @@ def _paper(best: pd.DataFrame, net_table: pd.DataFrame) -> pd.DataFrame:
     for _, p in paper.iterrows():
         meas = kmeas = None
         device = "cpu" if p.device_class == "cpu" else "cuda"
-        if p.layer == "ALL":
+        if p.layer == "ALL" and not net_table.empty:
             m = net_table[(net_table.net == p.net) & (net_table.pattern == p.pattern) &
-                          (net_table.device == device) &
+                          (net_table.device == device) & (net_table.batch == p.batch) &
                           ((net_table.sparsity - p.sparsity).abs() < 1e-9)]
             if len(m):
                 meas, kmeas = m.speedup.max(), m.kernel_speedup.max()
-        elif not best.empty:
+        elif p.layer != "ALL" and not best.empty:
+            # like with like: the paper's batch (best over the pattern parameter: the CS paper
+            # chose M "on demand"); a paper row without a batch matches none of ours
             m = best[(best.net == p.net) & (best.layer == p.layer) &
                      (best.pattern == p.pattern) & (best.device == device) &
+                     (best.batch == p.batch) &
                      ((best.sparsity - p.sparsity).abs() < 1e-9)]
             if len(m):
                 meas, kmeas = m.speedup.max(), m.best_kernel_speedup.max()
         rows.append({"source": p.source, "pattern": p.pattern, "paper hardware": p.hardware,
                      "net": p.net, "paper layer": p.paper_label, "mapped layer": p.layer,
-                     "batch": p.batch, "sparsity": p.sparsity, "param": p.param,
+                     "batch": int(p.batch) if p.batch == p.batch else "not stated",
+                     "sparsity": p.sparsity, "param": p.param,
                      "paper speedup": p.speedup_vs_dense,
-                     "measured e2e": None if meas is None else round(meas, 2),
-                     "measured kernel-only": None if kmeas is None else round(kmeas, 2),
-                     "note": p.note if isinstance(p.note, str) else ""})
+                     "measured e2e": "not measured" if meas is None else round(meas, 2),
+                     "measured kernel-only": "not measured" if kmeas is None else round(kmeas, 2),
+                     "note": "; ".join(filter(None, [
+                         p.note if isinstance(p.note, str) else "",
+                         "" if p.batch == p.batch else "the paper states no batch size: not "
+                                                      "compared"]))})
     return pd.DataFrame(rows)
 
 
@@ -107,20 +118,23 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
         raise UsageError(f"no results database at {path}; run `nox -s bench` (or "
                          f"`python -m harness bench --quick`) first")
     store = Store(path, create=False)
-    raw = store.measurements()
-    if raw.empty:
+    everything = store.measurements()
+    if everything.empty:
         raise UsageError(f"the results database {path} holds no measurements yet; run "
                          f"`python -m harness bench --quick` first")
+    # interpreter rows check the GPU pipeline; their times are never shown as speedups
+    interp = everything.device == Device.CUDA_INTERPRET.value
+    raw = everything[~interp]
     df = analysis.with_speedups(raw)
     df["machine"] = df.fp_hash.str[:6]
-    machines = _machines(store, df)
-    ok = df[(df.status == "ok") & (df.pattern != "dense")]
+    machines = _machines(store, analysis.with_speedups(everything))
+    ok = df[(df.status == Status.OK) & (df.pattern != "dense")]
     best = analysis.best_per_layer(raw)
     net = analysis.network_table(raw)
     if not net.empty:
         net["machine"] = net.fp_hash.str[:6]
     ctx = {"generated": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "db": str(path),
-           "machines": machines, "counts": df.status.value_counts().to_dict(),
+           "machines": machines, "counts": everything.status.value_counts().to_dict(),
            "nets": [], "net_img": None, "net_table": None}
     for n in sorted(best.net.unique()) if not best.empty else []:
         ctx["nets"].append({"net": n, "img": figures.layer_bars(best, n, "speedup"),
@@ -141,7 +155,8 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
         "pattern", "sparsity", "shape", "kernel", "config", "median_s", "dense_median_s",
         "status"]].to_html(index=False, classes="tbl")
     ctx["plans"] = _plans(plans_dir)
-    ctx["gpu_rows"] = int((df.device == "cuda").sum())
+    ctx["gpu_rows"] = int((df.device == Device.CUDA.value).sum())
+    ctx["interpreted"] = _interpreted(everything[interp])
     if len(machines) > 1 and not best.empty:
         cmp_ = best.assign(machine=best.fp_hash.str[:6]).pivot_table(
             index=["net", "layer", "pattern", "sparsity"], columns="machine", values="speedup",
@@ -152,8 +167,9 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
         "kernel", "config", "status", "rel_err", "median_s", "kernel_median_s",
         "dense_median_s", "speedup", "kernel_speedup", "noisy", "reason"]]
     full = full.assign(median_ms=full.median_s * 1e3).drop(columns="median_s")
+    full = full.assign(bad=full.status.map(lambda st: Status(st).failed))
     ctx["full_rows"] = full.round(4).to_dict("records")
-    ctx["failed"] = full[~full.status.isin(["ok"])].to_dict("records")
+    ctx["untimed"] = full[full.status != Status.OK].to_dict("records")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(**ctx)
@@ -161,6 +177,17 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html)
     return out
+
+
+def _interpreted(d: pd.DataFrame) -> list[dict]:
+    """Interpreter rows: what passed the gate, with errors and density; no times."""
+    if d.empty:
+        return []
+    d = d.assign(param=d.apply(_param_value, axis=1),
+                 bad=d.status.map(lambda st: Status(st).failed))
+    return d.sort_values(["net", "layer_index", "kernel", "sparsity"])[[
+        "net", "layer", "shape", "kernel", "sparsity", "param", "status", "rel_err", "max_err",
+        "density", "reason", "bad"]].to_dict("records")
 
 
 def _plans(plans_dir) -> list[dict]:

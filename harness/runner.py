@@ -5,7 +5,6 @@ flight (a second Ctrl-C aborts at once); everything finished is already saved.""
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import signal
 import sys
@@ -13,9 +12,19 @@ import time
 
 from tqdm import tqdm
 
-from shapes import ConvLayer
-
+from . import baseline
 from . import worker as worker_mod
+from .records import (
+    CaseRequest,
+    CaseResult,
+    InitRequest,
+    KernelState,
+    Measurement,
+    Status,
+    StopRequest,
+    TimingOptions,
+    WorkerFailure,
+)
 
 
 class WorkerDied(Exception):
@@ -72,25 +81,11 @@ class Worker:
     def close(self):
         if self.proc is not None and self.proc.is_alive():
             try:
-                self.conn.send(("stop",))
+                self.conn.send(StopRequest())
                 self.proc.join(5)
             except (OSError, BrokenPipeError):
                 pass
         self.kill()
-
-
-def record(case: dict, res: dict, run_id: int, fp_hash: str, machine_hash: str) -> dict:
-    lay = ConvLayer(**case["layer"])
-    m = {"run_id": run_id, "fp_hash": fp_hash, "machine_hash": machine_hash,
-         "case_key": case["key"], "net": lay.net, "layer": lay.name, "layer_index": lay.index,
-         "shape": lay.shape_str, "count": lay.count, "cin": lay.cin, "cout": lay.cout,
-         "kh": lay.kh, "kw": lay.kw, "stride": lay.stride, "padding": lay.padding, "h": lay.h,
-         "w": lay.w, "batch": case["batch"], "dtype": case["dtype"], "device": case["device"],
-         "threads": case["threads"], "pattern": case["pattern"], "sparsity": case["sparsity"],
-         "param": case["param"], "kernel": case["kernel"], "config": case["config"],
-         "flops": float(lay.flops(case["batch"]))}
-    m.update({k: v for k, v in res.items() if k != "traceback"})
-    return m
 
 
 class _Stop:
@@ -118,79 +113,75 @@ class _Stop:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _dense_key(case):
-    lay = case["layer"]
-    return (lay["net"], lay["name"], case["batch"], case["dtype"], case["device"],
-            case["threads"])
-
-
-def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, case_timeout=300.0,
-          init_timeout=1800.0, timing_opts=None, progress=True, dense_kernel=None):
-    """Run every case not yet recorded; returns counts by status for this call."""
-    timing_opts = timing_opts or {}
-    done = store.done_keys(fp_hash) if resume else set()
-    todo = [c for c in cases if c["key"] not in done]
+def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, retry_failed=False,
+          case_timeout=300.0, init_timeout=1800.0, timing=None, progress=True, node=None):
+    """Run every case not yet recorded under this identity; returns counts by status for this
+    call. Each case's result is committed as it arrives."""
+    timing = timing or TimingOptions()
+    done = store.done_keys(fp_hash, retry_failed=retry_failed) if resume else set()
+    todo = [c for c in cases if c.key not in done]
     counts = {"skipped (already measured)": len(cases) - len(todo)}
-    dense_best: dict = {}  # dense key -> {"e2e": (median, layout, kernel), "kernel": (...)}
-
-    def note_dense(key, median, kmedian, layout, kernel):
-        d = dense_best.setdefault(key, {})
-        if "e2e" not in d or median < d["e2e"][0]:
-            d["e2e"] = (median, layout, kernel)
-        if kmedian is not None and ("kernel" not in d or kmedian < d["kernel"][0]):
-            d["kernel"] = (kmedian, layout, kernel)
-
-    if resume:  # dense baselines measured by an earlier, interrupted run of the same fingerprint
-        df = store.measurements(fp_hash=fp_hash)
-        for _, r in df[(df.pattern == "dense") & (df.status == "ok")].iterrows():
-            note_dense((r.net, r.layer, r.batch, r.dtype, r.device, r.threads), r.median_s,
-                       r.kernel_median_s, json.loads(r.config)["layout"], r.kernel)
+    dense = baseline.Baselines()
+    if resume:  # dense baselines measured by an earlier, interrupted run of the same identity
+        dense.note_rows(store.measurements(fp_hash=fp_hash))
     wk = Worker()
-    avail = {}
-    names = sorted({c["kernel"] for c in todo if c["status"] is None})
+    states = {}
+    names = tuple(sorted({c.kernel for c in todo if c.unsupported is None}))
     bar = tqdm(total=len(todo), desc="bench", unit="case", disable=not progress,
                dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
     try:
         with _Stop() as stop:
             if names:
                 bar.set_postfix_str("building / loading kernels")
-                try:
-                    avail = wk.call(("init", names), init_timeout)["reasons"]
-                except (WorkerDied, WorkerTimeout) as e:
-                    avail = {n: f"kernel set-up failed: {e}" for n in names}
+                states = init_kernels(wk, names, init_timeout)
             for case in todo:
                 if stop.requested:
                     counts["not run (stopped)"] = counts.get("not run (stopped)", 0) + 1
                     continue
-                lay = case["layer"]
-                bar.set_postfix_str(f"{case['kernel']} {lay['net']}:{lay['name']} "
-                                    f"S={case['sparsity']:g}", refresh=False)
-                if case["status"] == "unsupported":
-                    res = {"status": "unsupported", "reason": case["reason"]}
-                elif avail.get(case["kernel"]):
-                    res = {"status": "unsupported", "reason": avail[case["kernel"]]}
+                lay = case.layer
+                bar.set_postfix_str(f"{case.kernel} {lay.net}:{lay.name} "
+                                    f"S={case.sparsity:g}", refresh=False)
+                state = states.get(case.kernel)
+                if case.unsupported is not None:
+                    res = CaseResult(Status.UNSUPPORTED, case.unsupported)
+                elif state is not None and state.status is not Status.OK:
+                    res = CaseResult(state.status, state.reason)
                 else:
-                    spec = dict(case)
-                    best = dense_best.get(_dense_key(case))
-                    if best:
-                        spec["dense_layout"], spec["dense_kernel"] = best["e2e"][1:]
-                        spec["dense_kernel_layout"] = best.get("kernel", best["e2e"])[1]
-                    elif dense_kernel:
-                        spec["dense_layout"], spec["dense_kernel"] = "nchw", dense_kernel
-                    try:
-                        res = wk.call(("case", spec, timing_opts), case_timeout)
-                    except WorkerTimeout as e:
-                        res = {"status": "timeout", "reason": str(e)}
-                    except WorkerDied as e:
-                        res = {"status": "runtime_error", "reason": str(e)}
-                m = record(case, res, run_id, fp_hash, machine_hash)
+                    res = run_case(wk, CaseRequest(case, timing, dense.ref(case.group)),
+                                   case_timeout)
+                m = Measurement.of(case, res, run_id, fp_hash, machine_hash, node=node)
                 store.add(m)
-                counts[m["status"]] = counts.get(m["status"], 0) + 1
-                if case["pattern"] == "dense" and m["status"] == "ok":
-                    note_dense(_dense_key(case), m["median_s"], m.get("kernel_median_s"),
-                               case["config"]["layout"], case["kernel"])
+                counts[m.status.value] = counts.get(m.status.value, 0) + 1
+                if case.kernel in baseline.names() and m.status is Status.OK:
+                    dense.note(case.group, case.kernel, case.config, m.median_s,
+                               m.kernel_median_s)
                 bar.update(1)
     finally:
         bar.close()
         wk.close()
     return counts
+
+
+def init_kernels(wk: Worker, names, timeout: float) -> dict:
+    """Kernel name -> KernelState, from the worker (which builds what needs building)."""
+    try:
+        reply = wk.call(InitRequest(tuple(names)), timeout)
+    except (WorkerDied, WorkerTimeout) as e:
+        reply = WorkerFailure(str(e))
+    if isinstance(reply, WorkerFailure):
+        return {n: KernelState(Status.RUNTIME_ERROR, f"kernel set-up failed: {reply.reason}")
+                for n in names}
+    return reply.states
+
+
+def run_case(wk: Worker, req, timeout: float) -> CaseResult:
+    """One request to the worker; a hang or a dead worker becomes a typed result."""
+    try:
+        res = wk.call(req, timeout)
+    except WorkerTimeout as e:
+        return CaseResult(Status.TIMEOUT, str(e))
+    except WorkerDied as e:
+        return CaseResult(Status.RUNTIME_ERROR, str(e))
+    if isinstance(res, WorkerFailure):
+        return CaseResult(Status.RUNTIME_ERROR, res.reason)
+    return res

@@ -7,6 +7,7 @@ busy timeout). Reads take the latest row per (fingerprint, case).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -15,26 +16,23 @@ from pathlib import Path
 import pandas as pd
 
 from . import UsageError
+from .records import Measurement, RunStatus, Status
 
 APP = "sparseconv-bench"
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "incorrect", "unsupported", "compile_error", "runtime_error", "timeout")
+SCHEMA_VERSION = 2  # 2: columns from records.Measurement (source hash, element-wise error, ...)
 
-# column -> SQL type; the measurement dict written by the runner uses these names
-MEASUREMENT_COLUMNS = {
-    "run_id": "INTEGER", "fp_hash": "TEXT", "machine_hash": "TEXT", "case_key": "TEXT",
-    "net": "TEXT", "layer": "TEXT", "layer_index": "INTEGER", "shape": "TEXT",
-    "count": "INTEGER", "cin": "INTEGER", "cout": "INTEGER", "kh": "INTEGER", "kw": "INTEGER",
-    "stride": "INTEGER", "padding": "INTEGER", "h": "INTEGER", "w": "INTEGER",
-    "batch": "INTEGER", "dtype": "TEXT", "device": "TEXT", "threads": "INTEGER",
-    "pattern": "TEXT", "sparsity": "REAL", "param": "TEXT", "kernel": "TEXT", "config": "TEXT",
-    "status": "TEXT", "reason": "TEXT", "rel_err": "REAL", "tolerance": "REAL",
-    "median_s": "REAL", "iqr_s": "REAL", "min_s": "REAL", "noisy": "INTEGER",
-    "kernel_median_s": "REAL", "kernel_iqr_s": "REAL",
-    "dense_median_s": "REAL", "dense_kernel_median_s": "REAL", "dense_layout": "TEXT",
-    "samples": "TEXT", "kernel_samples": "TEXT", "dense_samples": "TEXT", "reps": "INTEGER",
-    "flops": "REAL", "created": "REAL",
-}
+
+def _sql_type(annotation: str) -> str:
+    a = str(annotation)
+    if a.startswith(("int", "bool")):
+        return "INTEGER"
+    if a.startswith("float"):
+        return "REAL"
+    return "TEXT"
+
+
+# column -> SQL type, one per field of records.Measurement
+MEASUREMENT_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(Measurement)}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -115,35 +113,36 @@ class Store:
         with self._tx():
             cur = self.db.execute(
                 "INSERT INTO runs (started, fp_hash, machine_hash, fingerprint, args, status) "
-                "VALUES (?, ?, ?, ?, ?, 'running')",
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (time.time(), fp_hash, machine_hash, json.dumps(fp, default=str),
-                 json.dumps(args, default=str)))
+                 json.dumps(args, default=str), RunStatus.RUNNING.value))
             return cur.lastrowid
 
-    def finish_run(self, run_id: int, status: str = "finished") -> None:
+    def finish_run(self, run_id: int, status: RunStatus = RunStatus.FINISHED) -> None:
         with self._tx():
             self.db.execute("UPDATE runs SET finished = ?, status = ? WHERE run_id = ?",
-                            (time.time(), status, run_id))
+                            (time.time(), RunStatus(status).value, run_id))
 
     # ---- measurements --------------------------------------------------------------------
-    def add(self, m: dict) -> None:
+    def add(self, m: Measurement) -> None:
         """Append one measurement and commit it (the unit of crash safety)."""
-        bad = set(m) - set(MEASUREMENT_COLUMNS)
-        if bad:
-            raise ValueError(f"unknown measurement fields {sorted(bad)}")
-        if m.get("status") not in STATUSES:
-            raise ValueError(f"status {m.get('status')!r} is not one of {STATUSES}")
-        row = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else v)
-               for k, v in m.items()}
-        row.setdefault("created", time.time())
+        if not isinstance(m, Measurement):
+            raise TypeError(f"Store.add takes a records.Measurement, got {type(m).__name__}")
+        row = m.row()
+        if row["created"] is None:
+            row["created"] = time.time()
         cols = ", ".join(row)
         with self._tx():
             self.db.execute(f"INSERT INTO measurements ({cols}) VALUES "
                             f"({', '.join('?' * len(row))})", list(row.values()))
 
-    def done_keys(self, fp_hash: str) -> set[str]:
-        return {r[0] for r in self.db.execute(
-            "SELECT DISTINCT case_key FROM measurements WHERE fp_hash = ?", (fp_hash,))}
+    def done_keys(self, fp_hash: str, retry_failed: bool = False) -> set[str]:
+        """Cases already measured under this identity (with ``retry_failed``, only those whose
+        latest measurement is ok)."""
+        q = ("SELECT case_key, status FROM measurements WHERE id IN (SELECT MAX(id) FROM "
+             "measurements WHERE fp_hash = ? GROUP BY case_key)")
+        return {k for k, st in self.db.execute(q, (fp_hash,))
+                if not retry_failed or Status(st) is Status.OK}
 
     def measurements(self, latest: bool = True, fp_hash: str | None = None) -> pd.DataFrame:
         where = "WHERE fp_hash = ?" if fp_hash else ""

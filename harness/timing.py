@@ -67,20 +67,22 @@ def calibrate(fn, arg, min_sample: float, max_reps: int = 10000) -> int:
 
 
 def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
-                    warmup: float = 0.05, deadline: float | None = None):
+                    warmup: float = 0.05, deadline: float | None = None, max_reps: int = 10000):
     """Time ``{name: (fn, arg)}`` in interleaved rounds: ``({name: Stats}, {name: samples})``."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     reps = {}
     for name, (fn, arg) in variants.items():
         t_end = time.perf_counter() + warmup
         fn(arg)
         while time.perf_counter() < t_end:
             fn(arg)
-        reps[name] = calibrate(fn, arg, min_sample)
+        reps[name] = calibrate(fn, arg, min_sample, max_reps)
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for done in range(1, rounds + 1):
         for name, (fn, arg) in variants.items():
             samples[name].append(_time_reps(fn, arg, reps[name]))
-        if deadline is not None and done >= 3 and time.perf_counter() > deadline:
+        if deadline is not None and done >= min(3, rounds) and time.perf_counter() > deadline:
             break
     return {k: stats(v, reps[k]) for k, v in samples.items()}, samples
 

@@ -1,12 +1,14 @@
-"""Execute one case: prepare (untimed), correctness gate against the float64 reference, then
-interleaved timing against the dense baseline. Runs inside the runner's worker process so a
-case that hangs or crashes can be killed without losing the sweep."""
+"""Execute one case: prepare (untimed), the correctness gate (pattern structure, density, float64
+reference), then interleaved timing against the dense baseline. Runs inside the runner's worker
+process so a case that hangs or crashes can be killed without losing the sweep; requests and
+replies are the typed messages of :mod:`harness.records`."""
 
 from __future__ import annotations
 
 import hashlib
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,21 @@ import torch.nn.functional as F
 import kernels
 from shapes import ConvLayer
 
-from . import timing
+from . import baseline, timing
+from .records import (
+    CaseRequest,
+    CaseResult,
+    Device,
+    InitReply,
+    InitRequest,
+    KernelState,
+    RaceReply,
+    RaceRequest,
+    Status,
+    StopRequest,
+    TimingOptions,
+    WorkerFailure,
+)
 
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
@@ -33,12 +49,15 @@ def make_inputs(layer: ConvLayer, batch: int, dtype, device):
     return w.to(device=device, dtype=dtype), x.to(device=device, dtype=dtype)
 
 
-def _classify(exc: BaseException) -> str:
-    name = type(exc).__name__.lower()
-    text = str(exc)
-    if "compil" in name or "failed to build" in text or "CompilationError" in text:
-        return "compile_error"
-    return "runtime_error"
+def status_of(exc: BaseException) -> Status:
+    """The typed status of an exception raised while preparing or running a case."""
+    if isinstance(exc, kernels.KernelBuildError):
+        return Status.COMPILE_ERROR
+    try:
+        from triton.compiler.errors import CompilationError
+    except ImportError:  # no triton: nothing of it can have raised
+        return Status.RUNTIME_ERROR
+    return Status.COMPILE_ERROR if isinstance(exc, CompilationError) else Status.RUNTIME_ERROR
 
 
 def _err_text(exc: BaseException) -> str:
@@ -46,138 +65,223 @@ def _err_text(exc: BaseException) -> str:
     return msg[:500]
 
 
-def reference(layer: ConvLayer, x, masked_weight):
-    return F.conv2d(x.double(), masked_weight.double().to(x.device), stride=layer.stride,
+def reference(layer: ConvLayer, x, weight):
+    return F.conv2d(x.double(), weight.double().to(x.device), stride=layer.stride,
                     padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
 
 
-def check_correct(layer, run, x, dtype_name):
-    """(rel_err, tolerance, reason or None): NaN-poisoned output, float64 reference."""
-    ref = reference(layer, x, run.masked_weight)
-    out = torch.full(ref.shape, float("nan"), dtype=x.dtype, device=x.device)
-    y = run(x, out=out)
-    if y is None or tuple(y.shape) != tuple(ref.shape):
-        return float("nan"), TOLERANCE[dtype_name], (
-            f"output shape {None if y is None else tuple(y.shape)} != {tuple(ref.shape)}")
+@dataclass(frozen=True)
+class Gate:
+    """What the correctness gate found: errors, density, and why it failed (None: passed)."""
+
+    rel_err: float
+    max_err: float
+    tolerance: float
+    density: float | None
+    reason: str | None
+
+
+def check_pattern(kernel, run, sparsity, config) -> tuple[float | None, str | None]:
+    """(density, reason or None): ``run.masked_weight`` must have the structure of the case's
+    pattern (projecting it onto the pattern changes nothing; a permuting pattern is checked
+    with the permutation the kernel reports in ``run.perm``) and as many non-zeros as the
+    pattern keeps of a dense weight of that shape."""
+    wm = run.masked_weight.detach().cpu().double()
+    density = float((wm != 0).sum()) / wm.numel()
+    if kernel.pattern == "dense":
+        return density, None
+    pat = kernel.make_pattern(sparsity, config)
+    perm = run.perm.cpu() if run.perm is not None else None
+    if pat.permutes and perm is None:
+        return density, (f"non-conforming: {kernel.name} uses a permuting {pat.describe()} "
+                         f"but its Run reports no permutation to check the mask with")
+    ok = pat.conforms(wm, perm) if pat.permutes else pat.conforms(wm)
+    if not ok:
+        return density, (f"non-conforming: masked_weight does not have the structure of "
+                         f"{pat.describe()}")
+    want = int(pat.mask(torch.ones(wm.shape, dtype=torch.float64)).sum())
+    have = int((wm != 0).sum())
+    if have > want or have < 0.99 * want:
+        return density, (f"non-conforming: masked_weight keeps {have} of {wm.numel()} weights "
+                         f"(density {density:.4f}); {pat.describe()} keeps {want} "
+                         f"(density {want / wm.numel():.4f})")
+    return density, None
+
+
+def _errors(y, ref, bound):
+    """(relative L2 error, worst element-wise error over its bound)."""
+    diff = (y.double() - ref).abs()
+    rel = (diff.norm() / ref.norm().clamp_min(1e-30)).item()
+    worst = (diff / bound).max().item() if diff.numel() else 0.0
+    return rel, worst
+
+
+def check_correct(layer, kernel, run, x, sparsity, config, dtype_name) -> Gate:
+    """The correctness gate, before anything is timed. The masked weight must conform to the
+    pattern; the output written into a NaN-poisoned ``out`` (and, for the kernel-only path, a
+    poisoned ``out`` of its own) must match ``F.conv2d`` in float64 on the masked weight both
+    in relative L2 norm and element by element: ``|y - ref| <= tol * (|x| conv |w|)``, a bound
+    that scales with what each output element sums, so one dropped term or one zeroed element
+    fails even in a large output."""
     tol = TOLERANCE[dtype_name]
-    err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    if not err == err:  # NaN: some output element never written or computed NaN
-        return err, tol, "output contains NaN (an element was not written)"
-    if err > tol:
-        return err, tol, f"relative error {err:.3g} exceeds tolerance {tol:g}"
+    density, why = check_pattern(kernel, run, sparsity, config)
+    if why:
+        return Gate(float("nan"), float("nan"), tol, density, why)
+    ref = reference(layer, x, run.masked_weight)
+    bound = tol * reference(layer, x.abs(), run.masked_weight.abs()).clamp_min(1e-30)
+    errs, maxes = [], []
+    paths = [("", lambda out: run(x, out=out))]
     if run.has_resident:
-        yl = run.resident(run.layout(x))
-        e2 = ((yl.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        if not e2 <= tol:
-            return e2, tol, f"resident path relative error {e2:.3g} exceeds tolerance {tol:g}"
-        err = max(err, e2)
-    return err, tol, None
+        xl = run.layout(x)
+        paths.append(("kernel-only path: ", lambda out: run.resident(xl, out=out)))
+    for label, call in paths:
+        out = torch.full(ref.shape, float("nan"), dtype=x.dtype, device=x.device)
+        y = call(out)
+        if y is None or tuple(y.shape) != tuple(ref.shape):
+            return Gate(float("nan"), float("nan"), tol, density, (
+                f"{label}output shape {None if y is None else tuple(y.shape)} != "
+                f"{tuple(ref.shape)}"))
+        if y.data_ptr() != out.data_ptr():
+            return Gate(float("nan"), float("nan"), tol, density,
+                        f"{label}the kernel did not write into the out tensor it was given")
+        rel, worst = _errors(out, ref, bound)
+        errs.append(rel)
+        maxes.append(worst)
+        if torch.isnan(out).any():
+            return Gate(rel, worst, tol, density,
+                        f"{label}output contains NaN (an element was not written)")
+        if rel > tol:
+            return Gate(rel, worst, tol, density,
+                        f"{label}relative error {rel:.3g} exceeds tolerance {tol:g}")
+        if worst > 1.0:
+            return Gate(rel, worst, tol, density,
+                        f"{label}an output element is off by {worst:.3g}x its bound "
+                        f"tol * (|x| conv |w|), tol {tol:g}")
+    return Gate(max(errs), max(maxes), tol, density, None)
 
 
-def gpu_settings(device: str) -> None:
+def gpu_settings(device: Device) -> None:
     """fp32 fairness on the GPU: cuDNN picks its fastest algorithm, and no TF32 anywhere."""
-    if device == "cuda":
+    if device is Device.CUDA:
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def execute(case: dict, timing_opts: dict) -> dict:
-    """Run a case to a measurement dict (fields of store.MEASUREMENT_COLUMNS)."""
-    layer = ConvLayer(**case["layer"])
-    dtype = kernels.DTYPES[case["dtype"]]
-    device = case["device"]
-    torch.set_num_threads(case["threads"])
+def _timed(device: Device, variants: dict, opts: TimingOptions):
+    """Interleaved timing on the device's clock. Under the interpreter the CPU clock with few,
+    single-call rounds: a pipeline check, not a GPU timing."""
+    if device is Device.CUDA:
+        return timing.interleaved_cuda(variants, rounds=opts.rounds)
+    if device is Device.CUDA_INTERPRET:
+        return timing.interleaved_cpu(variants, rounds=min(opts.rounds, 3), min_sample=0.0,
+                                      warmup=0.0, max_reps=1)
+    return timing.interleaved_cpu(variants, rounds=opts.rounds, min_sample=opts.min_sample,
+                                  warmup=opts.warmup,
+                                  deadline=time.perf_counter() + opts.time_per_case)
+
+
+def execute(req: CaseRequest) -> CaseResult:
+    """Prepare (untimed), gate, then time a case interleaved with its dense baseline."""
+    case, opts = req.case, req.timing
+    layer, device = case.layer, case.device
+    dtype = kernels.DTYPES[case.dtype]
+    torch.set_num_threads(case.threads)
     gpu_settings(device)
-    res = {"status": None, "reason": None}
-    kern = kernels.get(case["kernel"])
-    w, x = make_inputs(layer, case["batch"], dtype, device)
+    kern = kernels.get(case.kernel)
+    config = dict(case.config)
+    w, x = make_inputs(layer, case.batch, dtype, device.tensor_device)
     try:
-        run = kern.prepare(layer, w, case["sparsity"], case["config"])
+        run = kern.prepare(layer, w, case.sparsity, config)
     except Exception as e:  # noqa: BLE001 - every failure is a typed record
-        return {"status": _classify(e), "reason": "prepare: " + _err_text(e)}
+        return CaseResult(status_of(e), "prepare: " + _err_text(e))
     try:
-        err, tol, why = check_correct(layer, run, x, case["dtype"])
+        gate = check_correct(layer, kern, run, x, case.sparsity, config, case.dtype)
     except Exception as e:  # noqa: BLE001
-        return {"status": _classify(e), "reason": "run: " + _err_text(e)}
-    res.update(rel_err=err, tolerance=tol)
-    if why:
-        res.update(status="incorrect", reason=why)
-        return res
+        return CaseResult(status_of(e), "run: " + _err_text(e))
+    checked = {"rel_err": gate.rel_err, "max_err": gate.max_err, "tolerance": gate.tolerance,
+               "density": gate.density}
+    if gate.reason:
+        return CaseResult(Status.INCORRECT, gate.reason, **checked)
 
     variants = {"kernel": (run, x)}
-    if run.has_resident and timing_opts.get("resident", True):
+    if run.has_resident and opts.resident:
         variants["resident"] = (run.resident, run.layout(x))
-    dense_layout = case.get("dense_layout")
-    if case["kernel"] != case.get("dense_kernel") and dense_layout:
+    dense = req.dense
+    if dense and case.kernel != dense.kernel:
         # end-to-end baseline: the dense layout fastest end-to-end; kernel-only baseline: the
         # layout fastest with its input already in that layout (often channels_last)
-        dk = kernels.get(case["dense_kernel"])
-        drun = dk.prepare(layer, w, 0.0, {"layout": dense_layout})
-        krun = dk.prepare(layer, w, 0.0, {"layout": case.get("dense_kernel_layout",
-                                                             dense_layout)})
+        dk = kernels.get(dense.kernel)
+        drun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.layout})
+        krun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.resident_layout})
         variants["dense"] = (drun, x)
-        if timing_opts.get("resident", True):
+        if opts.resident:
             variants["dense_resident"] = (krun.resident, krun.layout(x))
     try:
-        if device == "cuda":
-            st, samples = timing.interleaved_cuda(variants, rounds=timing_opts.get("rounds", 25))
-        else:
-            st, samples = timing.interleaved_cpu(
-                variants, rounds=timing_opts.get("rounds", 7),
-                min_sample=timing_opts.get("min_sample", 2e-3),
-                warmup=timing_opts.get("warmup", 0.05),
-                deadline=time.perf_counter() + timing_opts.get("time_per_case", 30.0))
+        st, samples = _timed(device, variants, opts)
     except Exception as e:  # noqa: BLE001
-        return {"status": _classify(e), "reason": "timing: " + _err_text(e), **res}
+        return CaseResult(status_of(e), "timing: " + _err_text(e), **checked)
     k = st["kernel"]
-    res.update(status="ok", median_s=k.median, iqr_s=k.iqr, min_s=k.min, noisy=int(k.noisy),
-               reps=k.reps, samples=samples["kernel"])
-    if "resident" in st:
-        res.update(kernel_median_s=st["resident"].median, kernel_iqr_s=st["resident"].iqr,
-                   kernel_samples=samples["resident"])
-    else:
-        res.update(kernel_median_s=k.median, kernel_iqr_s=k.iqr)
+    res = dict(median_s=k.median, iqr_s=k.iqr, min_s=k.min, noisy=k.noisy, reps=k.reps,
+               samples=tuple(samples["kernel"]))
+    r = st.get("resident", k)
+    res.update(kernel_median_s=r.median, kernel_iqr_s=r.iqr,
+               kernel_samples=tuple(samples["resident"]) if "resident" in st else ())
     if "dense" in st:
+        dr = st.get("dense_resident")
         res.update(dense_median_s=st["dense"].median,
-                   dense_kernel_median_s=st["dense_resident"].median if "dense_resident" in st
-                   else None,
-                   dense_layout=f"{dense_layout}/{case.get('dense_kernel_layout', dense_layout)}",
-                   dense_samples=samples["dense"])
-    return res
+                   dense_kernel_median_s=dr.median if dr else None,
+                   dense_layout=f"{dense.layout}/{dense.resident_layout}",
+                   dense_samples=tuple(samples["dense"]))
+    return CaseResult(Status.OK, None, **checked, **res)
 
 
-def race(spec: dict, timing_opts: dict) -> dict:
-    """Time several (kernel, config, sparsity) candidates of one layer interleaved in one run:
-    ``{"medians": [seconds or None per candidate], "reasons": [...]}``. Each candidate passes
-    the correctness gate first; one that fails gets None and its reason."""
-    layer = ConvLayer(**spec["layer"])
-    dtype = kernels.DTYPES[spec["dtype"]]
-    torch.set_num_threads(spec["threads"])
-    gpu_settings(spec["device"])
-    w, x = make_inputs(layer, spec["batch"], dtype, spec["device"])
+def race(req: RaceRequest) -> RaceReply:
+    """Time several candidates of one layer interleaved in one run. Each passes the correctness
+    gate first; one that fails gets None and its reason."""
+    layer, device = req.layer, req.device
+    torch.set_num_threads(req.threads)
+    gpu_settings(device)
+    w, x = make_inputs(layer, req.batch, kernels.DTYPES[req.dtype], device.tensor_device)
     variants, reasons = {}, []
-    for i, c in enumerate(spec["cands"]):
+    for i, c in enumerate(req.cands):
+        kern = kernels.get(c.kernel)
+        S = 0.0 if kern.pattern == "dense" else req.sparsity
         try:
-            run = kernels.get(c["kernel"]).prepare(layer, w, c["sparsity"], c["config"])
-            _, _, why = check_correct(layer, run, x, spec["dtype"])
+            run = kern.prepare(layer, w, S, dict(c.config))
+            why = check_correct(layer, kern, run, x, S, dict(c.config), req.dtype).reason
         except Exception as e:  # noqa: BLE001
             run, why = None, _err_text(e)
         reasons.append(why)
         if why is None:
             variants[i] = (run, x)
-    if spec["device"] == "cuda":
-        st, _ = timing.interleaved_cuda(variants, rounds=timing_opts.get("rounds", 25))
-    else:
-        st, _ = timing.interleaved_cpu(variants, rounds=timing_opts.get("rounds", 15),
-                                       min_sample=timing_opts.get("min_sample", 2e-3),
-                                       warmup=timing_opts.get("warmup", 0.05))
-    return {"medians": [st[i].median if i in st else None for i in range(len(reasons))],
-            "reasons": reasons}
+    st, _ = _timed(device, variants, req.timing)
+    return RaceReply(medians=tuple(st[i].median if i in st else None
+                                   for i in range(len(reasons))), reasons=tuple(reasons))
+
+
+def init(req: InitRequest) -> InitReply:
+    """Load and build the kernels; say which cannot run here and why."""
+    states = {}
+    for name in req.kernels:
+        kern = kernels.get(name)
+        why = kern.available()
+        if why:
+            states[name] = KernelState(Status.UNSUPPORTED, why)
+            continue
+        try:
+            kern.build()
+            states[name] = KernelState(Status.OK)
+        except Exception as e:  # noqa: BLE001
+            states[name] = KernelState(status_of(e), _err_text(e))
+    return InitReply(states)
+
+
+HANDLERS = {InitRequest: init, CaseRequest: execute, RaceRequest: race}
 
 
 def serve(conn) -> None:
-    """Worker loop: receive ('init', kernel names) or ('case', case, opts); reply a dict."""
+    """Worker loop: receive a request, reply with its typed result; ``StopRequest`` ends it."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
@@ -186,16 +290,9 @@ def serve(conn) -> None:
             msg = conn.recv()
         except (EOFError, KeyboardInterrupt):
             return
-        if msg[0] == "stop":
+        if isinstance(msg, StopRequest):
             return
         try:
-            if msg[0] == "init":
-                reasons = {n: kernels.get(n).available() for n in msg[1]}
-                conn.send({"ok": True, "reasons": reasons})
-            elif msg[0] == "race":
-                conn.send(race(msg[1], msg[2]))
-            else:
-                conn.send(execute(msg[1], msg[2]))
+            conn.send(HANDLERS[type(msg)](msg))
         except Exception as e:  # noqa: BLE001
-            conn.send({"status": "runtime_error", "reason": "worker: " + _err_text(e),
-                       "traceback": traceback.format_exc()[-2000:]})
+            conn.send(WorkerFailure("worker: " + _err_text(e), traceback.format_exc()[-2000:]))

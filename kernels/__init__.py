@@ -1,9 +1,11 @@
 """Convolution kernel variants: ``kernels.get(name)``, ``kernels.names()``.
 
-Each family registers itself in its own module (``@register``); ``HARNESS_PLUGINS`` (a
+Every module of this package is imported on first use and each kernel family registers itself
+there (``@register``): adding a kernel is adding one file. ``HARNESS_PLUGINS`` (a
 comma-separated list of importable modules) adds kernels from outside the project.
 """
 
-from .registry import DTYPES, Kernel, Run, get, names, register, weight_shape
+from .registry import DTYPES, Kernel, KernelBuildError, Run, get, interpreting, names, register, weight_shape
 
-__all__ = ["Kernel", "Run", "get", "names", "register", "weight_shape", "DTYPES"]
+__all__ = ["Kernel", "KernelBuildError", "Run", "get", "names", "register", "weight_shape",
+           "DTYPES", "interpreting"]

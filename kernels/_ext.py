@@ -9,6 +9,8 @@ import platform
 import threading
 from pathlib import Path
 
+from .registry import KernelBuildError
+
 CSRC = Path(__file__).parent / "csrc"
 _lock = threading.Lock()
 _mod = None
@@ -35,7 +37,7 @@ def load():
         if _mod is not None:
             return _mod
         if _err is not None:
-            raise RuntimeError(_err)
+            raise KernelBuildError(_err)
         from torch.utils import cpp_extension
 
         src = CSRC / "sparse_conv_cpu.cpp"
@@ -46,7 +48,7 @@ def load():
                 extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("SPARSECONV_VERBOSE")))
         except Exception as e:  # compiler missing, flags unsupported, ...
             _err = f"C++ CPU kernels failed to build: {str(e).strip().splitlines()[-1][:300]}"
-            raise RuntimeError(_err) from e
+            raise KernelBuildError(_err) from e
         return _mod
 
 

@@ -27,8 +27,8 @@ class Bsr1xNCpu(CppKernel):
     space = {"N": P.BLOCK_N, "rearrange": (False, True), "T": TILES_1XN, "split": SPLITS}
     pattern_params = ("N", "rearrange")
 
-    def _default(self, layer, sparsity):
-        N = pick_divisor(P.BLOCK_N, layer.cout, 16)
+    def _default(self, layer, sparsity, pinned):
+        N = pinned.get("N", pick_divisor(P.BLOCK_N, layer.cout, 16))
         allowed = tuple(t for t in TILES_1XN if t <= MAX_T[N])
         return {"N": N, "rearrange": False, "T": default_tile(layer, allowed), "split": "pixels"}
 
@@ -54,4 +54,5 @@ class Bsr1xNCpu(CppKernel):
             mod.bsr_1xn(xl, crow, col_off, vals, rowmap, enc.N, geo, y)
 
         return make_run(layer, wm, entry, config["T"], config["split"],
-                        info={"kernel": self.name, "nnzb": enc.nnzb, "isa": mod.isa()})
+                        info={"kernel": self.name, "nnzb": enc.nnzb, "isa": mod.isa()},
+                        perm=enc.perm)

@@ -30,7 +30,7 @@ def _row_lists(layer, rows_o, cols, vals):
 
 
 class _RowSparse(CppKernel):
-    def _default(self, layer, sparsity):
+    def _default(self, layer, sparsity, pinned):
         return {**{k: v[0] for k, v in self.space.items()}, "T": default_tile(layer),
                 "split": "pixels"}
 
@@ -53,8 +53,9 @@ class CCICpu(_RowSparse):
     space = {"G": P.CCI_G, "T": TILES, "split": SPLITS}
     pattern_params = ("G",)
 
-    def _default(self, layer, sparsity):
-        for G in (4, 8, 16, 2):  # the smallest group that expresses the sparsity exactly
+    def _default(self, layer, sparsity, pinned):
+        # the smallest group that expresses the sparsity exactly (or the one the sweep pins)
+        for G in ([pinned["G"]] if "G" in pinned else (4, 8, 16, 2)):
             try:
                 P.make("cci", sparsity, G=G)
             except ValueError:

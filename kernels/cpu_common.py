@@ -15,14 +15,10 @@ SPLITS = ("pixels", "channels")
 
 class CppKernel(Kernel):
     device = "cpu"
-    sources = ("csrc/sparse_conv_cpu.cpp", "cpu_layout.py", "cpu_common.py")
+    sources = ("csrc/sparse_conv_cpu.cpp", "cpu_layout.py", "cpu_common.py", "_ext.py")
 
-    def available(self):
-        try:
-            _ext.load()
-        except RuntimeError as e:
-            return str(e)
-        return None
+    def build(self):
+        _ext.load()  # raises KernelBuildError with the compiler's reason
 
 
 def default_tile(layer, allowed=TILES) -> int:
@@ -45,7 +41,7 @@ def default_schedule(layer, allowed=TILES) -> dict:
     return {"T": T, "split": "channels" if channels else "pixels", "ob": 8 if channels else 128}
 
 
-def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None) -> Run:
+def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, perm=None) -> Run:
     """``entry(x_laid_out, geometry, y)`` computes into NCHW ``y``."""
     lay = CpuLayout.of(layer)
     bufs: dict[int, torch.Tensor] = {}
@@ -76,5 +72,5 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None) ->
             bufs[n] = lay.empty(n)
         return resident(lay.fill(x, bufs[n]), out)
 
-    return Run(masked_weight, call, layout=layout, resident=resident,
+    return Run(masked_weight, call, layout=layout, resident=resident, perm=perm,
                info={"layout": "direct" if lay.direct else f"planes S={lay.S}", **(info or {})})

@@ -33,14 +33,15 @@ class CSCpuDirect(CppKernel):
     def make_pattern(self, sparsity, config):
         return P.make("cs", sparsity, form="cin", M=config["M"])
 
-    def _default(self, layer, sparsity):
+    def _default(self, layer, sparsity, pinned):
         try:
             K = P.make("cs", sparsity).K
         except ValueError:
             K = 2  # invalid sparsity: supports() reports the pattern's own error
         ms = [m for m in P.CPU_M if layer.cin % (K * m) == 0]
-        return {"M": max(ms) if ms else P.CPU_M[0], **default_schedule(layer, self.space["T"]),
-                "cin_chunk": 0, "decode": "offsets"}
+        M = pinned.get("M", max(ms) if ms else P.CPU_M[0])
+        return {"M": M, **default_schedule(layer, self.space["T"]), "cin_chunk": 0,
+                "decode": "offsets"}
 
     def _reason(self, layer, sparsity, config):
         ch = config["cin_chunk"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import itertools
 import os
+import pkgutil
 from pathlib import Path
 
 import torch
@@ -15,10 +17,18 @@ import shapes
 from . import patterns as P
 
 _REGISTRY: dict[str, Kernel] = {}
-_BUILTINS = ("kernels.dense", "kernels.cs_cpu", "kernels.block_cpu", "kernels.cci_cpu",
-             "kernels.triton_kernels")
 _loaded = False
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HERE = Path(__file__).resolve().parent
+
+
+class KernelBuildError(RuntimeError):
+    """A kernel's code could not be built (C++ compiler, Triton compile): ``compile_error``."""
+
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET=1``: GPU kernels run through Triton's interpreter on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Run:
@@ -27,12 +37,13 @@ class Run:
     the kernel has its own input layout, ``layout(x)`` plus ``resident(xl)`` so kernel-only time
     can be measured without the layout conversion."""
 
-    def __init__(self, masked_weight, call, layout=None, resident=None, info=None):
+    def __init__(self, masked_weight, call, layout=None, resident=None, info=None, perm=None):
         self.masked_weight = masked_weight
         self._call = call
         self.layout = layout
         self.resident = resident
         self.info = dict(info or {})
+        self.perm = perm  # output-channel order a permuting pattern grouped by (for its check)
 
     @property
     def has_resident(self) -> bool:
@@ -53,15 +64,19 @@ class Kernel:
     space: dict[str, tuple] = {}
     pattern_params: tuple[str, ...] = ()  # keys of a config that parameterize the pattern
     dtypes: tuple[str, ...] = ("float32",)
-    sources: tuple[str, ...] = ()  # files besides the module whose change invalidates tuning
+    sources: tuple[str, ...] = ()  # files (relative to kernels/) the kernel also depends on
     baseline = False
 
     # ---- availability ---------------------------------------------------------------------
     def available(self) -> str | None:
-        """None when the kernel can run on this machine, else why not."""
-        if self.device == "cuda" and not torch.cuda.is_available():
+        """None when the kernel can run on this machine, else why not. GPU kernels also run
+        under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors."""
+        if self.device == "cuda" and not torch.cuda.is_available() and not interpreting():
             return "no CUDA device on this machine"
         return None
+
+    def build(self) -> None:
+        """Build what the kernel needs before its first case (raises KernelBuildError)."""
 
     # ---- configs ----------------------------------------------------------------------------
     def _check_config(self, config) -> str | None:
@@ -106,14 +121,20 @@ class Kernel:
         return self._reason(layer, sparsity, cfg)
 
     def full_config(self, layer, sparsity, config=None):
-        """The default config updated by ``config`` (or a reason string when no default)."""
-        base = self.default_config(layer, sparsity)
+        """The default config updated by ``config`` (or a reason string when no default). The
+        defaults are computed for the pattern parameters ``config`` pins (a swept 1xN N=4 gets
+        the tile that suits N=4, not the one computed for the default N)."""
+        config = dict(config or {})
+        pinned = {k: config[k] for k in self.pattern_params if k in config}
+        base = self.default_config(layer, sparsity, pinned)
         if base is None:
             return f"{self.name} has no valid configuration for {layer.shape_str} at S={sparsity}"
-        return {**base, **(config or {})}
+        return {**base, **config}
 
-    def default_config(self, layer, sparsity) -> dict | None:
-        return self._default(layer, sparsity)
+    def default_config(self, layer, sparsity, pinned=None) -> dict | None:
+        """The configuration used when none is given; ``pinned`` fixes pattern parameters."""
+        base = self._default(layer, sparsity, dict(pinned or {}))
+        return None if base is None else {**base, **(pinned or {})}
 
     def configs(self, layer, sparsity, dtype="float32", fixed=None) -> list[dict]:
         """Every supported point of ``space`` (``fixed`` pins some parameters)."""
@@ -145,31 +166,35 @@ class Kernel:
     def _reason(self, layer, sparsity, config) -> str | None:
         return None
 
-    def _default(self, layer, sparsity) -> dict | None:
+    def _default(self, layer, sparsity, pinned) -> dict | None:
         return {k: v[0] for k, v in self.space.items()}
 
     def _prepare(self, layer, weight, sparsity, config) -> Run:
         raise NotImplementedError
 
     # ---- identity ------------------------------------------------------------------------------
+    def source_files(self) -> list[Path]:
+        """Every file whose contents decide what this kernel computes: its module (for a
+        plugin, the plugin's file), its pattern's module and the patterns' shared code, and the
+        shared files it declares in ``sources`` (C++, layout, launch helpers)."""
+        files = [Path(inspect.getsourcefile(type(self))).resolve()]
+        files += [HERE / s for s in self.sources]
+        if self.pattern in P.PATTERNS:
+            files += [Path(inspect.getsourcefile(P.PATTERNS[self.pattern])).resolve(),
+                      Path(inspect.getsourcefile(P.Pattern)).resolve()]
+        return list(dict.fromkeys(files))
+
     def source_hash(self) -> str:
-        """Hash of the kernel's source files (module, pattern library, extra sources)."""
-        mod = importlib.import_module(type(self).__module__)
-        files = [Path(mod.__file__)] + [Path(__file__).parent / s for s in self.sources]
-        files.append(Path(P.__file__).parent / f"{_pattern_module(self.pattern)}.py")
+        """Hash of the contents of ``source_files()``: an uncommitted edit changes exactly the
+        kernels that depend on the edited file."""
         h = hashlib.sha256()
-        for f in files:
-            if f.is_file():
-                h.update(f.read_bytes())
+        for f in self.source_files():
+            h.update(f.name.encode())
+            h.update(f.read_bytes() if f.is_file() else b"<missing>")
         return h.hexdigest()[:16]
 
     def __repr__(self):
         return f"<Kernel {self.name} pattern={self.pattern} device={self.device}>"
-
-
-def _pattern_module(pattern: str) -> str:
-    return {"cs": "cs", "ovw": "ovw", "1xn": "block", "cci": "cci", "nm": "nm",
-            "unstructured": "nm"}.get(pattern, "base")
 
 
 def _dtype_name(dt) -> str:
@@ -185,12 +210,19 @@ def register(cls):
     return cls
 
 
+def builtin_modules() -> list[str]:
+    """Every module of the kernels package (kernel families register when imported): adding a
+    kernel is adding one file."""
+    return [f"kernels.{m.name}" for m in pkgutil.iter_modules([str(HERE)])
+            if not m.name.startswith("_") and m.name != "patterns"]
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTINS:
+    for mod in builtin_modules():
         importlib.import_module(mod)
     for mod in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
         importlib.import_module(mod)

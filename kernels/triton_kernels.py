@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -35,16 +34,32 @@ except ImportError:  # non-Linux or a minimal install: kernels register but repo
 PRUNED_FILE = Path(__file__).with_name("triton_pruned.json")
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 if HAVE_TRITON:
 
     @triton.jit
     def _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW):
         ptr = y + ((n[:, None] * COUT + co[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
         tl.store(ptr, acc.to(y.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _im2col_load(x, r, rmask, n, oh, ow, pmask, C, H, W, STRIDE, PAD,
+                     KH: tl.constexpr, KW: tl.constexpr):
+        """[BM, BR] block of the implicit im2col matrix: pixel rows, columns ``r`` (OIHW
+        order ``r = (c*KH + kr)*KW + ks``), zero outside the image and the masks."""
+        c, t = r // (KH * KW), r % (KH * KW)
+        ih = (oh * STRIDE - PAD)[:, None] + (t // KW)[None, :]
+        iw = (ow * STRIDE - PAD)[:, None] + (t % KW)[None, :]
+        m = pmask[:, None] & rmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        return tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=m, other=0.0)
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        """acc += a @ b; fp32 inputs in IEEE precision (no TF32) when IEEE is set."""
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
 
     @triton.jit
     def dense_igemm_kernel(x, wt, y, NB, C, H, W, COUT, OH, OW, R, STRIDE, PAD,
@@ -59,17 +74,10 @@ if HAVE_TRITON:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for r0 in range(0, R, BK):
             r = r0 + tl.arange(0, BK)
-            c, t = r // (KH * KW), r % (KH * KW)
-            ih = (oh * STRIDE - PAD)[:, None] + (t // KW)[None, :]
-            iw = (ow * STRIDE - PAD)[:, None] + (t % KW)[None, :]
-            m = pmask[:, None] & (r < R)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=m, other=0.0)
+            a = _im2col_load(x, r, r < R, n, oh, ow, pmask, C, H, W, STRIDE, PAD, KH, KW)
             b = tl.load(wt + r[:, None] * COUT + co[None, :],
                         mask=(r < R)[:, None] & cmask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, IEEE)
         _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW)
 
     @triton.jit
@@ -84,17 +92,12 @@ if HAVE_TRITON:
         pmask, cmask = p < NB * OH * OW, co < COUT
         n, q = p // (OH * OW), p % (OH * OW)
         oh, ow = q // OW, q % OW
-        ih0, iw0 = oh * STRIDE - PAD, ow * STRIDE - PAD
         kk = tl.arange(0, K)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for m in range(0, MM):
             r = m + MM * kk  # the K candidate im2col columns of slot m
-            c, t = r // (KH * KW), r % (KH * KW)
-            ih = ih0[:, None] + (t // KW)[None, :]
-            iw = iw0[:, None] + (t % KW)[None, :]
-            msk = pmask[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xk = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=msk,
-                         other=0.0).to(tl.float32)
+            xk = _im2col_load(x, r, kk < K, n, oh, ow, pmask, C, H, W, STRIDE, PAD, KH,
+                              KW).to(tl.float32)
             wi = tl.load(idx + m * COUT + co, mask=cmask, other=0).to(tl.int32)
             wv = tl.load(ws + m * COUT + co, mask=cmask, other=0.0).to(tl.float32)
             sel = tl.gather(xk, tl.broadcast_to(wi[None, :], (BM, BN)), axis=1)
@@ -119,17 +122,10 @@ if HAVE_TRITON:
             j = j0 + tl.arange(0, BK)
             jm = j < KEEP
             r = tl.load(cols + g * KEEP + j, mask=jm, other=0)
-            c, t = r // (KH * KW), r % (KH * KW)
-            ih = (oh * STRIDE - PAD)[:, None] + (t // KW)[None, :]
-            iw = (ow * STRIDE - PAD)[:, None] + (t % KW)[None, :]
-            m = pmask[:, None] & jm[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=m, other=0.0)
+            a = _im2col_load(x, r, jm, n, oh, ow, pmask, C, H, W, STRIDE, PAD, KH, KW)
             b = tl.load(vals + (g * KEEP + j)[:, None] * V + v[None, :], mask=jm[:, None],
                         other=0.0)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, IEEE)
         oc = tl.load(perm + g * V + v)  # permuted channels return to their original place
         _store_out(y, acc, n, oc, oh, ow, pmask, v < V, COUT, OH, OW)
 
@@ -153,17 +149,9 @@ if HAVE_TRITON:
                 j = j0 + tl.arange(0, BK)
                 jm = j < end
                 r = tl.load(colidx + j, mask=jm, other=0)
-                c, t = r // (KH * KW), r % (KH * KW)
-                ih = (oh * STRIDE - PAD)[:, None] + (t // KW)[None, :]
-                iw = (ow * STRIDE - PAD)[:, None] + (t % KW)[None, :]
-                m = pmask[:, None] & jm[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=m,
-                            other=0.0)
+                a = _im2col_load(x, r, jm, n, oh, ow, pmask, C, H, W, STRIDE, PAD, KH, KW)
                 wv = tl.load(vals + j[:, None] * N + nn[None, :], mask=jm[:, None], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, wv, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, wv, acc)
+                acc = _dot(a, wv, acc, IEEE)
         else:
             for j in range(start, end):
                 r = tl.load(colidx + j)
@@ -194,16 +182,25 @@ def _launch_opts(config):
 
 
 class TritonKernel(Kernel):
+    """A Triton kernel. Besides the registry's fields it carries what the ahead-of-time compile
+    needs (``python -m harness verify --compile``): ``kernel_fn`` (the @triton.jit function's
+    name), ``aot_pointers`` (pointer argument -> element type: ``D`` the data dtype, else a
+    Triton type) and ``aot_specializations`` (the compile-time constants it is built for)."""
+
     device = "cuda"
     dtypes = ("float32", "float16")
+    sources = ("triton_kernels.py", "triton_configs.py")
     tunables: dict = {}
-    kernel_fn = None  # name of the @triton.jit function (for the AOT compile)
+    kernel_fn: str | None = None
+    aot_pointers: dict[str, str] = {}
+
+    def aot_specializations(self) -> list[dict]:
+        """Constants beyond the tap size (KH, KW) that a compile is specialized on."""
+        return [{}]
 
     def available(self):
         if not HAVE_TRITON:
             return "triton is not installed"
-        if interpreting():
-            return None  # TRITON_INTERPRET=1 runs the kernel on CPU tensors
         return super().available()
 
     def _reason(self, layer, sparsity, config):
@@ -219,7 +216,7 @@ class TritonKernel(Kernel):
                                                     device=x.device, dtype=x.dtype)
         return x.contiguous(), y
 
-    def _wrap(self, layer, masked_weight, launch, info=None):
+    def _wrap(self, layer, masked_weight, launch, info=None, perm=None):
         def call(x, out=None):
             if x.shape[1:] != (layer.cin, layer.h, layer.w):
                 raise ValueError(f"{self.name}: input {tuple(x.shape)} does not match "
@@ -228,7 +225,7 @@ class TritonKernel(Kernel):
             launch(x, y)
             return y
 
-        return Run(masked_weight, call, info={"kernel": self.name, **(info or {})})
+        return Run(masked_weight, call, info={"kernel": self.name, **(info or {})}, perm=perm)
 
 
 @register
@@ -238,6 +235,7 @@ class DenseTritonImplicitGemm(TritonKernel):
     tunables = TC.DENSE
     space = dict(TC.DENSE)
     kernel_fn = "dense_igemm_kernel"
+    aot_pointers = {"x": "D", "wt": "D", "y": "D"}
 
     def _prepare(self, layer, weight, sparsity, config):
         R = layer.cin * layer.kh * layer.kw
@@ -262,6 +260,10 @@ class CSTritonWeightReuse(TritonKernel):
     tunables = TC.CS
     space = dict(TC.CS)
     kernel_fn = "cs_weight_reuse_kernel"
+    aot_pointers = {"x": "D", "ws": "D", "idx": "u8", "y": "D"}
+
+    def aot_specializations(self):
+        return [{"K": k} for k in (2, 4, 8, 16)]
 
     def make_pattern(self, sparsity, config):
         return P.make("cs", sparsity, form="row")
@@ -291,8 +293,12 @@ class OVWTritonFeatureReuse(TritonKernel):
     space = {"V": P.OVW_V, "permute": (False, True), **TC.OVW}
     pattern_params = ("V", "permute")
     kernel_fn = "ovw_feature_reuse_kernel"
+    aot_pointers = {"x": "D", "cols": "i32", "vals": "D", "perm": "i32", "y": "D"}
 
-    def _default(self, layer, sparsity):
+    def aot_specializations(self):
+        return [{"V": v} for v in self.space["V"]]
+
+    def _default(self, layer, sparsity, pinned):
         return {"V": pick_divisor(P.OVW_V, layer.cout, 32), "permute": False,
                 **{k: v[0] for k, v in TC.OVW.items()}}
 
@@ -313,7 +319,7 @@ class OVWTritonFeatureReuse(TritonKernel):
                                            IEEE=x.dtype == torch.float32,
                                            **_launch_opts(config))
 
-        return self._wrap(layer, wm, launch, {"keep": keep})
+        return self._wrap(layer, wm, launch, {"keep": keep}, perm=enc.perm)
 
 
 @register
@@ -324,8 +330,13 @@ class Bsr1xNTriton(TritonKernel):
     space = {"N": P.BLOCK_N, "rearrange": (False, True), **TC.BSR}
     pattern_params = ("N", "rearrange")
     kernel_fn = "bsr_1xn_kernel"
+    aot_pointers = {"x": "D", "crow": "i32", "colidx": "i32", "vals": "D", "rowmap": "i32",
+                    "y": "D"}
 
-    def _default(self, layer, sparsity):
+    def aot_specializations(self):
+        return [{"N": n, "USE_DOT": n >= 16} for n in self.space["N"]]
+
+    def _default(self, layer, sparsity, pinned):
         return {"N": pick_divisor(P.BLOCK_N, layer.cout, 16), "rearrange": False,
                 **{k: v[0] for k, v in TC.BSR.items()}}
 
@@ -345,7 +356,7 @@ class Bsr1xNTriton(TritonKernel):
                                  N=enc.N, BM=BM, BK=BK, USE_DOT=enc.N >= 16,
                                  IEEE=x.dtype == torch.float32, **_launch_opts(config))
 
-        return self._wrap(layer, wm, launch, {"nnzb": enc.nnzb})
+        return self._wrap(layer, wm, launch, {"nnzb": enc.nnzb}, perm=enc.perm)
 
 
 def tunable_points(kernel) -> list[dict]:

@@ -11,20 +11,21 @@ from test_harness import ROOT, env
 
 from harness import plan
 from harness.autotune import strategy
+from harness.records import Candidate, Config
 from harness.store import Store
 
 
 def grid():
     """A synthetic space: two kernels with different parameters, a known optimum."""
-    out = [{"kernel": "a", "config": {"T": t, "ob": ob, "split": sp}}
+    out = [Candidate("a", Config({"T": t, "ob": ob, "split": sp}))
            for t in (1, 2, 3, 4, 6, 8) for ob in (8, 32, 128) for sp in ("pixels", "channels")]
-    out += [{"kernel": "b", "config": {"N": n, "T": t}} for n in (4, 8, 16, 32) for t in (1, 2, 3)]
+    out += [Candidate("b", Config({"N": n, "T": t})) for n in (4, 8, 16, 32) for t in (1, 2, 3)]
     return out
 
 
 def synthetic_cost(c):
-    cfg = c["config"]
-    if c["kernel"] == "a":
+    cfg = c.config
+    if c.kernel == "a":
         return (1.0 + 0.1 * (cfg["T"] - 6) ** 2 + 0.002 * abs(cfg["ob"] - 32)
                 + (0.3 if cfg["split"] == "pixels" else 0.0))
     return 2.0 + 0.05 * abs(cfg["N"] - 16) + 0.1 * cfg["T"]
@@ -65,10 +66,10 @@ def test_random_strategy_respects_budget_and_never_repeats():
 
 def test_model_strategy_survives_failed_candidates():
     def cost(c):
-        return math.inf if c["kernel"] == "a" and c["config"]["T"] == 6 else synthetic_cost(c)
+        return math.inf if c.kernel == "a" and c.config["T"] == 6 else synthetic_cost(c)
     s = run_strategy("model", 30, seed=1, cost=cost)
     best, c = s.best()
-    assert math.isfinite(c) and best["config"].get("T") != 6 or best["kernel"] == "b"
+    assert math.isfinite(c) and best.config.get("T") != 6 or best.kernel == "b"
 
 
 def test_unknown_strategy_is_a_clear_error():
@@ -123,8 +124,8 @@ def autotune(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "harness", "autotune", "--net", "resnet50",
                            "--layers", "layer4.1.conv2", "--threads", "1", "--db",
                            str(tmp_path / "t.sqlite"), "--out-dir", str(tmp_path / "plans"),
-                           *args], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=900)
+                           *args], cwd=ROOT, env=env(HARNESS_PLUGINS=""), capture_output=True,
+                          text=True, timeout=900)
 
 
 def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
@@ -145,7 +146,7 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     store.db.execute("UPDATE tuning SET machine_hash = 'other-machine', tune_key = tune_key || 'x'")
     r3 = autotune(tmp_path, "--strategy", "random", "--budget", "4")
     assert r3.returncode == 0, r3.stderr
-    assert "measured with another machine" in r3.stdout
+    assert "measured with another machine or software" in r3.stdout
     assert len(store.tuning()) == 2 * n
 
 
@@ -154,3 +155,24 @@ def test_autotune_bad_input_exits_2(tmp_path):
     assert r.returncode == 2 and "one value" in r.stderr
     r = autotune(tmp_path, "--patterns", "ovw")
     assert r.returncode == 2 and "no cpu kernel implements pattern(s) ovw" in r.stderr
+    for bad in (["--threads", "0"], ["--budget", "0"], ["--time-budget", "-5"]):
+        r = autotune(tmp_path, *bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("error: ")
+
+
+def test_autotune_with_no_sparse_candidate_says_so_and_exits_2(tmp_path):
+    # CS at 0.9 has K=10, not a power of two: every layer would stay dense
+    r = autotune(tmp_path, "--sparsity", "0.9")
+    assert r.returncode == 2, r.stdout
+    assert "no sparse candidate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "plans").exists()
+
+
+def test_candidates_are_hashable_values():
+    a = Candidate("k", Config({"T": 4, "M": 2}))
+    b = Candidate("k", {"M": 2, "T": 4})
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a.config == {"M": 2, "T": 4}
+    with pytest.raises(AttributeError):
+        a.config.x = 1

@@ -33,13 +33,13 @@ def env(**extra):
     return e
 
 
-def bench(tmp, *args, db=None, timeout=600, **kw):
+def bench(tmp, *args, db=None, timeout=600, plugins="faulty_kernels", **kw):
     shapes = tmp / "tiny.csv"
     shapes.write_text(SHAPES)
     cmd = [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes),
            "--db", str(db or tmp / "r.sqlite"), *FAST, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(cmd, cwd=ROOT, env=env(HARNESS_PLUGINS=plugins), capture_output=True,
+                          text=True, timeout=timeout, **kw)
 
 
 def rows(db) -> pd.DataFrame:
@@ -155,7 +155,14 @@ def test_ctrl_c_stops_after_the_case_in_flight_and_keeps_results(tmp_path):
     (["--sparsities", "1.5"], r"sparsity 1.5 is outside \(0, 1\)"),
     (["--sparsities", "0"], r"outside \(0, 1\)"),
     (["--sparsities", "abc"], "is not a number"),
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch", "0"], "--batch: must be >= 1, got 0"),
+    (["--rounds", "0"], "--rounds: must be >= 1, got 0"),
+    (["--case-timeout", "-1"], "--case-timeout: must be > 0, got -1"),
+    (["--threads", "0"], "--threads: must be >= 1, got 0"),
+    (["--threads", "two"], "--threads: 'two' is not an integer"),
+    (["--min-sample", "-0.1"], "--min-sample: must be >= 0"),
+    (["--device", "cuda"], "no CUDA device on this machine; add --interpret"),
+    (["--interpret"], "use it with --device cuda"),
     (["--patterns", "zz"], "unknown pattern 'zz'"),
     (["--layers", "layer9.9.conv9"], "unknown layer"),
     (["--shard", "3/2"], "need 0 <= i < n"),
@@ -194,9 +201,14 @@ def test_foreign_or_corrupt_database_exits_2(tmp_path, content, message):
 def test_list_kernels_and_export(tmp_path):
     r = bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", "--layers", "b")
     assert r.returncode == 0, r.stderr
+    plain = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "harness", "list", "kernels"], cwd=ROOT,
-                         env=env(), capture_output=True, text=True, timeout=300)
+                         env=plain, capture_output=True, text=True, timeout=300)
     assert "cs_cpu_direct" in out.stdout and "no CUDA device" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "harness", "list", "kernels"], cwd=ROOT,
+                         env={**plain, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert "interpreter only" in out.stdout
     for fmt in ("csv", "parquet"):
         dest = tmp_path / f"out.{fmt}"
         e = subprocess.run([sys.executable, "-m", "harness", "export", "--format", fmt, "--db",

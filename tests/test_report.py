@@ -6,21 +6,52 @@ import subprocess
 import sys
 
 import pytest
-from test_harness import ROOT, bench, env
+from test_harness import ROOT, bench, env, rows
+
+import kernels
 
 SECTIONS = ["machine", "per-layer", "network", "sensitivity", "roofline", "autotune", "paper",
             "gpu", "failures", "results"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+GPU_KERNELS = [n for n in kernels.names(device="cuda") if not n.startswith("faulty")]
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def db(tmp_path_factory):
+    """A real CPU sweep, then the GPU pipeline through Triton's interpreter (with a wrong
+    Triton plugin) into the same database."""
     tmp = tmp_path_factory.mktemp("report")
     r = bench(tmp, "--kernels", "cs_cpu_direct,bsr_1xn_cpu,cci_cpu", "--sparsities",
               "0.75,0.9375")
     assert r.returncode == 0, r.stderr
+    r = bench(tmp, "--device", "cuda", "--interpret", "--quick", "--layers", "b,c",
+              "--sparsities", "0.5", plugins="faulty_kernels,faulty_triton")
+    assert r.returncode == 0, r.stderr
+    assert "not GPU timings" in r.stdout
+    return tmp / "r.sqlite"
+
+
+def test_interpreter_run_checks_every_gpu_kernel_and_catches_the_wrong_one(db):
+    df = rows(db)
+    gpu = df[df.device == "cuda-interpret"]
+    assert set(GPU_KERNELS) <= set(gpu.kernel)
+    for name in GPU_KERNELS:
+        k = gpu[gpu.kernel == name]
+        assert (k.status == "ok").all() and len(k) >= 2, k[["status", "reason"]]
+        assert (k.rel_err < 1e-5).all() and (k.median_s > 0).all()
+    wrong = gpu[gpu.kernel == "faulty_triton_wrong"]
+    assert len(wrong) == 2 and (wrong.status == "incorrect").all()
+    assert wrong.median_s.isna().all()
+    # sparse interpreter rows were timed against the interpreter run's own dense baseline
+    sparse = gpu[(gpu.pattern != "dense") & (gpu.status == "ok")]
+    assert sparse.dense_median_s.notna().all()
+
+
+@pytest.fixture(scope="module")
+def report(db):
+    tmp = db.parent
     out = tmp / "index.html"
-    r = subprocess.run([sys.executable, "-m", "harness", "report", "--db", str(tmp / "r.sqlite"),
+    r = subprocess.run([sys.executable, "-m", "harness", "report", "--db", str(db),
                         "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -34,20 +65,33 @@ def test_report_is_self_contained(report):
     assert html.count("data:image/png;base64,") >= 5
     assert "layer mapping" in html.lower() or "mapping used here is an assumption" in html
     assert "holds no GPU measurements" in html
+    assert "Interpreter pipeline check (not GPU timings)" in html
+    net = html[html.index('id="network"'):html.index('id="sensitivity"')]
+    assert "cuda-interpret" not in net and "triton" not in net  # never a speedup
+
+
+def chromium_launch(p):
+    """Debian's Chromium where installed, else playwright's own browser."""
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    if CHROMIUM:
+        return p.chromium.launch(executable_path=CHROMIUM, args=args)
+    return p.chromium.launch(args=args)
 
 
 @pytest.mark.skipif(os.environ.get("SPARSECONV_NO_BROWSER") == "1",
                     reason="SPARSECONV_NO_BROWSER=1: browser check deliberately turned off")
 def test_report_in_headless_chromium(report):
-    assert CHROMIUM, "Debian's chromium is needed for this test: apt-get install chromium " \
-                     "(.ci/run installs it), or set SPARSECONV_NO_BROWSER=1 to opt out"
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Error, sync_playwright
 
     shot = ROOT / "reports" / "test-screenshot.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            browser = chromium_launch(p)
+        except Error as e:
+            pytest.fail(f"no browser for the report test ({str(e).splitlines()[0]}): `nox -s "
+                        f"tests` installs one (Debian's chromium, or playwright's download); "
+                        f"SPARSECONV_NO_BROWSER=1 skips this test deliberately")
         page = browser.new_page(viewport={"width": 1366, "height": 900})
         errors = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -57,12 +101,24 @@ def test_report_in_headless_chromium(report):
         widths = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
         ids = page.evaluate("Array.from(document.querySelectorAll('section[id]')).map(s => s.id)")
         net_rows = page.evaluate("document.querySelectorAll('#network table tr').length")
+        interp = page.evaluate("""() => {
+            const t = document.querySelector('#interpreter-table');
+            const h = document.querySelector('#gpu-interpreter');
+            return {rows: t ? t.querySelectorAll('tr').length : 0,
+                    title: h ? h.innerText : '', visible: !!(t && t.offsetParent),
+                    bad: t ? t.querySelectorAll('tr.bad').length : 0};
+        }""")
+        page.locator("#gpu-interpreter").scroll_into_view_if_needed()
+        page.screenshot(path=str(ROOT / "reports" / "test-screenshot-interpreter.png"))
         page.screenshot(path=str(shot), full_page=False)
         browser.close()
     assert errors == []
     assert len(widths) >= 5 and all(w and w > 0 for w in widths)
     assert set(SECTIONS) <= set(ids)
     assert net_rows > 1
+    assert interp["visible"] and "not GPU timings" in interp["title"]
+    assert interp["rows"] >= 1 + 2 * (len(GPU_KERNELS) + 1)  # every case of both layers
+    assert interp["bad"] == 2  # the wrong Triton plugin, on both layers, highlighted
     assert shot.stat().st_size > 10_000
 
 

@@ -17,28 +17,28 @@ import random
 
 import numpy as np
 
-from .base import BaseStrategy, cand_key
+from .base import BaseStrategy
 
 
-def features(candidates: list[dict]) -> tuple[np.ndarray, int, int]:
+def features(candidates: list) -> tuple[np.ndarray, int, int]:
     """(design matrix, end of main-effect columns, end of one-hot columns): intercept, one-hot
     ``param=value`` columns, numeric columns, then pairwise products of the main effects."""
-    tokens = sorted({f"kernel={c['kernel']}" for c in candidates} |
-                    {f"{c['kernel']}.{k}={json.dumps(v)}" for c in candidates
-                     for k, v in c["config"].items()})
+    tokens = sorted({f"kernel={c.kernel}" for c in candidates} |
+                    {f"{c.kernel}.{k}={json.dumps(v)}" for c in candidates
+                     for k, v in c.config.items()})
     index = {t: i for i, t in enumerate(tokens)}
     one = np.zeros((len(candidates), len(tokens)))
     for r, c in enumerate(candidates):
-        one[r, index[f"kernel={c['kernel']}"]] = 1
-        for k, v in c["config"].items():
-            one[r, index[f"{c['kernel']}.{k}={json.dumps(v)}"]] = 1
+        one[r, index[f"kernel={c.kernel}"]] = 1
+        for k, v in c.config.items():
+            one[r, index[f"{c.kernel}.{k}={json.dumps(v)}"]] = 1
     # ordered parameters (tile sizes, block sizes, M, ...) also enter as standardized value and
     # value squared, so the model can extrapolate along them
-    numeric = sorted({(c["kernel"], k) for c in candidates for k, v in c["config"].items()
+    numeric = sorted({(c.kernel, k) for c in candidates for k, v in c.config.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
     num = np.zeros((len(candidates), 2 * len(numeric)))
     for j, (kern, k) in enumerate(numeric):
-        vals = np.array([float(c["config"][k]) if c["kernel"] == kern else np.nan
+        vals = np.array([float(c.config[k]) if c.kernel == kern else np.nan
                          for c in candidates])
         mu, sd = np.nanmean(vals), np.nanstd(vals) or 1.0
         z = np.nan_to_num((vals - mu) / sd)
@@ -61,7 +61,7 @@ class Strategy(BaseStrategy):
     def __init__(self, candidates, budget=None, seed=0):
         super().__init__(candidates, budget, seed)
         self.X, self.n_main, self.n_onehot = features(self.candidates)
-        self.keys = [cand_key(c) for c in self.candidates]
+        self.keys = list(self.candidates)
         self.order = list(range(len(self.candidates)))
         random.Random(seed).shuffle(self.order)
         self.start = max(4, min(self.budget // 3, len(self.candidates)))
@@ -101,6 +101,6 @@ class Strategy(BaseStrategy):
     def _neighbours(self, a: int, b: int) -> bool:
         """Same kernel, exactly one parameter different."""
         ca, cb = self.candidates[a], self.candidates[b]
-        if ca["kernel"] != cb["kernel"]:
+        if ca.kernel != cb.kernel:
             return False
-        return sum(ca["config"].get(k) != v for k, v in cb["config"].items()) == 1
+        return sum(ca.config.get(k) != v for k, v in cb.config.items()) == 1

@@ -8,7 +8,8 @@ import json
 import math
 from collections import defaultdict
 
-from .base import BaseStrategy, cand_key
+from ..records import Candidate
+from .base import BaseStrategy
 
 
 class Strategy(BaseStrategy):
@@ -24,24 +25,24 @@ class Strategy(BaseStrategy):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self._optuna = optuna
-        self.valid = {cand_key(c): c for c in self.candidates}
-        self.kernels = sorted({c["kernel"] for c in self.candidates})
+        self.valid = set(self.candidates)
+        self.kernels = sorted({c.kernel for c in self.candidates})
         self.values = defaultdict(set)  # (kernel, param) -> values seen in valid candidates
         for c in self.candidates:
-            for p, v in c["config"].items():
-                self.values[(c["kernel"], p)].add(json.dumps(v))
+            for p, v in c.config.items():
+                self.values[(c.kernel, p)].add(json.dumps(v))
         startup = max(3, min(10, self.budget // 3))
         self.study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=startup, multivariate=True, group=True))
-        self._trials: dict[str, object] = {}
-        self._fallback = sorted(self.valid)
+        self._trials: dict[Candidate, object] = {}
+        self._fallback = list(self.candidates)
 
-    def _propose(self, trial) -> dict:
+    def _propose(self, trial) -> Candidate:
         kernel = trial.suggest_categorical("kernel", self.kernels)
         params = sorted(p for (k, p) in self.values if k == kernel)
         cfg = {p: json.loads(trial.suggest_categorical(
             f"{kernel}.{p}", sorted(self.values[(kernel, p)]))) for p in params}
-        return {"kernel": kernel, "config": cfg}
+        return Candidate(kernel, cfg)
 
     def ask(self):
         if self.evaluations >= self.budget or len(self.history) >= len(self.valid):
@@ -49,8 +50,7 @@ class Strategy(BaseStrategy):
         TrialState = self._optuna.trial.TrialState
         for _ in range(self.MAX_TRIES):
             trial = self.study.ask()
-            cand = self._propose(trial)
-            key = cand_key(cand)
+            key = self._propose(trial)
             if key not in self.valid:
                 self.study.tell(trial, state=TrialState.PRUNED)
             elif key in self.history:
@@ -58,14 +58,14 @@ class Strategy(BaseStrategy):
                 self.study.tell(trial, cost if math.isfinite(cost) else 1e30)
             else:
                 self._trials[key] = trial
-                return self.valid[key]
+                return key
         for key in self._fallback:  # TPE keeps proposing known points: take an unmeasured one
             if key not in self.history:
-                return self.valid[key]
+                return key
         return None
 
     def tell(self, cand, cost):
         super().tell(cand, cost)
-        trial = self._trials.pop(cand_key(cand), None)
+        trial = self._trials.pop(cand, None)
         if trial is not None:
             self.study.tell(trial, cost if math.isfinite(cost) else 1e30)

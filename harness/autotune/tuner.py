@@ -7,7 +7,6 @@ and re-measures) one measured on another machine or with other kernel source."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -16,22 +15,22 @@ from dataclasses import dataclass, field
 
 import kernels
 
-from .. import cases
-from ..runner import WorkerDied, WorkerTimeout
+from .. import baseline, cases
+from ..records import Candidate, CaseRequest, Config, DenseRef, RaceReply, RaceRequest, Status, TimingOptions
+from ..runner import WorkerDied, WorkerTimeout, run_case
 from . import strategy as get_strategy
-from .base import cand_key
 
-TIMING = {"rounds": 5, "min_sample": 1e-3, "warmup": 0.02, "resident": False}
-RACE = {"rounds": 25, "min_sample": 2e-3, "warmup": 0.05}
+TIMING = TimingOptions(rounds=5, min_sample=1e-3, warmup=0.02, resident=False)
+RACE = TimingOptions(rounds=25, min_sample=2e-3, warmup=0.05)
 CONFIRM_TOP = 3  # a single timing can be a lucky outlier: the top picks race each other
 
 
-def candidates(layer, patterns, sparsity, device, dtype):
+def candidates(layer, patterns, sparsity, device, dtype) -> list[Candidate]:
     out = []
-    for name in kernels.names(device=device):
+    for name in kernels.names(device=device.kernel_device):
         k = kernels.get(name)
         if k.pattern in patterns and k.available() is None:
-            out += [{"kernel": name, "config": cfg} for cfg in k.configs(layer, sparsity, dtype)]
+            out += [Candidate(name, Config(cfg)) for cfg in k.configs(layer, sparsity, dtype)]
     return out
 
 
@@ -40,7 +39,7 @@ class LayerResult:
     layer: object
     dense_s: float
     dense_layout: str
-    best: dict
+    best: Candidate
     best_s: float
     defaults: dict = field(default_factory=dict)  # kernel -> normalized seconds
     evaluations: int = 0
@@ -50,114 +49,124 @@ class LayerResult:
 
 
 class Evaluator:
-    def __init__(self, store, worker, machine_hash, layer, sparsity, batch, dtype, device, threads,
+    """Costs of candidates on one layer: from the tuning table when a record with the same
+    identity (machine and software, kernel source, shape, batch, dtype, threads, pattern,
+    sparsity, config) exists, else measured through the worker (with the correctness gate)."""
+
+    def __init__(self, store, worker, identity, layer, sparsity, batch, dtype, device, threads,
                  case_timeout=120.0, log=print, timing=None):
-        self.store, self.worker, self.mh = store, worker, machine_hash
+        self.store, self.worker, self.identity = store, worker, identity
         self.layer, self.S, self.batch, self.dtype = layer, sparsity, batch, dtype
         self.device, self.threads, self.timeout, self.log = device, threads, case_timeout, log
         self.timing = timing or TIMING
+        self.base = baseline.kernel_for(device)
         self.dense_s = None
-        self.dense_layout = "nchw"
-        self.dense_kernel = next(n for n in kernels.names(device=device) if kernels.get(n).baseline)
+        self.dense_layout = None
         self.measured = 0  # new candidate measurements (each also stored in the tuning table)
         self.raced = 0  # confirmation timings of already-measured candidates
         self._warned = set()
 
-    def _key(self, kern, config, S):
-        ident = {"machine": self.mh, "kernel": kern.name, "source": kern.source_hash(),
-                 "shape": self._shape(), "batch": self.batch, "dtype": self.dtype,
-                 "pattern": kern.pattern, "sparsity": S, "config": config}
+    def dense_candidate(self, layout=None) -> Candidate:
+        return Candidate(self.base.name, Config({baseline.LAYOUT: layout or self.dense_layout}))
+
+    def _case(self, kern, config, S):
+        return cases.make_case(self.layer, kern, S, config, self.batch, self.dtype, self.device,
+                               self.threads)
+
+    def _key(self, case):
+        """Identity of a tuning record: machine and software, kernel and its source, the
+        layer's shape (records are shared by layers of one shape), batch, dtype, device,
+        threads, pattern, sparsity and configuration."""
+        ident = {"identity": self.identity, "kernel": case.kernel, "source": case.source_hash,
+                 "shape": list(self.layer.shape_key), "batch": self.batch, "dtype": self.dtype,
+                 "device": case.device.value, "threads": self.threads, "pattern": case.pattern,
+                 "sparsity": case.sparsity, "config": dict(case.config)}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
     def _shape(self):
         return json.dumps({"shape": list(self.layer.shape_key), "threads": self.threads})
 
-    def _lookup(self, kern, config, S):
-        key = self._key(kern, config, S)
+    def _lookup(self, case):
+        key = self._key(case)
         t = self.store.tuning(key)
         if len(t):
             return key, t.iloc[-1]
-        if kern.name not in self._warned:  # records of the same case under another key?
+        if case.kernel not in self._warned:  # records of the same case under another identity?
             old = self.store.db.execute(
                 "SELECT machine_hash, source_hash FROM tuning WHERE kernel = ? AND shape = ? AND "
                 "sparsity = ? AND batch = ? AND dtype = ? LIMIT 1",
-                (kern.name, self._shape(), S, self.batch, self.dtype)).fetchone()
-            if old and (old[0] != self.mh or old[1] != kern.source_hash()):
-                why = "another machine or torch/triton" if old[0] != self.mh else \
+                (case.kernel, self._shape(), case.sparsity, self.batch, self.dtype)).fetchone()
+            if old and (old[0] != self.identity or old[1] != case.source_hash):
+                why = "another machine or software" if old[0] != self.identity else \
                     "another version of the kernel's source"
-                self.log(f"  tuning records for {kern.name} on {self.layer.name} were measured "
+                self.log(f"  tuning records for {case.kernel} on {self.layer.name} were measured "
                          f"with {why}; not reused, measuring again")
-                self._warned.add(kern.name)
+                self._warned.add(case.kernel)
         return key, None
 
-    def _measure(self, kern, config, S):
-        case = cases.make_case(self.layer, kern, S, config, self.batch, self.dtype, self.device,
-                               self.threads)
-        if kern.pattern != "dense" and self.dense_s is not None:
-            case.update(dense_kernel=self.dense_kernel, dense_layout=self.dense_layout)
-        try:
-            res = self.worker.call(("case", case, self.timing), self.timeout)
-        except WorkerTimeout as e:
-            res = {"status": "timeout", "reason": str(e)}
-        except WorkerDied as e:
-            res = {"status": "runtime_error", "reason": str(e)}
-        self.measured += 1
-        return res
-
-    def cost(self, cand) -> float:
+    def cost(self, cand: Candidate) -> float:
         """Seconds, normalized to this layer's dense time through the interleaved dense run."""
-        kern = kernels.get(cand["kernel"])
+        kern = kernels.get(cand.kernel)
         S = 0.0 if kern.pattern == "dense" else self.S
-        key, row = self._lookup(kern, cand["config"], S)
+        case = self._case(kern, cand.config, S)
+        key, row = self._lookup(case)
         if row is None:
-            res = self._measure(kern, cand["config"], S)
-            row = {"tune_key": key, "machine_hash": self.mh, "kernel": kern.name,
-                   "source_hash": kern.source_hash(), "shape": self._shape(),
+            dense = None
+            if not case.is_dense and self.dense_layout is not None:
+                dense = DenseRef(self.base.name, self.dense_layout, self.dense_layout)
+            res = run_case(self.worker, CaseRequest(case, self.timing, dense), self.timeout)
+            self.measured += 1
+            row = {"tune_key": key, "machine_hash": self.identity, "kernel": kern.name,
+                   "source_hash": case.source_hash, "shape": self._shape(),
                    "batch": self.batch, "dtype": self.dtype, "pattern": kern.pattern,
-                   "sparsity": S, "config": cand["config"], "status": res.get("status"),
-                   "median_s": res.get("median_s"), "dense_median_s": res.get("dense_median_s"),
-                   "rel_err": res.get("rel_err")}
+                   "sparsity": S, "config": dict(cand.config), "status": res.status.value,
+                   "median_s": res.median_s, "dense_median_s": res.dense_median_s,
+                   "rel_err": res.rel_err}
             self.store.add_tuning(row)
-        if row["status"] != "ok" or row["median_s"] is None or row["median_s"] != row["median_s"]:
+        if Status(row["status"]) is not Status.OK or row["median_s"] is None \
+                or row["median_s"] != row["median_s"]:
             return math.inf
         med, dm = float(row["median_s"]), row["dense_median_s"]
         if kern.pattern != "dense" and dm and dm == dm and self.dense_s:
             return self.dense_s * med / float(dm)
         return med
 
-    def race(self, cands: list[dict]) -> list[float]:
+    def race(self, cands: list[Candidate]) -> list[float]:
         """Seconds per candidate, measured interleaved in one worker call (inf on failure)."""
-        spec = {"layer": dataclasses.asdict(self.layer), "batch": self.batch, "dtype": self.dtype,
-                "device": self.device, "threads": self.threads,
-                "cands": [{**c, "sparsity": 0.0 if kernels.get(c["kernel"]).pattern == "dense"
-                           else self.S} for c in cands]}
+        req = RaceRequest(layer=self.layer, batch=self.batch, dtype=self.dtype,
+                          device=self.device, threads=self.threads, sparsity=self.S,
+                          cands=tuple(cands), timing=RACE)
         try:
-            res = self.worker.call(("race", spec, RACE), self.timeout * 2)
+            res = self.worker.call(req, self.timeout * 2)
         except (WorkerTimeout, WorkerDied):
             return [math.inf] * len(cands)
+        if not isinstance(res, RaceReply):
+            return [math.inf] * len(cands)
         self.raced += len(cands)
-        return [m if m is not None else math.inf for m in res.get("medians", [])] or \
+        return [m if m is not None else math.inf for m in res.medians] or \
             [math.inf] * len(cands)
 
     def dense(self):
-        k = kernels.get(self.dense_kernel)
-        best = (math.inf, "nchw")
-        for layout in k.space["layout"]:
-            c = self.cost({"kernel": k.name, "config": {"layout": layout}})
-            best = min(best, (c, layout))
+        """The layer's dense baseline time and layout (the faster layout, measured)."""
+        best = (math.inf, None)
+        for cfg in baseline.configs(self.base):
+            c = self.cost(Candidate(self.base.name, cfg))
+            best = min(best, (c, cfg[baseline.LAYOUT]), key=lambda t: t[0])
         self.dense_s, self.dense_layout = best
-        return best
+        if self.dense_layout is None:
+            self.dense_layout = baseline.configs(self.base)[0][baseline.LAYOUT]
+        return self.dense_s, self.dense_layout
 
 
 def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, deadline=None):
     cands = candidates(ev.layer, patterns, ev.S, ev.device, ev.dtype)
     dense_s, layout = ev.dense()
     defaults = {}
-    for name in sorted({c["kernel"] for c in cands}):
+    for name in sorted({c.kernel for c in cands}):
         cfg = kernels.get(name).default_config(ev.layer, ev.S)
-        if cfg and any(c["kernel"] == name and c["config"] == cfg for c in cands):
-            defaults[name] = ev.cost({"kernel": name, "config": cfg})
-    best, best_s = {"kernel": ev.dense_kernel, "config": {"layout": layout}}, dense_s
+        if cfg and Candidate(name, Config(cfg)) in set(cands):
+            defaults[name] = ev.cost(Candidate(name, Config(cfg)))
+    best, best_s = ev.dense_candidate(layout), dense_s
     strat = None
     if cands:
         if budget is None and strategy_name != "exhaustive":
@@ -168,10 +177,9 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
                 break
             strat.tell(cand, ev.cost(cand))
         top = sorted(strat.history, key=strat.history.get)[:CONFIRM_TOP]
-        top = [json.loads(k) for k in top if math.isfinite(strat.history[k])]
+        top = [c for c in top if math.isfinite(strat.history[c])]
         if top:  # confirm: the top picks and dense race each other interleaved
-            dense_c = {"kernel": ev.dense_kernel, "config": {"layout": layout}}
-            times = ev.race([dense_c] + top)
+            times = ev.race([ev.dense_candidate(layout)] + top)
             if math.isfinite(times[0]):
                 i = min(range(len(top)), key=lambda j: times[j + 1])
                 if math.isfinite(times[i + 1]):
@@ -184,4 +192,4 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
                        candidates=len(cands), history=dict(strat.history) if strat else {})
 
 
-__all__ = ["tune_layer", "candidates", "Evaluator", "LayerResult", "cand_key"]
+__all__ = ["tune_layer", "candidates", "Evaluator", "LayerResult"]

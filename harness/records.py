@@ -1,0 +1,392 @@
+"""The typed records of the harness: what a case is, what its measurement holds, the states the
+code branches on, and the messages the runner and its worker process exchange.
+
+Every record that crosses a process or a file is a frozen dataclass defined here; the results
+store derives its columns from :class:`Measurement`'s fields. The enum values are the only
+spelling of a status anywhere: the store writes ``Status.OK.value`` and reads it back with
+``Status(text)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from shapes import ConvLayer
+
+
+class Status(str, Enum):
+    """Outcome of one case."""
+
+    OK = "ok"
+    INCORRECT = "incorrect"
+    UNSUPPORTED = "unsupported"
+    COMPILE_ERROR = "compile_error"
+    RUNTIME_ERROR = "runtime_error"
+    TIMEOUT = "timeout"
+
+    @property
+    def failed(self) -> bool:
+        """Something went wrong (as opposed to measured, or not applicable by design)."""
+        return self not in (Status.OK, Status.UNSUPPORTED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RunStatus(str, Enum):
+    """State of one invocation of a command that writes measurements."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    STOPPED = "stopped"  # Ctrl-C: the case in flight finished, the rest was not run
+    ABORTED = "aborted"  # a second Ctrl-C
+    FAILED = "failed"  # the sweep died of an error
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Device(str, Enum):
+    """Where a case runs. ``cuda-interpret`` runs the GPU kernels through Triton's interpreter on
+    CPU tensors (cuDNN dense becomes ``F.conv2d`` on the CPU): a pipeline check whose timings are
+    never GPU timings and never mix with ``cuda`` rows."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    CUDA_INTERPRET = "cuda-interpret"
+
+    @property
+    def kernel_device(self) -> str:
+        """The ``Kernel.device`` of the kernels this device runs."""
+        return "cpu" if self is Device.CPU else "cuda"
+
+    @property
+    def tensor_device(self) -> str:
+        """The torch device the tensors live on."""
+        return "cuda" if self is Device.CUDA else "cpu"
+
+    @property
+    def interpreted(self) -> bool:
+        return self is Device.CUDA_INTERPRET
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Config(Mapping):
+    """A kernel configuration: an immutable, hashable mapping of parameter -> value, compared
+    equal to a plain dict with the same items."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        d = dict(items.items() if isinstance(items, Mapping) else items)
+        object.__setattr__(self, "_items", tuple(sorted(d.items())))
+
+    def __getitem__(self, key):
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self):
+        return (k for k, _ in self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __hash__(self):
+        return hash(self._items)
+
+    def __eq__(self, other):
+        if isinstance(other, Config):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other.items())
+        return NotImplemented
+
+    def __setattr__(self, *_):
+        raise AttributeError("Config is immutable")
+
+    def __reduce__(self):
+        return (Config, (dict(self._items),))
+
+    def __repr__(self):
+        return f"Config({dict(self._items)!r})"
+
+    def replace(self, **changes) -> Config:
+        return Config({**dict(self._items), **changes})
+
+    def to_json(self) -> str:
+        return json.dumps(dict(self._items), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Config:
+        return cls(json.loads(text) if text else {})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point an autotuning strategy can choose: a kernel and its configuration."""
+
+    kernel: str
+    config: Config
+
+    def __post_init__(self):
+        if not isinstance(self.config, Config):
+            object.__setattr__(self, "config", Config(self.config))
+
+    def label(self) -> str:
+        return f"{self.kernel} {self.config.to_json()}"
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    """How a case is timed (seconds). ``resident``: also time the kernel-only path."""
+
+    rounds: int = 7
+    min_sample: float = 2e-3
+    warmup: float = 0.05
+    time_per_case: float = 30.0
+    resident: bool = True
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if not self.min_sample >= 0 or not self.warmup >= 0 or not self.time_per_case > 0:
+            raise ValueError("min_sample and warmup must be >= 0 and time_per_case > 0")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One thing to measure: (layer, batch, dtype, threads, device, pattern, sparsity, kernel,
+    config), plus the hash of the kernel's source (part of its identity). ``unsupported`` holds
+    the reason when the combination cannot run; such a case is recorded, never dropped."""
+
+    layer: ConvLayer
+    kernel: str
+    pattern: str
+    sparsity: float
+    config: Config
+    batch: int
+    dtype: str
+    device: Device
+    threads: int
+    source_hash: str
+    param: Config = field(default_factory=Config)  # the pattern parameter(s) the sweep fixed
+    unsupported: str | None = None
+
+    def __post_init__(self):
+        for name in ("config", "param"):
+            if not isinstance(getattr(self, name), Config):
+                object.__setattr__(self, name, Config(getattr(self, name)))
+        object.__setattr__(self, "device", Device(self.device))
+
+    @property
+    def key(self) -> str:
+        """Canonical identity of the case (with the kernel's source hash): resume matches on it
+        together with the machine and software identity of the run."""
+        lay = self.layer
+        return json.dumps({
+            "net": lay.net, "layer": lay.name, "shape": list(lay.shape_key),
+            "batch": self.batch, "dtype": self.dtype, "device": self.device.value,
+            "threads": self.threads, "kernel": self.kernel, "source": self.source_hash,
+            "sparsity": self.sparsity, "config": dict(self.config)}, sort_keys=True)
+
+    @property
+    def group(self) -> tuple:
+        """The cases whose times may be compared: one layer, batch, dtype, device, threads."""
+        return (self.layer.net, self.layer.name, self.batch, self.dtype, self.device.value,
+                self.threads)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.pattern == "dense"
+
+
+@dataclass(frozen=True)
+class DenseRef:
+    """The dense baseline a sparse case is timed against (interleaved in the same run):
+    ``layout`` for end to end, ``resident_layout`` for kernel-only (input already laid out)."""
+
+    kernel: str
+    layout: str
+    resident_layout: str
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What the worker returns for one case."""
+
+    status: Status
+    reason: str | None = None
+    rel_err: float | None = None  # ||y - ref|| / ||ref||
+    max_err: float | None = None  # max |y - ref| / (|w| * |x| conv), the element-wise bound
+    tolerance: float | None = None
+    density: float | None = None  # non-zeros of masked_weight / its size
+    median_s: float | None = None
+    iqr_s: float | None = None
+    min_s: float | None = None
+    noisy: bool | None = None
+    reps: int | None = None
+    samples: tuple = ()
+    kernel_median_s: float | None = None
+    kernel_iqr_s: float | None = None
+    kernel_samples: tuple = ()
+    dense_median_s: float | None = None
+    dense_kernel_median_s: float | None = None
+    dense_layout: str | None = None
+    dense_samples: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "status", Status(self.status))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One stored row: the case, the identity of the run that measured it, and the result.
+    The store's ``measurements`` table has exactly these columns."""
+
+    run_id: int
+    fp_hash: str  # identity of machine + software (see harness.env)
+    machine_hash: str
+    case_key: str
+    source_hash: str
+    net: str
+    layer: str
+    layer_index: int
+    shape: str
+    count: int
+    cin: int
+    cout: int
+    kh: int
+    kw: int
+    stride: int
+    padding: int
+    h: int
+    w: int
+    batch: int
+    dtype: str
+    device: str
+    threads: int
+    pattern: str
+    sparsity: float
+    param: str  # JSON
+    kernel: str
+    config: str  # JSON
+    status: Status
+    reason: str | None = None
+    rel_err: float | None = None
+    max_err: float | None = None
+    tolerance: float | None = None
+    density: float | None = None
+    median_s: float | None = None
+    iqr_s: float | None = None
+    min_s: float | None = None
+    noisy: bool | None = None
+    kernel_median_s: float | None = None
+    kernel_iqr_s: float | None = None
+    dense_median_s: float | None = None
+    dense_kernel_median_s: float | None = None
+    dense_layout: str | None = None
+    samples: str | None = None  # JSON lists
+    kernel_samples: str | None = None
+    dense_samples: str | None = None
+    reps: int | None = None
+    flops: float | None = None
+    node: str | None = None  # where it was measured (host name or cluster node id)
+    created: float | None = None
+
+    @classmethod
+    def of(cls, case: Case, result: CaseResult, run_id: int, fp_hash: str, machine_hash: str,
+           node: str | None = None, created: float | None = None) -> Measurement:
+        lay = case.layer
+        res = dataclasses.asdict(result)
+        for k in ("samples", "kernel_samples", "dense_samples"):
+            res[k] = json.dumps(list(res[k])) if res[k] else None
+        res["status"] = result.status
+        return cls(run_id=run_id, fp_hash=fp_hash, machine_hash=machine_hash,
+                   case_key=case.key, source_hash=case.source_hash, net=lay.net,
+                   layer=lay.name, layer_index=lay.index, shape=lay.shape_str, count=lay.count,
+                   cin=lay.cin, cout=lay.cout, kh=lay.kh, kw=lay.kw, stride=lay.stride,
+                   padding=lay.padding, h=lay.h, w=lay.w, batch=case.batch, dtype=case.dtype,
+                   device=case.device.value, threads=case.threads, pattern=case.pattern,
+                   sparsity=case.sparsity, param=case.param.to_json(), kernel=case.kernel,
+                   config=case.config.to_json(), flops=float(lay.flops(case.batch)), node=node,
+                   created=created, **res)
+
+    def row(self) -> dict:
+        """Column -> SQL value."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["status"] = self.status.value
+        if out["noisy"] is not None:
+            out["noisy"] = int(out["noisy"])
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in out.items()}
+
+
+MEASUREMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Measurement))
+
+
+# ---- worker protocol ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InitRequest:
+    """Load (and build) these kernels; answer which cannot run here."""
+
+    kernels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KernelState:
+    status: Status  # OK, UNSUPPORTED (not on this machine) or COMPILE_ERROR (build failed)
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class InitReply:
+    states: dict  # kernel name -> KernelState
+
+
+@dataclass(frozen=True)
+class CaseRequest:
+    case: Case
+    timing: TimingOptions
+    dense: DenseRef | None = None
+
+
+@dataclass(frozen=True)
+class RaceRequest:
+    """Time several candidates of one layer interleaved in one run (each gated first)."""
+
+    layer: ConvLayer
+    batch: int
+    dtype: str
+    device: Device
+    threads: int
+    sparsity: float
+    cands: tuple  # of Candidate
+    timing: TimingOptions
+
+
+@dataclass(frozen=True)
+class RaceReply:
+    medians: tuple  # seconds or None per candidate
+    reasons: tuple  # None or why the candidate was not timed
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """The worker caught an exception outside any case's own handling."""
+
+    reason: str
+    traceback: str = ""
