@@ -2,6 +2,8 @@
 
 Virtualenvs see the system site-packages so a CUDA machine's own torch is kept; where no torch is
 importable, the CPU build (torch==2.13.0) is installed first unless an NVIDIA driver is present.
+Tools run as ``python -m TOOL`` with the session's own interpreter: a bare ``pytest`` could be
+the system's copy, which cannot import the venv's torch.
 """
 
 import os
@@ -30,17 +32,44 @@ def install(session, extras: str = "test") -> None:
     session.install("-e", f".[{extras}]")
 
 
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def ensure_browser(session) -> None:
+    """The report's browser test needs a Chromium. Where none is found: Debian's package when
+    we are root (or have passwordless sudo), else playwright's own download. Set
+    SPARSECONV_NO_BROWSER=1 to skip that test deliberately instead."""
+    if os.environ.get("SPARSECONV_NO_BROWSER") == "1" or chromium():
+        return
+    apt = shutil.which("apt-get")
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if apt and sudo is not None:
+        session.log("no Chromium found: installing Debian's chromium for the report's browser test")
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run(*sudo, apt, "update", "-qq", external=True, env=env)
+        session.run(*sudo, apt, "install", "-y", "-qq", "chromium", external=True, env=env)
+        if chromium():
+            return
+    session.log("no Chromium found: asking playwright to download its own")
+    session.run("python", "-m", "playwright", "install", "chromium")
+
+
 @nox.session(venv_params=VENV)
 def tests(session):
     """The test suite (correctness of every kernel, patterns, harness, reports)."""
     install(session, "test,report-test")
-    session.run("pytest", *session.posargs)
+    ensure_browser(session)
+    session.run("python", "-m", "pytest", *session.posargs)
 
 
 @nox.session(venv_params=VENV)
 def lint(session):
     session.install("ruff>=0.4")
-    session.run("ruff", "check", ".")
+    session.run("python", "-m", "ruff", "check", ".")
 
 
 @nox.session(venv_params=VENV)
@@ -84,6 +113,6 @@ def verify(session):
 def perf(session):
     """pytest-benchmark regression suite: saves a baseline and compares against the last one."""
     install(session, "test")
-    session.run("pytest", "tests/perf", "-m", "perf", "--benchmark-enable",
+    session.run("python", "-m", "pytest", "tests/perf", "-m", "perf", "--benchmark-enable",
                 "--benchmark-autosave", "--benchmark-compare", "--benchmark-compare-fail=median:25%",
                 *session.posargs, success_codes=[0, 5])
