@@ -200,17 +200,3 @@ def _plans(plans_dir) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
     return plans
-
-
-def add_parser(sub):
-    p = sub.add_parser("report", help="write the self-contained HTML speedup report")
-    p.add_argument("--db", default="results/results.sqlite")
-    p.add_argument("--out", default="reports/index.html")
-    p.add_argument("--plans", default="results/plans", help="autotuner plans to show")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    out = build(args.db, args.out, args.plans)
-    print(f"report written to {out.resolve()}")
-    return 0

@@ -10,15 +10,15 @@ from __future__ import annotations
 import os
 import time
 
-import pandas as pd
 import torch
 
 import kernels
 import shapes
 
-from . import UsageError, worker
-from .cmd_bench import _names, _sparsities
-from .records import Status
+from .. import UsageError
+from ..records import Status
+from ..verify import verify_kernels
+from .common import name_list, sparsity_list
 
 
 def add_parser(sub):
@@ -36,42 +36,13 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def verify_kernels(names, layers, sparsities, all_configs=False, batch=2):
-    rows = []
-    for name in names:
-        k = kernels.get(name)
-        device = "cuda" if k.device == "cuda" and torch.cuda.is_available() else "cpu"
-        for lay in layers:
-            for S in sparsities if k.pattern != "dense" else [0.0]:
-                cfgs = k.configs(lay, S) if all_configs else [None]
-                if not all_configs and k.supports(lay, S):
-                    rows.append({"kernel": name, "layer": lay.name, "shape": lay.shape_str,
-                                 "S": S, "status": Status.UNSUPPORTED.value, "rel_err": None,
-                                 "reason": k.supports(lay, S)})
-                    continue
-                for cfg in cfgs:
-                    w, x = worker.make_inputs(lay, batch, torch.float32, device)
-                    try:
-                        run = k.prepare(lay, w, S, cfg)
-                        gate = worker.check_correct(lay, k, run, x, S, k.full_config(lay, S, cfg),
-                                                    "float32")
-                        err, why = gate.rel_err, gate.reason
-                        status = Status.INCORRECT if why else Status.OK
-                    except Exception as e:  # noqa: BLE001
-                        err, why, status = None, worker._err_text(e), worker.status_of(e)
-                    rows.append({"kernel": name, "layer": lay.name, "shape": lay.shape_str,
-                                 "S": S, "config": cfg, "status": Status(status).value,
-                                 "rel_err": err, "reason": why})
-    return pd.DataFrame(rows)
-
-
 def run(args) -> int:
     t0 = time.time()
-    nets = _names(args.nets, shapes.NETS, "net")
-    sparsities = _sparsities(args.sparsities)
+    nets = name_list(args.nets, shapes.NETS, "net")
+    sparsities = sparsity_list(args.sparsities)
     if args.size < 3:
         raise UsageError(f"--size must be >= 3, got {args.size}")
-    names = _names(args.kernels, kernels.names(), "kernel") if args.kernels else [
+    names = name_list(args.kernels, kernels.names(), "kernel") if args.kernels else [
         n for n in kernels.names() if kernels.get(n).available() is None]
     layers = []
     for net in nets:

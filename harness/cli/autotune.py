@@ -13,13 +13,13 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from . import UsageError, env, plan
-from .autotune import STRATEGIES
-from .autotune.tuner import RACE, Evaluator, candidates, tune_layer
-from .cmd_bench import DEFAULT_DB, _names, _sparsities, device_of, positive
-from .records import Status
-from .runner import Worker, init_kernels
-from .store import Store
+from .. import UsageError, env, plan
+from ..autotune import STRATEGIES
+from ..autotune.tuner import RACE, Evaluator, candidates, tune_layer
+from ..records import Status
+from ..runner import Worker, init_kernels
+from ..store import Store
+from .common import DEFAULT_DB, device_of, name_list, positive, sparsity_list
 
 
 def add_parser(sub):
@@ -59,11 +59,11 @@ def _layer_row(r):
 
 
 def run(args) -> int:
-    (S,) = _sparsities(args.sparsity) if "," not in args.sparsity else (None,)
+    (S,) = sparsity_list(args.sparsity) if "," not in args.sparsity else (None,)
     if S is None:
         raise UsageError("--sparsity takes one value; run autotune once per sparsity")
-    pats = _names(args.patterns, P.names(), "pattern")
-    compare = _names(args.compare, list(STRATEGIES), "strategy") if args.compare else []
+    pats = name_list(args.patterns, P.names(), "pattern")
+    compare = name_list(args.compare, list(STRATEGIES), "strategy") if args.compare else []
     device = device_of(args)
     layers = shapes.unique(shapes.load(args.net))
     if args.layers:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import UsageError, analysis
-from .cmd_bench import DEFAULT_DB
-from .store import Store
+from .. import UsageError, analysis
+from ..store import Store
+from .common import DEFAULT_DB
 
 
 def add_parser(sub):

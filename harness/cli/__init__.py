@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import pandas as pd
 
-from . import UsageError
+from .. import UsageError
+
+COMMANDS = ("bench", "verify", "table", "export", "report", "autotune")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,14 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("what", choices=["shapes", "patterns", "kernels"])
     lp.add_argument("--net", help="comma-separated nets (default: all)")
     lp.set_defaults(func=cmd_list)
-    for mod in ("bench", "verify", "table", "export", "report", "autotune"):
-        try:
-            __import__(f"harness.cmd_{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"harness.cmd_{mod}":
-                raise
-            continue
-        sys.modules[f"harness.cmd_{mod}"].add_parser(sub)
+    for mod in COMMANDS:
+        importlib.import_module(f"{__name__}.{mod}").add_parser(sub)
     return p
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import UsageError, analysis
-from .cmd_bench import DEFAULT_DB, _sparsities
-from .records import Device, Status
-from .store import Store
+from .. import UsageError, analysis
+from ..records import Device, Status
+from ..store import Store
+from .common import DEFAULT_DB, sparsity_list
 
 
 def add_parser(sub):
@@ -30,7 +30,7 @@ def run(args) -> int:
     if args.kernels:
         df = df[df.kernel.isin(args.kernels.split(","))]
     if args.sparsities:
-        df = df[df.sparsity.isin(_sparsities(args.sparsities))]
+        df = df[df.sparsity.isin(sparsity_list(args.sparsities))]
     if df.empty:
         raise UsageError(f"no successful sparse measurements for {args.net} with these filters "
                          f"in {args.db}; run `python -m harness bench` first")

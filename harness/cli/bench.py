@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -13,102 +12,10 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from . import UsageError, analysis, cases, env, runner
-from .records import Device, RunStatus, Status, TimingOptions
-from .store import Store
-
-DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
-
-
-def _sparsities(text: str) -> list[float]:
-    out = []
-    for t in text.split(","):
-        t = t.strip()
-        if not t:
-            continue
-        try:
-            v = float(t)
-        except ValueError:
-            raise UsageError(
-                f"sparsity {t!r} is not a number; e.g. --sparsities 0.5,0.9375") from None
-        if not 0 < v < 1:
-            raise UsageError(f"sparsity {v:g} is outside (0, 1); e.g. 0.5, 0.75, 0.875, 0.9375")
-        out.append(v)
-    if not out:
-        raise UsageError("--sparsities is empty")
-    return out
-
-
-def _names(text, valid, what):
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in valid]
-    if bad:
-        raise UsageError(f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
-    return names
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r} must look like i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise UsageError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
-def positive(kind, minimum, strict=False):
-    """argparse type: a number >= minimum (> minimum with ``strict``), else one clear line."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not v == v or (v <= minimum if strict else v < minimum):
-            raise argparse.ArgumentTypeError(
-                f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
-        return v
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def device_of(args) -> Device:
-    """The device from ``--device`` and ``--interpret``; a CUDA run needs CUDA or the flag."""
-    if args.device == "cpu":
-        if getattr(args, "interpret", False):
-            raise UsageError("--interpret runs the GPU kernels through Triton's interpreter: "
-                             "use it with --device cuda")
-        return Device.CPU
-    if getattr(args, "interpret", False):
-        os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are first imported
-        return Device.CUDA_INTERPRET
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device on this machine; add --interpret to run "
-                         "the GPU kernels through Triton's interpreter on the CPU (a pipeline "
-                         "check, not a timing)")
-    return Device.CUDA
-
-
-def add_common(p, defaults_nets="resnet50,vgg19"):
-    p.add_argument("--nets", default=defaults_nets, help=f"comma list of {', '.join(shapes.NETS)}")
-    p.add_argument("--layers", help="comma list of layer names (or catalog indices)")
-    p.add_argument("--shapes-csv", help="extra user-supplied shapes (CSV with ConvLayer fields)")
-    p.add_argument("--sparsities", default=",".join(map(str, cases.SPARSITIES)))
-    p.add_argument("--kernels", help="comma list of kernels (default: all for --device)")
-    p.add_argument("--patterns", help="comma list of patterns (default: all)")
-    p.add_argument("--batch", type=positive(int, 1), default=1)
-    p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
-    p.add_argument("--threads", type=positive(int, 1), default=None,
-                   help="CPU threads (default: all cores of this machine)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--interpret", action="store_true",
-                   help="with --device cuda: run the GPU kernels through Triton's interpreter "
-                        "on CPU tensors (a pipeline check without a GPU; rows are stored as "
-                        "device cuda-interpret and never shown as GPU speedups)")
-    p.add_argument("--db", default=str(DEFAULT_DB), help="results database (SQLite)")
+from .. import UsageError, analysis, cases, env, runner
+from ..records import RunStatus, Status, TimingOptions
+from ..store import Store
+from .common import add_common, device_of, name_list, positive, shard, sparsity_list
 
 
 def add_parser(sub):
@@ -135,20 +42,20 @@ def add_parser(sub):
 
 def plan(args):
     """Validate arguments and build the case list (raises UsageError with one sentence)."""
-    nets = _names(args.nets, shapes.NETS, "net") if args.nets else []
-    sparsities = _sparsities(args.sparsities)
+    nets = name_list(args.nets, shapes.NETS, "net") if args.nets else []
+    sparsities = sparsity_list(args.sparsities)
     device = device_of(args)
     threads = args.threads if args.threads is not None else os.cpu_count() or 1
     valid_k = kernels.names(device=device.kernel_device)
     if args.kernels:
-        knames = _names(args.kernels, kernels.names(), "kernel")
+        knames = name_list(args.kernels, kernels.names(), "kernel")
         wrong = [k for k in knames if kernels.get(k).device != device.kernel_device]
         if wrong:
             raise UsageError(f"kernel(s) {', '.join(wrong)} do not run on --device "
                              f"{args.device}; valid: {', '.join(valid_k)}")
     else:
         knames = valid_k
-    pats = _names(args.patterns, P.names(), "pattern") if args.patterns else None
+    pats = name_list(args.patterns, P.names(), "pattern") if args.patterns else None
     if args.shapes_csv and not Path(args.shapes_csv).is_file():
         raise UsageError(f"--shapes-csv {args.shapes_csv!r} does not exist")
     try:
@@ -157,7 +64,7 @@ def plan(args):
                                      shapes_csv=args.shapes_csv)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    i, n = _shard(getattr(args, "shard", "0/1"))
+    i, n = shard(getattr(args, "shard", "0/1"))
     layers = [lay for j, lay in enumerate(layers) if j % n == i]
     return cases.build(layers, sparsities, knames, args.batch, args.dtype, device, threads,
                        quick=getattr(args, "quick", False), patterns=pats), device, threads

@@ -1,0 +1,109 @@
+"""Helpers shared by the command modules: option types that validate, name lists, the device
+choice. Only the command modules import this package; the engine never does."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import kernels
+import shapes
+
+from .. import UsageError, cases
+from ..records import Device
+
+DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
+
+
+def sparsity_list(text: str) -> list[float]:
+    out = []
+    for t in text.split(","):
+        t = t.strip()
+        if not t:
+            continue
+        try:
+            v = float(t)
+        except ValueError:
+            raise UsageError(
+                f"sparsity {t!r} is not a number; e.g. --sparsities 0.5,0.9375") from None
+        if not 0 < v < 1:
+            raise UsageError(f"sparsity {v:g} is outside (0, 1); e.g. 0.5, 0.75, 0.875, 0.9375")
+        out.append(v)
+    if not out:
+        raise UsageError("--sparsities is empty")
+    return out
+
+
+def name_list(text, valid, what):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise UsageError(f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
+    return names
+
+
+def shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r} must look like i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def positive(kind, minimum, strict=False):
+    """argparse type: a number >= minimum (> minimum with ``strict``), else one clear line."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not v == v or (v <= minimum if strict else v < minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device_of(args) -> Device:
+    """The device from ``--device`` and ``--interpret``; a CUDA run needs CUDA or the flag."""
+    if args.device == "cpu":
+        if getattr(args, "interpret", False):
+            raise UsageError("--interpret runs the GPU kernels through Triton's interpreter: "
+                             "use it with --device cuda")
+        return Device.CPU
+    if getattr(args, "interpret", False):
+        os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are first imported
+        return Device.CUDA_INTERPRET
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device on this machine; add --interpret to run "
+                         "the GPU kernels through Triton's interpreter on the CPU (a pipeline "
+                         "check, not a timing)")
+    return Device.CUDA
+
+
+def add_common(p, defaults_nets="resnet50,vgg19"):
+    p.add_argument("--nets", default=defaults_nets, help=f"comma list of {', '.join(shapes.NETS)}")
+    p.add_argument("--layers", help="comma list of layer names (or catalog indices)")
+    p.add_argument("--shapes-csv", help="extra user-supplied shapes (CSV with ConvLayer fields)")
+    p.add_argument("--sparsities", default=",".join(map(str, cases.SPARSITIES)))
+    p.add_argument("--kernels", help="comma list of kernels (default: all for --device)")
+    p.add_argument("--patterns", help="comma list of patterns (default: all)")
+    p.add_argument("--batch", type=positive(int, 1), default=1)
+    p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
+    p.add_argument("--threads", type=positive(int, 1), default=None,
+                   help="CPU threads (default: all cores of this machine)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--interpret", action="store_true",
+                   help="with --device cuda: run the GPU kernels through Triton's interpreter "
+                        "on CPU tensors (a pipeline check without a GPU; rows are stored as "
+                        "device cuda-interpret and never shown as GPU speedups)")
+    p.add_argument("--db", default=str(DEFAULT_DB), help="results database (SQLite)")
+
+
