@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, bench (the main job), autotune, report, perf, verify.
+"""Sessions: tests, lint, bench (the main job), e2e, autotune, report, perf, verify.
 
 Virtualenvs see the system site-packages so a CUDA machine's own torch is kept; where no torch is
 importable, the CPU build (torch==2.13.0) is installed first unless an NVIDIA driver is present.
@@ -94,6 +94,31 @@ def autotune(session):
     install(session, "test")
     args = session.posargs or ["--net", "resnet50", "--patterns", "cs", "--sparsity", "0.9375"]
     session.run("python", "-m", "harness", "autotune", *args)
+
+
+E2E_NETS = ("resnet50", "resnet18", "vgg19")
+E2E_PATTERNS = ("cs", "1xn")
+
+
+@nox.session(venv_params=VENV)
+def e2e(session):
+    """Whole networks, sparse against dense, measured end to end: ResNet50, ResNet18 and VGG19
+    at 93.75% with CS and 1xN, batch 1 and 8. Where no plan exists for batch 1 a budgeted
+    autotune writes one first (later runs reuse the tuning table); batch 8 uses each layer's
+    default configuration. Extra arguments go to every `harness e2e` call."""
+    install(session, "test")
+    plans = "results/plans"
+    for net in E2E_NETS:
+        for pattern in E2E_PATTERNS:
+            if not os.path.exists(f"{plans}/{net}_{pattern}_0.9375_cpu.json"):
+                session.run("python", "-m", "harness", "autotune", "--net", net, "--patterns",
+                            pattern, "--sparsity", "0.9375", "--strategy", "model", "--budget",
+                            "3", "--out-dir", plans)
+    for batch in ("1", "8"):
+        session.run("python", "-m", "harness", "e2e", "--nets", ",".join(E2E_NETS),
+                    "--patterns", ",".join(E2E_PATTERNS), "--sparsities", "0.9375",
+                    "--batch", batch, "--plans", plans, *session.posargs)
+    session.run("python", "-m", "harness", "report")
 
 
 @nox.session(venv_params=VENV)

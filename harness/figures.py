@@ -85,3 +85,19 @@ def roofline(ok: pd.DataFrame, peak: float | None) -> str:
         ax.legend(fontsize=7)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     return _png(fig)
+
+
+def e2e_bars(e2e: pd.DataFrame) -> str:
+    """Measured end-to-end speedup beside the summed-convolution estimate, per network case."""
+    d = e2e.assign(case=e2e.net + " " + e2e.pattern + " S=" + e2e.sparsity.map("{:g}".format)
+                   + " b" + e2e.batch.astype(str))
+    long = pd.concat([d.assign(kind="measured end to end", x=d.speedup),
+                      d.assign(kind="summed convolutions (same run)", x=d.estimate)])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(d) + 3), 3.6))
+    sns.barplot(data=long, x="case", y="x", hue="kind", ax=ax, errorbar=None)
+    ax.axhline(1.0, color="black", lw=1, ls="--")
+    ax.set_ylabel("speedup over dense")
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.legend(fontsize=8)
+    return _png(fig)

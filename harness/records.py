@@ -390,3 +390,137 @@ class WorkerFailure:
 
     reason: str
     traceback: str = ""
+
+
+# ---- whole networks --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class E2ECase:
+    """One whole-network measurement: a catalogued network with one pattern and sparsity, with
+    the plan to use (None: each layer's default kernel and configuration)."""
+
+    net: str
+    pattern: str
+    sparsity: float
+    batch: int
+    dtype: str
+    device: Device
+    threads: int
+    size: int  # input height and width
+    plan: dict | None = None
+    plan_file: str | None = None
+    source_hash: str = ""  # of every kernel the network may use
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", Device(self.device))
+
+    @property
+    def key(self) -> str:
+        plan = json.dumps(self.plan, sort_keys=True, default=str) if self.plan else None
+        return json.dumps({"net": self.net, "pattern": self.pattern, "sparsity": self.sparsity,
+                           "batch": self.batch, "dtype": self.dtype, "device": self.device.value,
+                           "threads": self.threads, "size": self.size, "plan": plan,
+                           "source": self.source_hash}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class E2ERequest:
+    case: E2ECase
+    timing: TimingOptions
+    dense_compile: bool = False
+
+
+@dataclass(frozen=True)
+class E2EResult:
+    """What the worker returns for one network. Times are medians in seconds; ``conv_*`` are
+    the per-layer convolution times (count-weighted sums) measured in the same run."""
+
+    status: Status
+    reason: str | None = None
+    rel_err: float | None = None
+    replaced: int | None = None
+    kept_dense: str | None = None  # JSON: layer -> why it stays dense
+    kernels: str | None = None  # JSON: kernel -> how many layers run it
+    dense_nchw_s: float | None = None
+    dense_cl_s: float | None = None
+    dense_compiled_s: float | None = None
+    sparse_s: float | None = None
+    conv_dense_s: float | None = None
+    conv_sparse_s: float | None = None
+    noisy: bool | None = None
+    samples: str | None = None  # JSON: variant -> samples
+
+    def __post_init__(self):
+        object.__setattr__(self, "status", Status(self.status))
+
+
+@dataclass(frozen=True)
+class E2EMeasurement:
+    """One stored whole-network row (the store's ``e2e`` table has exactly these columns)."""
+
+    run_id: int
+    fp_hash: str
+    machine_hash: str
+    case_key: str
+    net: str
+    pattern: str
+    sparsity: float
+    batch: int
+    dtype: str
+    device: str
+    threads: int
+    size: int
+    plan: str | None  # the plan file used, or None for default configurations
+    source_hash: str
+    status: Status
+    reason: str | None = None
+    rel_err: float | None = None
+    replaced: int | None = None
+    kept_dense: str | None = None
+    kernels: str | None = None
+    dense_s: float | None = None  # the faster dense baseline
+    dense_layout: str | None = None
+    dense_nchw_s: float | None = None
+    dense_cl_s: float | None = None
+    dense_compiled_s: float | None = None
+    sparse_s: float | None = None
+    speedup: float | None = None  # measured end to end
+    conv_dense_s: float | None = None
+    conv_sparse_s: float | None = None
+    estimate: float | None = None  # summed-convolution speedup, same run
+    outside_share: float | None = None  # share of the sparse latency outside convolutions
+    noisy: bool | None = None
+    samples: str | None = None
+    node: str | None = None
+    created: float | None = None
+
+    @classmethod
+    def of(cls, case: E2ECase, res: E2EResult, run_id: int, fp_hash: str, machine_hash: str,
+           node: str | None = None) -> E2EMeasurement:
+        dense = [(t, lay) for t, lay in ((res.dense_nchw_s, "nchw"),
+                                          (res.dense_cl_s, "channels_last"),
+                                          (res.dense_compiled_s, "compiled")) if t]
+        dense_s, layout = min(dense) if dense else (None, None)
+        ok = res.status is Status.OK and dense_s and res.sparse_s
+        return cls(run_id=run_id, fp_hash=fp_hash, machine_hash=machine_hash,
+                   case_key=case.key, net=case.net, pattern=case.pattern,
+                   sparsity=case.sparsity, batch=case.batch, dtype=case.dtype,
+                   device=case.device.value, threads=case.threads, size=case.size,
+                   plan=case.plan_file, source_hash=case.source_hash, status=res.status,
+                   reason=res.reason, rel_err=res.rel_err, replaced=res.replaced,
+                   kept_dense=res.kept_dense, kernels=res.kernels, dense_s=dense_s, dense_layout=layout,
+                   dense_nchw_s=res.dense_nchw_s, dense_cl_s=res.dense_cl_s,
+                   dense_compiled_s=res.dense_compiled_s, sparse_s=res.sparse_s,
+                   speedup=dense_s / res.sparse_s if ok else None,
+                   conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,
+                   estimate=res.conv_dense_s / res.conv_sparse_s
+                   if ok and res.conv_dense_s and res.conv_sparse_s else None,
+                   outside_share=1 - res.conv_sparse_s / res.sparse_s
+                   if ok and res.conv_sparse_s else None,
+                   noisy=res.noisy, samples=res.samples, node=node)
+
+    def row(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["status"] = self.status.value
+        if out["noisy"] is not None:
+            out["noisy"] = int(out["noisy"])
+        return out

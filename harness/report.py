@@ -119,7 +119,7 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
                          f"`python -m harness bench --quick`) first")
     store = Store(path, create=False)
     everything = store.measurements()
-    if everything.empty:
+    if everything.empty and store.e2e().empty:
         raise UsageError(f"the results database {path} holds no measurements yet; run "
                          f"`python -m harness bench --quick` first")
     # interpreter rows check the GPU pipeline; their times are never shown as speedups
@@ -127,7 +127,9 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
     raw = everything[~interp]
     df = analysis.with_speedups(raw)
     df["machine"] = df.fp_hash.str[:6]
-    machines = _machines(store, analysis.with_speedups(everything))
+    e2e_rows = store.e2e()
+    machines = _machines(store, pd.concat([everything, e2e_rows])[[
+        "fp_hash", "threads", "batch", "dtype", "device"]])
     ok = df[(df.status == Status.OK) & (df.pattern != "dense")]
     best = analysis.best_per_layer(raw)
     net = analysis.network_table(raw)
@@ -155,6 +157,7 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
         "pattern", "sparsity", "shape", "kernel", "config", "median_s", "dense_median_s",
         "status"]].to_html(index=False, classes="tbl")
     ctx["plans"] = _plans(plans_dir)
+    ctx.update(_e2e(e2e_rows, net))
     ctx["gpu_rows"] = int((df.device == Device.CUDA.value).sum())
     ctx["interpreted"] = _interpreted(everything[interp])
     if len(machines) > 1 and not best.empty:
@@ -176,6 +179,46 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html)
+    return out
+
+
+def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
+    """The answer the page opens with (per machine, network, sparsity, batch and device: the
+    fastest pattern, measured end to end where ``e2e`` ran, else summed per layer from bench),
+    and the end-to-end section."""
+    out = {"answer": [], "e2e_rows": [], "e2e_img": None, "e2e_interpreted": [],
+           "e2e_paper": []}
+    paper = pd.read_csv(PAPER)
+    out["e2e_paper"] = paper[paper.layer == "ALL"].to_dict("records")
+    answers = {}
+    if not net_table.empty:
+        nt = net_table[net_table.device != Device.CUDA_INTERPRET.value]
+        keys = ["fp_hash", "net", "sparsity", "batch", "device", "threads"]
+        for r in nt.loc[nt.groupby(keys)["speedup"].idxmax()].itertuples():
+            answers[(r.fp_hash, r.net, r.sparsity, r.batch, r.device, r.threads)] = {
+                "machine": r.fp_hash[:6], "net": r.net, "sparsity": r.sparsity,
+                "batch": r.batch, "device": r.device, "pattern": r.pattern, "kernels": None,
+                "plan": None, "estimate": r.speedup, "speedup": None,
+                "source": "bench: best configuration per layer, summed"}
+    if not e2e.empty:
+        interp = e2e.device == Device.CUDA_INTERPRET.value
+        out["e2e_interpreted"] = e2e[interp].to_dict("records")
+        e2e = e2e[~interp]
+        ok = e2e[e2e.status == Status.OK]
+        if len(ok):
+            out["e2e_img"] = figures.e2e_bars(ok)
+            keys = ["fp_hash", "net", "sparsity", "batch", "device", "threads"]
+            for r in ok.loc[ok.groupby(keys)["speedup"].idxmax()].itertuples():
+                used = json.loads(r.kernels) if isinstance(r.kernels, str) else {}
+                answers[(r.fp_hash, r.net, r.sparsity, r.batch, r.device, r.threads)] = {
+                    "machine": r.fp_hash[:6], "net": r.net, "sparsity": r.sparsity,
+                    "batch": r.batch, "device": r.device, "pattern": r.pattern,
+                    "kernels": ", ".join(f"{k} ({v})" for k, v in used.items()) or None,
+                    "plan": r.plan, "estimate": r.estimate, "speedup": r.speedup,
+                    "source": f"e2e at {r.size}x{r.size}"}
+        out["e2e_rows"] = e2e.assign(machine=e2e.fp_hash.str[:6]).to_dict("records")
+    out["answer"] = sorted(answers.values(), key=lambda a: (a["net"], a["sparsity"],
+                                                            a["batch"]))
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import UsageError
-from .records import Measurement, RunStatus, Status
+from .records import E2EMeasurement, Measurement, RunStatus, Status
 
 APP = "sparseconv-bench"
 SCHEMA_VERSION = 2  # 2: columns from records.Measurement (source hash, element-wise error, ...)
@@ -33,6 +33,8 @@ def _sql_type(annotation: str) -> str:
 
 # column -> SQL type, one per field of records.Measurement
 MEASUREMENT_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(Measurement)}
+# column -> SQL type, one per field of records.E2EMeasurement
+E2E_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(E2EMeasurement)}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -49,6 +51,10 @@ CREATE TABLE IF NOT EXISTS tuning (
     config TEXT, status TEXT, median_s REAL, kernel_median_s REAL, dense_median_s REAL,
     rel_err REAL, created REAL);
 CREATE INDEX IF NOT EXISTS t_key ON tuning (tune_key);
+CREATE TABLE IF NOT EXISTS e2e (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    {", ".join(f"{k} {v}" for k, v in E2E_COLUMNS.items())});
+CREATE INDEX IF NOT EXISTS e_case ON e2e (fp_hash, case_key);
 """
 
 
@@ -156,6 +162,26 @@ class Store:
 
     def runs(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self.db)
+
+    # ---- whole networks -------------------------------------------------------------------
+    def add_e2e(self, m: E2EMeasurement) -> None:
+        row = m.row()
+        if row["created"] is None:
+            row["created"] = time.time()
+        with self._tx():
+            self.db.execute(f"INSERT INTO e2e ({', '.join(row)}) VALUES "
+                            f"({', '.join('?' * len(row))})", list(row.values()))
+
+    def e2e_done(self, fp_hash: str) -> set[str]:
+        return {r[0] for r in self.db.execute(
+            "SELECT DISTINCT case_key FROM e2e WHERE fp_hash = ?", (fp_hash,))}
+
+    def e2e(self, fp_hash: str | None = None) -> pd.DataFrame:
+        """Latest row per (identity, network case)."""
+        where = "WHERE fp_hash = ?" if fp_hash else ""
+        return pd.read_sql_query(
+            f"SELECT * FROM e2e WHERE id IN (SELECT MAX(id) FROM e2e {where} GROUP BY fp_hash, "
+            f"case_key) ORDER BY id", self.db, params=(fp_hash,) if fp_hash else ())
 
     # ---- tuning ------------------------------------------------------------------------------
     def add_tuning(self, row: dict) -> None:

@@ -21,6 +21,8 @@ from .records import (
     CaseRequest,
     CaseResult,
     Device,
+    E2ERequest,
+    E2EResult,
     InitReply,
     InitRequest,
     KernelState,
@@ -168,7 +170,7 @@ def gpu_settings(device: Device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def _timed(device: Device, variants: dict, opts: TimingOptions):
+def timed(device: Device, variants: dict, opts: TimingOptions):
     """Interleaved timing on the device's clock. Under the interpreter the CPU clock with few,
     single-call rounds: a pipeline check, not a GPU timing."""
     if device is Device.CUDA:
@@ -218,7 +220,7 @@ def execute(req: CaseRequest) -> CaseResult:
         if opts.resident:
             variants["dense_resident"] = (krun.resident, krun.layout(x))
     try:
-        st, samples = _timed(device, variants, opts)
+        st, samples = timed(device, variants, opts)
     except Exception as e:  # noqa: BLE001
         return CaseResult(status_of(e), "timing: " + _err_text(e), **checked)
     k = st["kernel"]
@@ -255,7 +257,7 @@ def race(req: RaceRequest) -> RaceReply:
         reasons.append(why)
         if why is None:
             variants[i] = (run, x)
-    st, _ = _timed(device, variants, req.timing)
+    st, _ = timed(device, variants, req.timing)
     return RaceReply(medians=tuple(st[i].median if i in st else None
                                    for i in range(len(reasons))), reasons=tuple(reasons))
 
@@ -277,7 +279,14 @@ def init(req: InitRequest) -> InitReply:
     return InitReply(states)
 
 
-HANDLERS = {InitRequest: init, CaseRequest: execute, RaceRequest: race}
+def whole_network(req: E2ERequest) -> E2EResult:
+    from .e2e import run_e2e  # the e2e engine uses this module's gate helpers and timing
+
+    return run_e2e(req)
+
+
+HANDLERS = {InitRequest: init, CaseRequest: execute, RaceRequest: race,
+            E2ERequest: whole_network}
 
 
 def serve(conn) -> None:

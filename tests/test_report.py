@@ -10,7 +10,7 @@ from test_harness import ROOT, bench, env, rows
 
 import kernels
 
-SECTIONS = ["machine", "per-layer", "network", "sensitivity", "roofline", "autotune", "paper",
+SECTIONS = ["answer", "e2e", "machine", "per-layer", "network", "sensitivity", "roofline", "autotune", "paper",
             "gpu", "failures", "results"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 GPU_KERNELS = [n for n in kernels.names(device="cuda") if not n.startswith("faulty")]
@@ -28,6 +28,11 @@ def db(tmp_path_factory):
               "--sparsities", "0.5", plugins="faulty_kernels,faulty_triton")
     assert r.returncode == 0, r.stderr
     assert "not GPU timings" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(tmp / "r.sqlite"),
+                        "--nets", "resnet18", "--patterns", "cs,1xn", "--size", "32",
+                        "--rounds", "3", "--plans", str(tmp / "no-plans")], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
     return tmp / "r.sqlite"
 
 
@@ -108,6 +113,11 @@ def test_report_in_headless_chromium(report):
                     title: h ? h.innerText : '', visible: !!(t && t.offsetParent),
                     bad: t ? t.querySelectorAll('tr.bad').length : 0};
         }""")
+        e2e = page.evaluate("""() => ({
+            answer: document.querySelectorAll('#answer-table tr').length,
+            rows: document.querySelectorAll('#e2e-table tr').length,
+            first: document.querySelector('main section').id})""")
+        page.screenshot(path=str(ROOT / "reports" / "test-screenshot-e2e.png"))
         page.locator("#gpu-interpreter").scroll_into_view_if_needed()
         page.screenshot(path=str(ROOT / "reports" / "test-screenshot-interpreter.png"))
         page.screenshot(path=str(shot), full_page=False)
@@ -119,6 +129,10 @@ def test_report_in_headless_chromium(report):
     assert interp["visible"] and "not GPU timings" in interp["title"]
     assert interp["rows"] >= 1 + 2 * (len(GPU_KERNELS) + 1)  # every case of both layers
     assert interp["bad"] == 2  # the wrong Triton plugin, on both layers, highlighted
+    assert e2e["first"] == "answer"  # the page opens with the answer
+    # header, the CPU sweep's net at its two sparsities (summed), resnet18 (measured)
+    assert e2e["answer"] == 1 + 2 + 1
+    assert e2e["rows"] == 1 + 2  # header, resnet18 with cs and with 1xn
     assert shot.stat().st_size > 10_000
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .. import UsageError
 
-COMMANDS = ("bench", "verify", "table", "export", "report", "autotune")
+COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -145,6 +145,7 @@ def run(args) -> int:
            "evaluations": int(sum(r.evaluations for r in results)),
            "layers": [{"layer": r.layer.name, "index": r.layer.index, "count": r.layer.count,
                        "shape": r.layer.shape_str, "kernel": r.best.kernel,
+                       "source_hash": kernels.get(r.best.kernel).source_hash(),
                        "config": dict(r.best.config), "time_s": r.best_s, "dense_s": r.dense_s,
                        "speedup": r.dense_s / r.best_s,
                        "default_time_s": min(r.defaults.values(), default=None)}

@@ -1,0 +1,164 @@
+"""``python -m harness e2e``: whole-network latency of sparse networks against dense."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import kernels
+import shapes
+from kernels import patterns as P
+
+from .. import env, plan
+from ..records import E2ECase, E2EMeasurement, E2ERequest, Status, TimingOptions
+from ..runner import Worker, WorkerDied, WorkerTimeout
+from ..sparse_model import SparsifyError, check_plan
+from ..store import Store
+from .common import DEFAULT_DB, device_of, name_list, positive, sparsity_list
+
+DEFAULT_PLANS = "results/plans"
+
+
+def add_parser(sub):
+    p = sub.add_parser("e2e", help="measure whole networks, sparse against dense, end to end")
+    p.add_argument("--nets", default="resnet50", help=f"comma list of {', '.join(shapes.NETS)}")
+    p.add_argument("--patterns", default="cs", help="comma list of patterns")
+    p.add_argument("--sparsities", default="0.9375")
+    p.add_argument("--batch", type=positive(int, 1), default=1)
+    p.add_argument("--plans", default=DEFAULT_PLANS,
+                   help="folder of autotuner plans (<net>_<pattern>_<S>_<device>.json); a "
+                        "network without a matching plan uses each layer's default kernel")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--interpret", action="store_true",
+                   help="with --device cuda: Triton's interpreter on the CPU at a 32x32 input "
+                        "(a pipeline check, not a timing)")
+    p.add_argument("--size", type=positive(int, 32), default=None,
+                   help="input height and width (default 224; 32 under --interpret)")
+    p.add_argument("--threads", type=positive(int, 1), default=None)
+    p.add_argument("--rounds", type=positive(int, 1), default=7)
+    p.add_argument("--min-sample", type=positive(float, 0), default=2e-3)
+    p.add_argument("--case-timeout", type=positive(float, 0, strict=True), default=3600.0)
+    p.add_argument("--dense-compile", action="store_true",
+                   help="also time a torch.compile'd dense model (slow to build)")
+    p.add_argument("--fresh", action="store_true", help="measure networks already measured")
+    p.add_argument("--db", default=str(DEFAULT_DB))
+    p.set_defaults(func=run)
+
+
+def _source_hash(pattern: str, device) -> str:
+    """Every kernel the network may run (the pattern's, and the dense baseline's)."""
+    h = hashlib.sha256()
+    for name in kernels.names(device=device.kernel_device):
+        k = kernels.get(name)
+        if k.pattern in (pattern, "dense"):
+            h.update(f"{name}:{k.source_hash()};".encode())
+    return h.hexdigest()[:16]
+
+
+def choose_plan(folder: Path, net, pattern, S, batch, identity, device):
+    """(plan or None, file name or None, what was decided in one sentence)."""
+    path = folder / f"{net}_{pattern}_{S:g}_{device}.json"
+    if not path.exists():
+        return None, None, f"no plan at {path}: each layer's default kernel and configuration"
+    try:
+        p = plan.load(path)
+        check_plan(p, net, pattern, S, batch, identity, device)
+    except (plan.PlanError, SparsifyError) as e:
+        return None, None, f"{path}: {e}; using default configurations instead"
+    return p, path.name, f"plan {path}"
+
+
+def _table(df: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({
+        "net": df.net, "pattern": df.pattern, "S": df.sparsity, "batch": df.batch,
+        "plan": df.plan.fillna("defaults"), "status": df.status,
+        "dense ms": df.dense_s * 1e3, "dense layout": df.dense_layout,
+        "sparse ms": df.sparse_s * 1e3, "measured x": df.speedup,
+        "summed-conv x": df.estimate, "outside convs": df.outside_share,
+        "sparse layers": df.replaced})
+    return out.round(3)
+
+
+def run(args) -> int:
+    t0 = time.time()
+    nets = name_list(args.nets, shapes.NETS, "net")
+    pats = name_list(args.patterns, P.names(), "pattern")
+    sparsities = sparsity_list(args.sparsities)
+    device = device_of(args)
+    size = args.size or (32 if device.interpreted else 224)
+    threads = args.threads if args.threads is not None else os.cpu_count() or 1
+    opts = TimingOptions(rounds=1, min_sample=0.0, warmup=0.0) if device.interpreted else \
+        TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
+    store = Store(args.db)
+    fp = dict(env.fingerprint())
+    fph, mh = env.identity_hash(fp), env.machine_hash(fp)
+    run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
+    done = set() if args.fresh else store.e2e_done(fph)
+    print(f"e2e: {len(nets) * len(pats) * len(sparsities)} network(s) on {fp['cpu']}, "
+          f"{threads} threads, batch {args.batch}, {size}x{size} input, device {device}")
+    wk = Worker()
+    keys = []
+    try:
+        for net in nets:
+            for pattern in pats:
+                for S in sparsities:
+                    p, pfile, said = choose_plan(Path(args.plans), net, pattern, S, args.batch,
+                                                 fph, device)
+                    case = E2ECase(net=net, pattern=pattern, sparsity=S, batch=args.batch,
+                                   dtype="float32", device=device, threads=threads, size=size,
+                                   plan=p, plan_file=pfile,
+                                   source_hash=_source_hash(pattern, device))
+                    keys.append(case.key)
+                    print(f"  {net} {pattern} S={S:g}: {said}", flush=True)
+                    if case.key in done:
+                        print("    already measured with this identity (--fresh to repeat)")
+                        continue
+                    res = _call(wk, E2ERequest(case, opts, args.dense_compile), args.case_timeout)
+                    m = E2EMeasurement.of(case, res, run_id, fph, mh, node=fp.get("hostname"))
+                    store.add_e2e(m)
+                    if m.status is Status.OK:
+                        print(f"    dense {m.dense_s * 1e3:.2f} ms ({m.dense_layout}), sparse "
+                              f"{m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x measured, "
+                              f"{m.estimate:.2f}x summed convolutions", flush=True)
+                    else:
+                        print(f"    {m.status}: {m.reason}", flush=True)
+        store.finish_run(run_id)
+    except BaseException:
+        from ..records import RunStatus
+
+        store.finish_run(run_id, RunStatus.FAILED)
+        raise
+    finally:
+        wk.close()
+    df = store.e2e(fph)
+    df = df[df.case_key.isin(keys)]
+    with pd.option_context("display.width", 220, "display.max_rows", None):
+        print("\nWhole networks (measured end to end, against the faster dense layout; "
+              "summed-conv x: per-layer convolution times summed, same run):")
+        print(_table(df).to_string(index=False))
+    kept = {r.net: json.loads(r.kept_dense or "{}") for r in df.itertuples()}
+    for net, why in kept.items():
+        if why:
+            print(f"  {net}: {len(why)} layer(s) stay dense, e.g. "
+                  f"{next(iter(why))}: {next(iter(why.values()))}")
+    print(f"e2e finished in {time.time() - t0:.0f} s; results in {args.db}")
+    return 0
+
+
+def _call(wk, req, timeout):
+    from ..records import E2EResult, WorkerFailure
+
+    try:
+        res = wk.call(req, timeout)
+    except WorkerTimeout as e:
+        return E2EResult(Status.TIMEOUT, str(e))
+    except WorkerDied as e:
+        return E2EResult(Status.RUNTIME_ERROR, str(e))
+    if isinstance(res, WorkerFailure):
+        return E2EResult(Status.RUNTIME_ERROR, res.reason)
+    return res

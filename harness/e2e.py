@@ -1,0 +1,138 @@
+"""Whole-network latency, measured: a catalogued network made sparse with ``sparsify`` is
+checked against the masked dense network (same masks, float64) and then timed interleaved with
+its dense baselines (BN folded; eager NCHW and eager channels_last, optionally a
+``torch.compile``d model). In the same run every distinct convolution is timed on its own,
+sparse and dense, so the summed-convolution estimate the papers report sits beside the measured
+figure. Runs inside the runner's worker process (``E2ERequest`` -> ``E2EResult``)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from . import sparse_model
+from .records import E2ERequest, E2EResult, Status
+from .worker import _err_text, status_of, timed
+
+TOLERANCE = {"float32": 1e-4}
+
+
+def _input(batch: int, size: int, device: str):
+    g = torch.Generator().manual_seed(1234)
+    return (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
+
+
+def _conv_inputs(model: nn.Module, x) -> dict:
+    """Module name -> the input it received, for every convolution (dense or sparse)."""
+    seen = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, inputs):
+        seen.setdefault(names[mod], inputs[0].detach().clone())
+
+    hooks = [m.register_forward_pre_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, sparse_model.SparseConv2d))]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _conv_sums(dense: nn.Module, sparse: nn.Module, x, device, opts) -> tuple[float, float]:
+    """(summed dense conv time, summed sparse conv time): each distinct convolution timed on
+    its real input, dense (the faster of NCHW and channels_last) interleaved with the module
+    the sparse network runs there, weighted by how often the shape occurs."""
+    d_in, s_in = _conv_inputs(dense, x), _conv_inputs(sparse, x)
+    groups: dict = {}
+    for name, xin in d_in.items():
+        conv = dense.get_submodule(name)
+        key = (tuple(xin.shape), conv.in_channels, conv.out_channels, conv.kernel_size,
+               conv.stride, conv.padding, conv.groups)
+        groups.setdefault(key, []).append(name)
+    total_d = total_s = 0.0
+    for names in groups.values():
+        name = names[0]
+        conv, xin = dense.get_submodule(name), d_in[name]
+        conv_cl = _channels_last(conv)
+        xin_cl = xin.contiguous(memory_format=torch.channels_last)
+        smod = sparse.get_submodule(name)
+        variants = {"nchw": (conv, xin), "cl": (lambda t, c=conv_cl: c(t), xin_cl),
+                    "sparse": (smod, s_in[name])}
+        with torch.inference_mode():
+            st, _ = timed(device, variants, opts)
+        total_d += len(names) * min(st["nchw"].median, st["cl"].median)
+        total_s += len(names) * st["sparse"].median
+    return total_d, total_s
+
+
+def _channels_last(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m).to(memory_format=torch.channels_last)
+
+
+def run_e2e(req: E2ERequest) -> E2EResult:
+    from shapes import models
+
+    case, opts = req.case, req.timing
+    torch.set_num_threads(case.threads)
+    dev = case.device.tensor_device
+    model = models.build(case.net)
+    size = (3, case.size, case.size)
+    try:
+        sparse = sparse_model.sparsify(model, case.pattern, case.sparsity, plan=case.plan,
+                                       device=case.device.value, input_size=size,
+                                       net=case.net, batch=case.batch)
+    except sparse_model.SparsifyError as e:
+        return E2EResult(Status.UNSUPPORTED, str(e))
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot be prepared
+        return E2EResult(status_of(e), "sparsify: " + _err_text(e))
+    rep = sparse.sparsify_report
+    used: dict = {}
+    for r in rep.replaced.values():
+        used[r["kernel"]] = used.get(r["kernel"], 0) + 1
+    info = {"replaced": len(rep.replaced), "kept_dense": json.dumps(rep.dense, sort_keys=True),
+            "kernels": json.dumps(used, sort_keys=True)}
+    if not rep.replaced:
+        return E2EResult(Status.UNSUPPORTED, f"{case.pattern} replaces no convolution of "
+                                             f"{case.net}", **info)
+    dense, _, _ = sparse_model.dense_folded(model, size)
+    dense = dense.to(dev)
+    ref = sparse_model.masked_dense(sparse).double()
+    x = _input(case.batch, case.size, dev)
+    with torch.inference_mode():
+        want = ref(x.double().cpu())
+        try:
+            got = sparse(x)
+        except Exception as e:  # noqa: BLE001
+            return E2EResult(status_of(e), "run: " + _err_text(e), **info)
+    err = ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+    tol = TOLERANCE[case.dtype]
+    if not err <= tol:
+        return E2EResult(Status.INCORRECT, f"network output relative error {err:.3g} exceeds "
+                         f"{tol:g} against the masked dense network (float64)", rel_err=err,
+                         **info)
+    dense_cl = _channels_last(dense)
+    variants = {"dense_nchw": (dense, x),
+                "dense_cl": (lambda t: dense_cl(t.contiguous(memory_format=torch.channels_last)),
+                             x),
+                "sparse": (sparse, x)}
+    if req.dense_compile:
+        compiled = torch.compile(dense)
+        with torch.inference_mode():
+            compiled(x)
+        variants["dense_compiled"] = (compiled, x)
+    with torch.inference_mode():
+        st, samples = timed(case.device, variants, opts)
+        conv_d, conv_s = _conv_sums(dense, sparse, x, case.device, opts)
+    return E2EResult(
+        Status.OK, None, rel_err=err, dense_nchw_s=st["dense_nchw"].median,
+        dense_cl_s=st["dense_cl"].median,
+        dense_compiled_s=st["dense_compiled"].median if "dense_compiled" in st else None,
+        sparse_s=st["sparse"].median, conv_dense_s=conv_d, conv_sparse_s=conv_s,
+        noisy=any(s.noisy for s in st.values()), samples=json.dumps(samples), **info)

@@ -1,0 +1,230 @@
+"""Drop-in sparse models: ``harness.sparsify(model, pattern, sparsity, plan=None, device="cpu")``.
+
+Returns a copy of ``model`` in eval mode in which every ``nn.Conv2d`` the pattern can handle runs
+a harness kernel (the plan's kernel and configuration for its shape, or the kernel and default
+configuration the harness would pick), BatchNorms that directly follow a convolution are folded
+into it (the mask is chosen on the folded weight, as deployed), and every other convolution stays
+dense with the reason. ``dense_folded(model)`` is the same network with BN folded and nothing
+masked: the dense baseline. ``masked_dense(sparse)`` puts each replacement's ``masked_weight``
+back into plain convolutions: the reference the sparse network must match.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import kernels
+import shapes
+
+from .records import Device
+
+
+class SparsifyError(ValueError):
+    """A plan or argument that cannot be applied (the CLI prints it as one line)."""
+
+
+class SparseConv2d(nn.Module):
+    """A convolution computed by a harness kernel (``run``), plus the folded bias."""
+
+    def __init__(self, layer: shapes.ConvLayer, run, bias, kernel: str, config: dict):
+        super().__init__()
+        self.layer, self.run, self.kernel, self.config = layer, run, kernel, dict(config)
+        self.register_buffer("masked_weight", run.masked_weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x):
+        y = self.run(x.contiguous())
+        if self.bias is not None:
+            y.add_(self.bias.view(1, -1, 1, 1))
+        return y
+
+    def extra_repr(self):
+        return f"{self.layer.shape_str}, kernel={self.kernel}, config={self.config}"
+
+
+@dataclass
+class Report:
+    """What ``sparsify`` did: replaced layers (name -> kernel, config) and layers kept dense
+    (name -> reason), the BatchNorms folded, and whether the classifier was sparsified."""
+
+    pattern: str
+    sparsity: float
+    replaced: dict = field(default_factory=dict)
+    dense: dict = field(default_factory=dict)
+    folded: list = field(default_factory=list)
+    plan: str | None = None
+    classifier: str = "kept dense (only convolutions are sparsified)"
+
+    def summary(self) -> str:
+        return (f"{len(self.replaced)} convolution(s) sparse, {len(self.dense)} dense, "
+                f"{len(self.folded)} BatchNorm(s) folded; {self.plan or 'default configurations'}")
+
+
+def _trace(model: nn.Module, input_size) -> tuple[dict, dict]:
+    """(conv name -> ConvLayer at its real input size, conv name -> name of the BatchNorm that
+    directly consumes its output), from one forward pass on zeros."""
+    names = {m: n for n, m in model.named_modules()}
+    layers, outputs, follows = {}, {}, {}
+
+    def conv_hook(mod, inputs, out):
+        x = inputs[0]
+        layers[names[mod]] = shapes.ConvLayer(
+            net="model", name=names[mod], index=len(layers), cin=mod.in_channels,
+            cout=mod.out_channels, kh=mod.kernel_size[0], kw=mod.kernel_size[1],
+            stride=mod.stride[0], padding=mod.padding[0] if not isinstance(mod.padding, str)
+            else 0, h=int(x.shape[-2]), w=int(x.shape[-1]), dilation=mod.dilation[0],
+            groups=mod.groups)
+        outputs[id(out)] = (names[mod], out)  # keep the tensor alive: ids stay unique
+
+    def bn_hook(mod, inputs):
+        hit = outputs.get(id(inputs[0]))
+        if hit is not None and hit[1] is inputs[0]:
+            follows[hit[0]] = names[mod]
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules()
+             if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(bn_hook) for m in model.modules()
+              if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return layers, follows
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = copy.deepcopy(conv)
+    fused.weight = nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach())
+    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias = nn.Parameter(((b - bn.running_mean) * scale + bn.bias).detach())
+    return fused
+
+
+def dense_folded(model: nn.Module, input_size=(3, 224, 224)):
+    """(copy of ``model`` in eval mode with every conv-then-BatchNorm pair folded, the traced
+    layers, the folded pairs)."""
+    m = copy.deepcopy(model).eval()
+    layers, follows = _trace(m, input_size)
+    for conv_name, bn_name in follows.items():
+        _set(m, conv_name, _fold(m.get_submodule(conv_name), m.get_submodule(bn_name)))
+        _set(m, bn_name, nn.Identity())
+    return m, layers, sorted(follows.values())
+
+
+def default_kernel(layer, pattern: str, sparsity: float, device: Device, dtype="float32"):
+    """(kernel, config, None) the harness picks for a layer without a plan, or
+    (None, None, reason): the first kernel of the pattern on the device (by name) that supports
+    the layer with its default configuration."""
+    reasons = []
+    for name in kernels.names(device=device.kernel_device, pattern=pattern):
+        k = kernels.get(name)
+        cfg = k.default_config(layer, sparsity)
+        why = k.supports(layer, sparsity, cfg, dtype) if cfg is not None else "no configuration"
+        if why is None:
+            return k, cfg, None
+        reasons.append(f"{name}: {why}")
+    return None, None, "; ".join(reasons) or f"no {device.kernel_device} kernel implements " \
+                                             f"pattern {pattern}"
+
+
+def check_plan(plan: dict, net: str | None, pattern: str, sparsity: float, batch: int,
+               identity: str | None, device: Device) -> None:
+    """Refuse, with one sentence, a plan made for something else."""
+    def refuse(why):
+        raise SparsifyError(f"plan refused: {why}")
+
+    if net is not None and plan.get("net") != net:
+        refuse(f"it was made for net {plan.get('net')!r}, not {net!r}")
+    if plan.get("pattern") != pattern:
+        refuse(f"it was made for pattern {plan.get('pattern')!r}, not {pattern!r}")
+    if abs(float(plan.get("sparsity", -1)) - sparsity) > 1e-9:
+        refuse(f"it was made for sparsity {plan.get('sparsity')}, not {sparsity:g}")
+    if plan.get("batch") != batch:
+        refuse(f"it was made for batch {plan.get('batch')}, not {batch}")
+    if plan.get("device") != device.value:
+        refuse(f"it was made for device {plan.get('device')}, not {device}")
+    if identity is not None and plan.get("machine_hash") != identity:
+        refuse("it was tuned on another machine or software (identity "
+               f"{str(plan.get('machine_hash'))[:8]}, this one {identity[:8]})")
+    for lay in plan["layers"]:
+        if lay["kernel"] not in kernels.names():
+            refuse(f"layer {lay['layer']} uses kernel {lay['kernel']!r}, not registered here")
+        k = kernels.get(lay["kernel"])
+        if k.pattern != "dense" and lay.get("source_hash") != k.source_hash():
+            refuse(f"layer {lay['layer']}: the source of {k.name} changed since the plan was "
+                   f"tuned (source hash {str(lay.get('source_hash'))[:8]}, now "
+                   f"{k.source_hash()[:8]}); tune again")
+
+
+def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None = None,
+             device: str = "cpu", input_size=(3, 224, 224), net: str | None = None,
+             batch: int = 1, identity: str | None = None):
+    """A copy of ``model`` whose convolutions run sparse kernels; see the module docstring.
+    What was replaced, kept dense (with the reason) and folded is in its ``sparsify_report``
+    (:class:`Report`). ``plan`` (a dict from ``harness.plan.load``) is checked
+    first: one made for another net, pattern, sparsity, batch, device, machine (``identity``)
+    or kernel source is refused with a one-line :class:`SparsifyError`."""
+    from kernels import patterns as P
+
+    dev = Device(device)
+    if pattern not in P.names():
+        raise SparsifyError(f"unknown pattern {pattern!r}; valid: {', '.join(P.names())}")
+    if plan is not None:
+        check_plan(plan, net, pattern, sparsity, batch, identity, dev)
+    by_shape = {lay["shape"]: lay for lay in plan["layers"]} if plan else {}
+    m, layers, folded = dense_folded(model, input_size)
+    report = Report(pattern=pattern, sparsity=sparsity, folded=folded,
+                    plan=None if plan is None else f"plan {plan.get('net')} "
+                                                   f"{plan.get('pattern')} S={plan.get('sparsity')}")
+    for name, layer in layers.items():
+        conv = m.get_submodule(name)
+        if name in report.replaced:  # a module called twice: replaced once
+            continue
+        entry = by_shape.get(layer.shape_str)
+        if entry is not None:
+            k, cfg = kernels.get(entry["kernel"]), dict(entry["config"])
+            why = None if k.pattern != "dense" else "the plan keeps it dense (fastest)"
+        else:
+            k, cfg, why = default_kernel(layer, pattern, sparsity, dev)
+            if plan is not None and why is None:
+                why = "not in the plan"
+        if why:
+            report.dense[name] = why
+            continue
+        run = k.prepare(layer, conv.weight.detach().to(dev.tensor_device), sparsity, cfg)
+        bias = None if conv.bias is None else conv.bias.detach().to(dev.tensor_device)
+        _set(m, name, SparseConv2d(layer, run, bias, k.name, cfg))
+        report.replaced[name] = {"kernel": k.name, "config": json.dumps(cfg, sort_keys=True)}
+    m.sparsify_report = report
+    return m
+
+
+def masked_dense(sparse: nn.Module) -> nn.Module:
+    """The reference: the sparse model with each ``SparseConv2d`` turned back into a plain
+    convolution over its ``masked_weight`` (same masks, same folded biases)."""
+    ref = copy.deepcopy(sparse)
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, SparseConv2d):
+            lay = mod.layer
+            conv = nn.Conv2d(lay.cin, lay.cout, (lay.kh, lay.kw), stride=lay.stride,
+                             padding=lay.padding, dilation=lay.dilation, groups=lay.groups,
+                             bias=mod.bias is not None)
+            with torch.no_grad():
+                conv.weight.copy_(mod.masked_weight.cpu())
+                if mod.bias is not None:
+                    conv.bias.copy_(mod.bias.cpu())
+            _set(ref, name, conv)
+    return ref

@@ -1,0 +1,225 @@
+"""Whole networks: drop-in sparse models equal the masked dense network, plans are checked before
+use, and ``e2e`` gates, times and stores whole-network latency."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_harness import ROOT, env
+from torch import nn
+
+import harness
+import kernels
+import shapes
+from harness import env as henv
+from harness import plan as hplan
+from harness import sparse_model as sm
+from harness.store import Store
+from shapes.models import build
+
+SIZES = {"resnet50": 32, "resnet18": 32, "vgg19": 32, "squeezenet1_1": 64}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def conforms(mod, sparsity):
+    k = kernels.get(mod.kernel)
+    pat = k.make_pattern(sparsity, mod.config)
+    w = mod.masked_weight.double()
+    ok = pat.conforms(w, mod.run.perm) if pat.permutes else pat.conforms(w)
+    want = int(pat.mask(torch.ones_like(w)).sum())
+    return ok and int((w != 0).sum()) == want
+
+
+@pytest.mark.parametrize("net", shapes.NETS)
+@pytest.mark.parametrize("pattern,S", [("cs", 0.9375), ("1xn", 0.75)])
+def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
+    size = SIZES[net]
+    model = build(net, seed=3)  # random BN statistics and affine parameters
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    folded, layers, bns = sm.dense_folded(model, (3, size, size))
+    with torch.no_grad():
+        assert rel(folded(x), model(x)) < 1e-5  # folding alone changes nothing
+    sparse = harness.sparsify(model, pattern, S, input_size=(3, size, size))
+    rep = sparse.sparsify_report
+    assert set(rep.replaced) | set(rep.dense) == set(layers)
+    assert len(rep.folded) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if pattern == "cs":  # the cin-form CS kernel needs Cin divisible by K*M (K=16, M>=2)
+        assert set(rep.dense) == {n for n, lay in layers.items() if lay.cin % 32}
+        stem = next(iter(layers))
+        assert "Cin=3" in rep.dense[stem]
+    else:  # 1xN needs Cout divisible by N (the default N is the largest of 4..32 that fits)
+        assert set(rep.dense) == {n for n, lay in layers.items() if lay.cout % 4}
+    for name in rep.replaced:
+        mod = sparse.get_submodule(name)
+        assert isinstance(mod, sm.SparseConv2d) and conforms(mod, S), name
+    with torch.no_grad():
+        want = sm.masked_dense(sparse).double()(x.double())
+        assert rel(sparse(x), want) < 1e-4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.b = nn.Conv2d(32, 64, 1)
+        self.bn_b = nn.BatchNorm2d(64)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_a(self.a(x)))
+        x = torch.relu(self.grouped(x))
+        return self.bn_b(self.b(x)) + 1.0
+
+
+def test_a_user_model_with_a_grouped_conv():
+    torch.manual_seed(0)
+    model = UserNet().eval()
+    with torch.no_grad():
+        for bn in (model.bn_a, model.bn_b):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    sparse = harness.sparsify(model, "cs", 0.75, input_size=(16, 12, 12))
+    rep = sparse.sparsify_report
+    assert set(rep.replaced) == {"a", "b"} and list(rep.dense) == ["grouped"]
+    assert "grouped" in rep.dense["grouped"]
+    assert sorted(rep.folded) == ["bn_a", "bn_b"]
+    x = torch.randn(3, 16, 12, 12)
+    with torch.no_grad():
+        assert rel(sparse(x), sm.masked_dense(sparse).double()(x.double())) < 1e-4
+    for name in ("a", "b"):
+        assert conforms(sparse.get_submodule(name), 0.75)
+
+
+def make_plan(net, pattern, S, layers, batch=1, identity=None, size=32):
+    """A plan in the autotuner's format for ``layers``: [(ConvLayer, kernel, config)]."""
+    entries = [{"layer": lay.name, "index": lay.index, "count": lay.count,
+                "shape": lay.shape_str, "kernel": k, "config": cfg,
+                "source_hash": kernels.get(k).source_hash(), "time_s": 1e-3, "dense_s": 2e-3,
+                "speedup": 2.0} for lay, k, cfg in layers]
+    return {"schema": hplan.SCHEMA, "net": net, "pattern": pattern, "sparsity": S,
+            "device": "cpu", "batch": batch, "dtype": "float32", "threads": 2,
+            "strategy": "test", "fingerprint": {}, "network_speedup": 2.0,
+            "machine_hash": identity or henv.identity_hash(henv.fingerprint()),
+            "layers": entries}
+
+
+def _layers(net, size):
+    return shapes.unique(shapes.from_model(build(net), (3, size, size), net=net))
+
+
+def test_a_foreign_plan_is_refused_with_one_reason():
+    lay = _layers("resnet18", 32)[1]
+    good = make_plan("resnet18", "cs", 0.9375, [(lay, "cs_cpu_direct", {"M": 2})])
+    model = build("resnet18")
+    kw = dict(input_size=(3, 32, 32), net="resnet18", batch=1,
+              identity=henv.identity_hash(henv.fingerprint()))
+    sparse = harness.sparsify(model, "cs", 0.9375, plan=good, **kw)
+    used = [sparse.get_submodule(n) for n, r in sparse.sparsify_report.replaced.items()]
+    assert any(m.layer.shape_str == lay.shape_str and m.config["M"] == 2 for m in used)
+    for change, message in [({"net": "resnet50"}, "made for net 'resnet50'"),
+                            ({"sparsity": 0.875}, "made for sparsity 0.875"),
+                            ({"pattern": "1xn"}, "made for pattern '1xn'"),
+                            ({"batch": 8}, "made for batch 8"),
+                            ({"machine_hash": "0123456789abcdef"}, "another machine")]:
+        with pytest.raises(sm.SparsifyError, match=message):
+            harness.sparsify(model, "cs", 0.9375, plan={**good, **change}, **kw)
+    stale = json.loads(json.dumps(good))
+    stale["layers"][0]["source_hash"] = "0" * 16
+    with pytest.raises(sm.SparsifyError, match="source of cs_cpu_direct changed"):
+        harness.sparsify(model, "cs", 0.9375, plan=stale, **kw)
+
+
+def e2e(tmp_path, *args, plugins=""):
+    return subprocess.run([sys.executable, "-m", "harness", "e2e", "--db",
+                           str(tmp_path / "e.sqlite"), "--size", "32", "--rounds", "3",
+                           "--threads", "1", "--plans", str(tmp_path / "plans"), *args],
+                          cwd=ROOT, env=env(HARNESS_PLUGINS=plugins), capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_e2e_measures_and_stores_a_network(tmp_path):
+    r = e2e(tmp_path, "--nets", "resnet18", "--patterns", "cs,1xn")
+    assert r.returncode == 0, r.stderr
+    assert "no plan at" in r.stdout and "measured" in r.stdout
+    df = Store(tmp_path / "e.sqlite").e2e().set_index("pattern")
+    assert set(df.status) == {"ok"} and (df.rel_err < 1e-4).all()
+    for p in ("cs", "1xn"):
+        row = df.loc[p]
+        assert row.speedup == pytest.approx(row.dense_s / row.sparse_s)
+        assert row.dense_s == min(row.dense_nchw_s, row.dense_cl_s)
+        assert row.estimate == pytest.approx(row.conv_dense_s / row.conv_sparse_s)
+        assert row.replaced >= 19
+    again = e2e(tmp_path, "--nets", "resnet18", "--patterns", "cs")
+    assert "already measured" in again.stdout  # same identity: not measured twice
+
+
+def test_a_kernel_wrong_in_one_layer_makes_the_network_incorrect_and_untimed(tmp_path):
+    import faulty_kernels  # noqa: F401 - registers faulty_wrong in this process
+
+    lay = _layers("resnet18", 32)[3]
+    p = make_plan("resnet18", "unstructured", 0.5, [(lay, "faulty_wrong", {"variant": 0})])
+    (tmp_path / "plans").mkdir()
+    hplan.save(p, tmp_path / "plans" / "resnet18_unstructured_0.5_cpu.json")
+    r = e2e(tmp_path, "--nets", "resnet18", "--patterns", "unstructured", "--sparsities", "0.5",
+            plugins="faulty_kernels")
+    assert r.returncode == 0, r.stderr
+    assert "plan " in r.stdout and "refused" not in r.stdout
+    (row,) = Store(tmp_path / "e.sqlite").e2e().itertuples()
+    assert row.status == "incorrect" and "relative error" in row.reason
+    assert row.sparse_s is None or row.sparse_s != row.sparse_s  # never timed
+
+
+SLOW_RELU = '''
+import time
+import torch.nn as nn
+
+_forward = nn.ReLU.forward
+
+
+def slow(self, x):
+    time.sleep(0.004)
+    return _forward(self, x)
+
+
+nn.ReLU.forward = slow
+'''
+
+
+def test_a_slow_non_conv_module_raises_the_latency_not_the_summed_estimate(tmp_path):
+    (tmp_path / "slow_relu.py").write_text(SLOW_RELU)
+    runs = {}
+    for name, plugins in (("plain", ""), ("slow", "slow_relu")):
+        db = tmp_path / f"{name}.sqlite"
+        r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(db), "--size",
+                            "32", "--rounds", "3", "--threads", "1", "--nets", "resnet18",
+                            "--plans", str(tmp_path)], cwd=ROOT,
+                           env={**env(HARNESS_PLUGINS=plugins),
+                                "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{tmp_path}"},
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        (runs[name],) = Store(db).e2e().itertuples()
+    plain, slow = runs["plain"], runs["slow"]
+    relu_calls = 17  # the stem and two per BasicBlock
+    added = slow.sparse_s - plain.sparse_s
+    assert added > 0.8 * relu_calls * 0.004  # the measured latency sees every slow call
+    assert abs(slow.conv_sparse_s - plain.conv_sparse_s) < 0.25 * added  # the estimate does not
+    assert slow.outside_share > plain.outside_share
+
+
+def test_e2e_bad_input_exits_2(tmp_path):
+    for args, message in [(["--nets", "alexnet"], "unknown net"),
+                          (["--patterns", "zz"], "unknown pattern"),
+                          (["--size", "8"], "--size: must be >= 32"),
+                          (["--device", "cuda"], "--interpret")]:
+        r = e2e(tmp_path, *args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
