@@ -32,8 +32,11 @@ def _conv_inputs(model: nn.Module, x) -> dict:
     def hook(mod, inputs):
         seen.setdefault(names[mod], inputs[0].detach().clone())
 
-    hooks = [m.register_forward_pre_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, sparse_model.SparseConv2d))]
+    wrapped = {f"{n}.conv" for n, m in model.named_modules()
+               if isinstance(m, sparse_model.ChannelsLastConv2d)}
+    hooks = [m.register_forward_pre_hook(hook) for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, sparse_model.SparseConv2d,
+                               sparse_model.ChannelsLastConv2d)) and n not in wrapped]
     try:
         with torch.inference_mode():
             model(x)
