@@ -37,8 +37,9 @@ def dense_baselines(df: pd.DataFrame) -> pd.DataFrame:
     return baseline.table(df)
 
 
-# cases whose times may be compared (one machine and software, device, batch, dtype, threads)
-GROUP = ["fp_hash", "net", "batch", "dtype", "device", "threads"]
+# cases whose times may be compared (one machine and software, device, batch, dtype, threads),
+# over the layers of a net
+GROUP = [c for c in baseline.GROUP if c != "layer"]
 
 
 def best_per_layer(df: pd.DataFrame) -> pd.DataFrame:

@@ -14,9 +14,7 @@ from torch import nn
 
 from . import sparse_model
 from .records import E2ERequest, E2EResult, Status
-from .worker import _err_text, status_of, timed
-
-TOLERANCE = {"float32": 1e-4}
+from .worker import TOLERANCE, _err_text, gpu_settings, status_of, timed
 
 
 def _input(batch: int, size: int, device: str):
@@ -84,6 +82,7 @@ def run_e2e(req: E2ERequest) -> E2EResult:
 
     case, opts = req.case, req.timing
     torch.set_num_threads(case.threads)
+    gpu_settings(case.device)
     dev = case.device.tensor_device
     model = models.build(case.net)
     size = (3, case.size, case.size)

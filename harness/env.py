@@ -19,7 +19,8 @@ _ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "
 # machine). The software: versions of what runs the kernels. The kernels' own code enters each
 # case's identity through its source hash (records.Case.key); the git commit and the hash of
 # uncommitted changes are provenance only.
-MACHINE = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "kernel_build")
+MACHINE = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "kernel_build",
+           "machine_label")
 SOFTWARE = ("torch", "triton", "numpy", "python", "project")
 IDENTITY = MACHINE + SOFTWARE
 
@@ -102,7 +103,8 @@ def kernel_build() -> str:
     from kernels import _ext
 
     try:
-        r = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=10)
+        cxx = os.environ.get("CXX", "c++")  # what torch's cpp_extension builds with
+        r = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=10)
         cc = r.stdout.splitlines()[0] if r.returncode == 0 and r.stdout else "no c++ compiler"
     except (OSError, subprocess.SubprocessError):
         cc = "no c++ compiler"
@@ -123,7 +125,10 @@ def fingerprint() -> dict:
           "project": harness.__version__, "git_commit": _git("rev-parse", "HEAD"),
           "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
           "git_diff_hash": _diff_hash(), "kernel_isa": _kernel_isa(),
-          "kernel_build": kernel_build(), "hostname": platform.node()}
+          "kernel_build": kernel_build(), "hostname": platform.node(),
+          # SPARSECONV_MACHINE_LABEL tells apart machines that look alike but are not (another
+          # BIOS power setting, another cooling): rows under different labels never mix
+          "machine_label": os.environ.get("SPARSECONV_MACHINE_LABEL") or None}
     return fp
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import kernels
 
-SCHEMA = 1
+SCHEMA = 2  # 2: identity (machine + software) and per-layer kernel source hashes
 LAYER_FIELDS = {"layer": str, "index": int, "count": int, "shape": str, "kernel": str,
                 "config": dict, "time_s": float, "dense_s": float, "speedup": float}
 TOP_FIELDS = {"schema": int, "net": str, "pattern": str, "sparsity": float, "device": str,
               "batch": int, "dtype": str, "threads": int, "strategy": str,
-              "fingerprint": dict, "machine_hash": str, "layers": list,
+              "fingerprint": dict, "identity": str, "machine_hash": str, "layers": list,
               "network_speedup": float}
 
 

@@ -330,9 +330,6 @@ class Measurement:
                 for k, v in out.items()}
 
 
-MEASUREMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Measurement))
-
-
 # ---- worker protocol ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class InitRequest:

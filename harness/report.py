@@ -193,13 +193,15 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
     answers = {}
     if not net_table.empty:
         nt = net_table[net_table.device != Device.CUDA_INTERPRET.value]
-        keys = ["fp_hash", "net", "sparsity", "batch", "device", "threads"]
+        keys = ["fp_hash", "net", "sparsity", "batch", "dtype", "device", "threads"]
+        compared = nt.groupby(keys)["pattern"].agg(lambda p: ", ".join(sorted(set(p))))
         for r in nt.loc[nt.groupby(keys)["speedup"].idxmax()].itertuples():
-            answers[(r.fp_hash, r.net, r.sparsity, r.batch, r.device, r.threads)] = {
+            k = (r.fp_hash, r.net, r.sparsity, r.batch, r.dtype, r.device, r.threads)
+            answers[k] = {
                 "machine": r.fp_hash[:6], "net": r.net, "sparsity": r.sparsity,
-                "batch": r.batch, "device": r.device, "pattern": r.pattern, "kernels": None,
-                "plan": None, "estimate": r.speedup, "speedup": None,
-                "source": "bench: best configuration per layer, summed"}
+                "batch": r.batch, "dtype": r.dtype, "device": r.device, "pattern": r.pattern,
+                "kernels": None, "plan": None, "estimate": r.speedup, "speedup": None,
+                "compared": compared[k], "source": "bench: best configuration per layer, summed"}
     if not e2e.empty:
         interp = e2e.device == Device.CUDA_INTERPRET.value
         out["e2e_interpreted"] = e2e[interp].to_dict("records")
@@ -207,13 +209,21 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
         ok = e2e[e2e.status == Status.OK]
         if len(ok):
             out["e2e_img"] = figures.e2e_bars(ok)
-            keys = ["fp_hash", "net", "sparsity", "batch", "device", "threads"]
+            keys = ["fp_hash", "net", "sparsity", "batch", "dtype", "device", "threads", "size"]
+            compared = ok.groupby(keys)["pattern"].agg(lambda p: ", ".join(sorted(set(p))))
             for r in ok.loc[ok.groupby(keys)["speedup"].idxmax()].itertuples():
                 used = json.loads(r.kernels) if isinstance(r.kernels, str) else {}
-                answers[(r.fp_hash, r.net, r.sparsity, r.batch, r.device, r.threads)] = {
+                k = (r.fp_hash, r.net, r.sparsity, r.batch, r.dtype, r.device, r.threads)
+                # a bench answer for the same key stays beside it when its pattern was not
+                # measured end to end (the e2e answer only covers what it compared)
+                old = answers.get(k)
+                if old is not None and old["pattern"] in compared[k + (r.size,)].split(", "):
+                    del answers[k]
+                answers[k + (r.size,)] = {
                     "machine": r.fp_hash[:6], "net": r.net, "sparsity": r.sparsity,
-                    "batch": r.batch, "device": r.device, "pattern": r.pattern,
-                    "kernels": ", ".join(f"{k} ({v})" for k, v in used.items()) or None,
+                    "batch": r.batch, "dtype": r.dtype, "device": r.device,
+                    "pattern": r.pattern, "compared": compared[k + (r.size,)],
+                    "kernels": ", ".join(f"{kn} ({n})" for kn, n in used.items()) or None,
                     "plan": r.plan, "estimate": r.estimate, "speedup": r.speedup,
                     "source": f"e2e at {r.size}x{r.size}"}
         out["e2e_rows"] = e2e.assign(machine=e2e.fp_hash.str[:6]).to_dict("records")

@@ -113,6 +113,48 @@ class _Stop:
             signal.signal(signal.SIGINT, self._old)
 
 
+class CaseRunner:
+    """Runs cases one at a time on a worker process of this machine: builds each kernel once,
+    turns unsupported combinations and kernels that cannot run here into typed results, and
+    gives every sparse case the dense baseline measured before it in its group. Used by the
+    local sweep and by each node of a cluster."""
+
+    def __init__(self, timing: TimingOptions, case_timeout: float, init_timeout: float = 1800.0):
+        self.timing, self.case_timeout, self.init_timeout = timing, case_timeout, init_timeout
+        self.worker = Worker()
+        self.states: dict = {}
+        self.dense = baseline.Baselines()
+
+    def prepare(self, cases) -> None:
+        """Load and build the kernels these cases need (once each)."""
+        names = sorted({c.kernel for c in cases if c.unsupported is None} - set(self.states))
+        if names:
+            self.states.update(init_kernels(self.worker, names, self.init_timeout))
+
+    def run(self, case) -> CaseResult:
+        state = self.states.get(case.kernel)
+        if case.unsupported is not None:
+            res = CaseResult(Status.UNSUPPORTED, case.unsupported)
+        elif state is not None and state.status is not Status.OK:
+            res = CaseResult(state.status, state.reason)
+        else:
+            res = run_case(self.worker, CaseRequest(case, self.timing,
+                                                    self.dense.ref(case.group)),
+                           self.case_timeout)
+        if case.kernel in baseline.names() and res.status is Status.OK:
+            self.dense.note(case.group, case.kernel, case.config, res.median_s,
+                            res.kernel_median_s)
+        return res
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def progress_bar(total: int, enabled: bool, desc: str = "bench"):
+    return tqdm(total=total, desc=desc, unit="case", disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
+
+
 def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, retry_failed=False,
           case_timeout=300.0, init_timeout=1800.0, timing=None, progress=True, node=None):
     """Run every case not yet recorded under this identity; returns counts by status for this
@@ -121,19 +163,14 @@ def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, retry_fai
     done = store.done_keys(fp_hash, retry_failed=retry_failed) if resume else set()
     todo = [c for c in cases if c.key not in done]
     counts = {"skipped (already measured)": len(cases) - len(todo)}
-    dense = baseline.Baselines()
+    runner = CaseRunner(timing, case_timeout, init_timeout)
     if resume:  # dense baselines measured by an earlier, interrupted run of the same identity
-        dense.note_rows(store.measurements(fp_hash=fp_hash))
-    wk = Worker()
-    states = {}
-    names = tuple(sorted({c.kernel for c in todo if c.unsupported is None}))
-    bar = tqdm(total=len(todo), desc="bench", unit="case", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
+        runner.dense.note_rows(store.measurements(fp_hash=fp_hash))
+    bar = progress_bar(len(todo), progress)
     try:
         with _Stop() as stop:
-            if names:
-                bar.set_postfix_str("building / loading kernels")
-                states = init_kernels(wk, names, init_timeout)
+            bar.set_postfix_str("building / loading kernels")
+            runner.prepare(todo)
             for case in todo:
                 if stop.requested:
                     counts["not run (stopped)"] = counts.get("not run (stopped)", 0) + 1
@@ -141,24 +178,14 @@ def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, retry_fai
                 lay = case.layer
                 bar.set_postfix_str(f"{case.kernel} {lay.net}:{lay.name} "
                                     f"S={case.sparsity:g}", refresh=False)
-                state = states.get(case.kernel)
-                if case.unsupported is not None:
-                    res = CaseResult(Status.UNSUPPORTED, case.unsupported)
-                elif state is not None and state.status is not Status.OK:
-                    res = CaseResult(state.status, state.reason)
-                else:
-                    res = run_case(wk, CaseRequest(case, timing, dense.ref(case.group)),
-                                   case_timeout)
-                m = Measurement.of(case, res, run_id, fp_hash, machine_hash, node=node)
+                m = Measurement.of(case, runner.run(case), run_id, fp_hash, machine_hash,
+                                   node=node)
                 store.add(m)
                 counts[m.status.value] = counts.get(m.status.value, 0) + 1
-                if case.kernel in baseline.names() and m.status is Status.OK:
-                    dense.note(case.group, case.kernel, case.config, m.median_s,
-                               m.kernel_median_s)
                 bar.update(1)
     finally:
         bar.close()
-        wk.close()
+        runner.close()
     return counts
 
 

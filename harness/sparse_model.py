@@ -98,17 +98,14 @@ class Report:
 def _trace(model: nn.Module, input_size) -> tuple[dict, dict]:
     """(conv name -> ConvLayer at its real input size, conv name -> name of the BatchNorm that
     directly consumes its output), from one forward pass on zeros."""
+    try:  # the layers' geometry, with from_model's checks (square stride, no string padding)
+        layers = {lay.name: lay for lay in shapes.from_model(model, input_size)}
+    except ValueError as e:
+        raise SparsifyError(str(e)) from None
     names = {m: n for n, m in model.named_modules()}
-    layers, outputs, follows = {}, {}, {}
+    outputs, follows = {}, {}
 
     def conv_hook(mod, inputs, out):
-        x = inputs[0]
-        layers[names[mod]] = shapes.ConvLayer(
-            net="model", name=names[mod], index=len(layers), cin=mod.in_channels,
-            cout=mod.out_channels, kh=mod.kernel_size[0], kw=mod.kernel_size[1],
-            stride=mod.stride[0], padding=mod.padding[0] if not isinstance(mod.padding, str)
-            else 0, h=int(x.shape[-2]), w=int(x.shape[-1]), dilation=mod.dilation[0],
-            groups=mod.groups)
         outputs[id(out)] = (names[mod], out)  # keep the tensor alive: ids stay unique
 
     def bn_hook(mod, inputs):
@@ -186,9 +183,9 @@ def check_plan(plan: dict, net: str | None, pattern: str, sparsity: float, batch
         refuse(f"it was made for batch {plan.get('batch')}, not {batch}")
     if plan.get("device") != device.value:
         refuse(f"it was made for device {plan.get('device')}, not {device}")
-    if identity is not None and plan.get("machine_hash") != identity:
+    if identity is not None and plan.get("identity") != identity:
         refuse("it was tuned on another machine or software (identity "
-               f"{str(plan.get('machine_hash'))[:8]}, this one {identity[:8]})")
+               f"{str(plan.get('identity'))[:8]}, this one {identity[:8]})")
     for lay in plan["layers"]:
         if lay["kernel"] not in kernels.names():
             refuse(f"layer {lay['layer']} uses kernel {lay['kernel']!r}, not registered here")
@@ -216,13 +213,12 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
         check_plan(plan, net, pattern, sparsity, batch, identity, dev)
     by_shape = {lay["shape"]: lay for lay in plan["layers"]} if plan else {}
     m, layers, folded = dense_folded(model, input_size)
+    m = m.to(dev.tensor_device)
     report = Report(pattern=pattern, sparsity=sparsity, folded=folded,
                     plan=None if plan is None else f"plan {plan.get('net')} "
                                                    f"{plan.get('pattern')} S={plan.get('sparsity')}")
     for name, layer in layers.items():
         conv = m.get_submodule(name)
-        if name in report.replaced:  # a module called twice: replaced once
-            continue
         entry = by_shape.get(layer.shape_str)
         if entry is not None:
             k, cfg = kernels.get(entry["kernel"]), dict(entry["config"])
@@ -251,7 +247,7 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
 def masked_dense(sparse: nn.Module) -> nn.Module:
     """The reference: the sparse model with each ``SparseConv2d`` turned back into a plain
     convolution over its ``masked_weight`` (same masks, same folded biases)."""
-    ref = copy.deepcopy(sparse)
+    ref = copy.deepcopy(sparse).cpu()
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, SparseConv2d):
             lay = mod.layer

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS measurements (
     {", ".join(f"{k} {v}" for k, v in MEASUREMENT_COLUMNS.items())});
 CREATE INDEX IF NOT EXISTS m_case ON measurements (fp_hash, case_key);
 CREATE TABLE IF NOT EXISTS tuning (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, tune_key TEXT, machine_hash TEXT, kernel TEXT,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tune_key TEXT, identity TEXT, kernel TEXT,
     source_hash TEXT, shape TEXT, batch INTEGER, dtype TEXT, pattern TEXT, sparsity REAL,
     config TEXT, status TEXT, median_s REAL, kernel_median_s REAL, dense_median_s REAL,
     rel_err REAL, created REAL);
@@ -128,6 +128,11 @@ class Store:
         with self._tx():
             self.db.execute("UPDATE runs SET finished = ?, status = ? WHERE run_id = ?",
                             (time.time(), RunStatus(status).value, run_id))
+
+    def note_machine(self, fp: dict, fp_hash: str, machine_hash: str, args: dict) -> None:
+        """Record a machine's fingerprint (a cluster node's) as a finished run of its own, so
+        reports can name the machine behind its rows."""
+        self.finish_run(self.start_run(fp, fp_hash, machine_hash, args))
 
     # ---- measurements --------------------------------------------------------------------
     def add(self, m: Measurement) -> None:

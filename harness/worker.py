@@ -214,8 +214,11 @@ def execute(req: CaseRequest) -> CaseResult:
         # end-to-end baseline: the dense layout fastest end-to-end; kernel-only baseline: the
         # layout fastest with its input already in that layout (often channels_last)
         dk = kernels.get(dense.kernel)
-        drun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.layout})
-        krun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.resident_layout})
+        try:
+            drun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.layout})
+            krun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.resident_layout})
+        except Exception as e:  # noqa: BLE001
+            return CaseResult(status_of(e), "dense baseline: " + _err_text(e), **checked)
         variants["dense"] = (drun, x)
         if opts.resident:
             variants["dense_resident"] = (krun.resident, krun.layout(x))

@@ -30,6 +30,16 @@ def cflags() -> list[str]:
     return [f for f in flags if f]
 
 
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load():
     """The compiled extension module (raises RuntimeError with the compiler's reason)."""
     global _mod, _err
@@ -41,7 +51,11 @@ def load():
         from torch.utils import cpp_extension
 
         src = CSRC / "sparse_conv_cpu.cpp"
-        tag = hashlib.sha256(src.read_bytes() + " ".join(cflags()).encode()).hexdigest()[:10]
+        # keyed by the source, the flags and this CPU's feature flags: -march=native means
+        # another ISA on another CPU, so a shared home folder cannot hand one node's build to
+        # another
+        tag = hashlib.sha256(src.read_bytes() + " ".join(cflags()).encode()
+                             + _cpu_flags().encode()).hexdigest()[:10]
         try:
             _mod = cpp_extension.load(
                 name=f"sparseconv_cpu_{tag}", sources=[str(src)], extra_cflags=cflags(),

@@ -175,11 +175,13 @@ class Kernel:
     # ---- identity ------------------------------------------------------------------------------
     def source_files(self) -> list[Path]:
         """Every file whose contents decide what this kernel computes: its module (for a
-        plugin, the plugin's file), its pattern's module and the patterns' shared code, and the
-        shared files it declares in ``sources`` (C++, layout, launch helpers)."""
-        files = [Path(inspect.getsourcefile(type(self))).resolve()]
+        plugin, the plugin's file), the registry (preparation, configuration), its pattern's
+        module and the patterns' shared code, and the shared files it declares in ``sources``
+        (C++, layout, launch helpers)."""
+        files = [Path(inspect.getsourcefile(type(self))).resolve(), HERE / "registry.py"]
         files += [HERE / s for s in self.sources]
         if self.pattern in P.PATTERNS:
+            files.append(Path(P.__file__).resolve())
             files += [Path(inspect.getsourcefile(P.PATTERNS[self.pattern])).resolve(),
                       Path(inspect.getsourcefile(P.Pattern)).resolve()]
         return list(dict.fromkeys(files))

@@ -84,9 +84,10 @@ def make_plan(**over):
               {"layer": "l2", "index": 2, "count": 1, "shape": "3->64 7x7 s2 p3 @224x224",
                "kernel": "dense_cpu", "config": {"layout": "nchw"}, "time_s": 0.002,
                "dense_s": 0.002, "speedup": 1.0}]
-    p = {"schema": 1, "net": "resnet50", "pattern": "cs", "sparsity": 0.9375, "device": "cpu",
+    p = {"schema": plan.SCHEMA, "net": "resnet50", "pattern": "cs", "sparsity": 0.9375, "device": "cpu",
          "batch": 1, "dtype": "float32", "threads": 2, "strategy": "model",
-         "fingerprint": {"cpu": "x"}, "machine_hash": "abc", "layers": layers,
+         "fingerprint": {"cpu": "x"}, "identity": "abc", "machine_hash": "def",
+         "layers": layers,
          "network_speedup": (3 * 0.004 + 0.002) / (3 * 0.001 + 0.002)}
     p.update(over)
     return p
@@ -98,7 +99,7 @@ def test_plan_round_trips_and_validates(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"schema": 2}, "schema 2"),
+    ({"schema": 99}, "schema 99"),
     ({"network_speedup": 9.0}, "does not match"),
     ({"layers": []}, "no layers"),
     ({"net": 5}, "'net' must be str"),
@@ -143,7 +144,7 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     assert r2.returncode == 0, r2.stderr
     assert "(measured 0, raced 4)" in r2.stdout and len(store.tuning()) == n
     # another machine's records are refused with a message, then measured again
-    store.db.execute("UPDATE tuning SET machine_hash = 'other-machine', tune_key = tune_key || 'x'")
+    store.db.execute("UPDATE tuning SET identity = 'other-machine', tune_key = tune_key || 'x'")
     r3 = autotune(tmp_path, "--strategy", "random", "--budget", "4")
     assert r3.returncode == 0, r3.stderr
     assert "measured with another machine or software" in r3.stdout

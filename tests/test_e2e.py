@@ -108,7 +108,8 @@ def make_plan(net, pattern, S, layers, batch=1, identity=None, size=32):
     return {"schema": hplan.SCHEMA, "net": net, "pattern": pattern, "sparsity": S,
             "device": "cpu", "batch": batch, "dtype": "float32", "threads": 2,
             "strategy": "test", "fingerprint": {}, "network_speedup": 2.0,
-            "machine_hash": identity or henv.identity_hash(henv.fingerprint()),
+            "identity": identity or henv.identity_hash(henv.fingerprint()),
+            "machine_hash": henv.machine_hash(henv.fingerprint()),
             "layers": entries}
 
 
@@ -129,7 +130,7 @@ def test_a_foreign_plan_is_refused_with_one_reason():
                             ({"sparsity": 0.875}, "made for sparsity 0.875"),
                             ({"pattern": "1xn"}, "made for pattern '1xn'"),
                             ({"batch": 8}, "made for batch 8"),
-                            ({"machine_hash": "0123456789abcdef"}, "another machine")]:
+                            ({"identity": "0123456789abcdef"}, "another machine")]:
         with pytest.raises(sm.SparsifyError, match=message):
             harness.sparsify(model, "cs", 0.9375, plan={**good, **change}, **kw)
     stale = json.loads(json.dumps(good))

@@ -12,7 +12,8 @@ import kernels
 
 SECTIONS = ["answer", "e2e", "machine", "per-layer", "network", "sensitivity", "roofline", "autotune", "paper",
             "gpu", "failures", "results"]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
+                                                 "google-chrome"))), None)
 GPU_KERNELS = [n for n in kernels.names(device="cuda") if not n.startswith("faulty")]
 
 

@@ -25,11 +25,13 @@ RACE = TimingOptions(rounds=25, min_sample=2e-3, warmup=0.05)
 CONFIRM_TOP = 3  # a single timing can be a lucky outlier: the top picks race each other
 
 
-def candidates(layer, patterns, sparsity, device, dtype) -> list[Candidate]:
+def candidates(layer, patterns, sparsity, device, dtype, skip=()) -> list[Candidate]:
+    """Every supported configuration of every kernel of the patterns (``skip``: kernels left
+    out, e.g. because they failed to build)."""
     out = []
     for name in kernels.names(device=device.kernel_device):
         k = kernels.get(name)
-        if k.pattern in patterns and k.available() is None:
+        if k.pattern in patterns and k.available() is None and name not in skip:
             out += [Candidate(name, Config(cfg)) for cfg in k.configs(layer, sparsity, dtype)]
     return out
 
@@ -93,7 +95,7 @@ class Evaluator:
             return key, t.iloc[-1]
         if case.kernel not in self._warned:  # records of the same case under another identity?
             old = self.store.db.execute(
-                "SELECT machine_hash, source_hash FROM tuning WHERE kernel = ? AND shape = ? AND "
+                "SELECT identity, source_hash FROM tuning WHERE kernel = ? AND shape = ? AND "
                 "sparsity = ? AND batch = ? AND dtype = ? LIMIT 1",
                 (case.kernel, self._shape(), case.sparsity, self.batch, self.dtype)).fetchone()
             if old and (old[0] != self.identity or old[1] != case.source_hash):
@@ -116,7 +118,7 @@ class Evaluator:
                 dense = DenseRef(self.base.name, self.dense_layout, self.dense_layout)
             res = run_case(self.worker, CaseRequest(case, self.timing, dense), self.timeout)
             self.measured += 1
-            row = {"tune_key": key, "machine_hash": self.identity, "kernel": kern.name,
+            row = {"tune_key": key, "identity": self.identity, "kernel": kern.name,
                    "source_hash": case.source_hash, "shape": self._shape(),
                    "batch": self.batch, "dtype": self.dtype, "pattern": kern.pattern,
                    "sparsity": S, "config": dict(cand.config), "status": res.status.value,
@@ -158,8 +160,9 @@ class Evaluator:
         return self.dense_s, self.dense_layout
 
 
-def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, deadline=None):
-    cands = candidates(ev.layer, patterns, ev.S, ev.device, ev.dtype)
+def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, deadline=None,
+               skip=()):
+    cands = candidates(ev.layer, patterns, ev.S, ev.device, ev.dtype, skip)
     dense_s, layout = ev.dense()
     defaults = {}
     for name in sorted({c.kernel for c in cands}):

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .. import UsageError
 
-COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e")
+COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,13 +13,13 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import UsageError, env, plan
+from .. import UsageError, cluster, env, plan
 from ..autotune import STRATEGIES
 from ..autotune.tuner import RACE, Evaluator, candidates, tune_layer
 from ..records import Status
 from ..runner import Worker, init_kernels
 from ..store import Store
-from .common import DEFAULT_DB, device_of, name_list, positive, sparsity_list
+from .common import DEFAULT_DB, add_executor, device_of, name_list, positive, sparsity_list
 
 
 def add_parser(sub):
@@ -46,6 +46,7 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--db", default=str(DEFAULT_DB))
     p.add_argument("--out-dir", default="results/plans")
+    add_executor(p)
     p.set_defaults(func=run)
 
 
@@ -80,9 +81,17 @@ def run(args) -> int:
                          f"{'+'.join(pats)} at S={S:g} (e.g. CS needs K=1/(1-S) to be a power "
                          f"of two: 0.5, 0.75, 0.875, 0.9375); nothing to tune")
     threads = args.threads if args.threads is not None else os.cpu_count() or 1
+    if args.executor == "ray":
+        if compare:
+            raise UsageError("--compare runs on this machine only; drop --executor ray")
+        cluster.require_ray()
     store = Store(args.db)
     fp = env.fingerprint()
     ident = env.identity_hash(fp)
+    if args.executor == "ray":
+        return _finish(args, pats, S, device, threads, store, cluster.tune(
+            store, layers, pats, S, args.batch, args.dtype, device, threads, args.strategy,
+            args.budget, args.seed, address=args.ray_address), [], time.monotonic())
     worker = Worker()
     states = init_kernels(worker, kernels.names(device=device.kernel_device), 1800)
     broken = {n: st for n, st in states.items() if st.status is Status.COMPILE_ERROR}
@@ -102,7 +111,7 @@ def run(args) -> int:
                 deadline = time.monotonic() + max(0.0, left) / (len(layers) - i)
             ev = Evaluator(store, worker, ident, lay, S, args.batch, args.dtype, device, threads)
             base = "exhaustive" if compare else args.strategy
-            r = tune_layer(ev, pats, base, args.budget, args.seed, deadline)
+            r = tune_layer(ev, pats, base, args.budget, args.seed, deadline, skip=broken)
             results.append(r)
             row = _layer_row(r)
             print(f"  [{i + 1}/{len(layers)}] {lay.name:22s} {row['kernel']:14s} "
@@ -113,7 +122,7 @@ def run(args) -> int:
             for name in compare:
                 ev2 = Evaluator(store, worker, ident, lay, S, args.batch, args.dtype, device,
                                 threads, log=lambda *_: None)
-                r2 = tune_layer(ev2, pats, name, args.budget, args.seed)
+                r2 = tune_layer(ev2, pats, name, args.budget, args.seed, skip=broken)
                 picks[name], evals[name] = r2.best, r2.evaluations
             if compare:  # regret from one interleaved race of the confirmed picks
                 names = list(picks)
@@ -130,6 +139,12 @@ def run(args) -> int:
                         "regret %": 100 * (times[name] / times["exhaustive"] - 1)})
     finally:
         worker.close()
+    return _finish(args, pats, S, device, threads, store, (fp, ident, results), compare_rows, t0)
+
+
+def _finish(args, pats, S, device, threads, store, tuned_on, compare_rows, t0) -> int:
+    """Print the per-layer table, write the plan, print the comparison."""
+    fp, ident, results = tuned_on
     table = pd.DataFrame([_layer_row(r) for r in results])
     with pd.option_context("display.width", 220, "display.max_colwidth", 70,
                            "display.max_rows", None):
@@ -139,8 +154,9 @@ def run(args) -> int:
     default = sum(r.layer.count * min([r.dense_s, *r.defaults.values()]) for r in results)
     out = {"schema": plan.SCHEMA, "net": args.net, "pattern": "+".join(pats), "sparsity": S,
            "device": device.value, "batch": args.batch, "dtype": args.dtype, "threads": threads,
-           "strategy": "exhaustive" if compare else args.strategy, "fingerprint": fp,
-           "machine_hash": ident, "network_speedup": dense / tuned,
+           "strategy": "exhaustive" if compare_rows else args.strategy, "fingerprint": fp,
+           "identity": ident, "machine_hash": env.machine_hash(fp),
+           "network_speedup": dense / tuned,
            "default_network_speedup": dense / default,
            "evaluations": int(sum(r.evaluations for r in results)),
            "layers": [{"layer": r.layer.name, "index": r.layer.index, "count": r.layer.count,

@@ -12,10 +12,10 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import UsageError, analysis, cases, env, runner
+from .. import UsageError, analysis, cases, cluster, env, runner
 from ..records import RunStatus, Status, TimingOptions
 from ..store import Store
-from .common import add_common, device_of, name_list, positive, shard, sparsity_list
+from .common import add_common, add_executor, device_of, name_list, positive, shard, sparsity_list
 
 
 def add_parser(sub):
@@ -37,6 +37,7 @@ def add_parser(sub):
     p.add_argument("--min-sample", type=positive(float, 0), default=2e-3,
                    help="seconds per timing sample")
     p.add_argument("--no-progress", action="store_true")
+    add_executor(p)
     p.set_defaults(func=run)
 
 
@@ -85,6 +86,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def run(args) -> int:
     t0 = time.time()
     todo, device, threads = plan(args)
+    if args.executor == "ray":
+        cluster.require_ray()
     store = Store(args.db)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
@@ -98,11 +101,17 @@ def run(args) -> int:
               "CPU; its timings check the pipeline and are not GPU timings")
     status = RunStatus.FAILED  # unless the sweep returns or is stopped
     try:
-        counts = runner.sweep(
-            todo, store, run_id, fph, mh, resume=args.resume, retry_failed=args.retry_failed,
-            case_timeout=args.case_timeout,
-            timing=TimingOptions(rounds=args.rounds, min_sample=args.min_sample),
-            progress=not args.no_progress, node=fp.get("hostname"))
+        timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
+        if args.executor == "ray":
+            counts = cluster.sweep(todo, store, run_id, address=args.ray_address,
+                                   resume=args.resume, retry_failed=args.retry_failed,
+                                   case_timeout=args.case_timeout, timing=timing,
+                                   progress=not args.no_progress)
+        else:
+            counts = runner.sweep(
+                todo, store, run_id, fph, mh, resume=args.resume,
+                retry_failed=args.retry_failed, case_timeout=args.case_timeout, timing=timing,
+                progress=not args.no_progress, node=fp.get("hostname"))
         status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
     except KeyboardInterrupt:
         status = RunStatus.ABORTED
@@ -110,7 +119,7 @@ def run(args) -> int:
     finally:
         store.finish_run(run_id, status)
     print("\ncases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    df = store.measurements(fp_hash=fph)
+    df = store.measurements(fp_hash=None if args.executor == "ray" else fph)
     keys = {c.key for c in todo}
     df = df[df.case_key.isin(keys)]
     s = summary(df) if not device.interpreted else pd.DataFrame()

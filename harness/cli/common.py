@@ -107,3 +107,11 @@ def add_common(p, defaults_nets="resnet50,vgg19"):
     p.add_argument("--db", default=str(DEFAULT_DB), help="results database (SQLite)")
 
 
+
+
+def add_executor(p) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where cases run: this machine, or the nodes of a Ray cluster (each node "
+                        "runs one layer's whole group of cases at a time)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --executor ray: the cluster to join (default: start a local Ray)")

@@ -15,7 +15,7 @@ import shapes
 from kernels import patterns as P
 
 from .. import env, plan
-from ..records import E2ECase, E2EMeasurement, E2ERequest, Status, TimingOptions
+from ..records import E2ECase, E2EMeasurement, E2ERequest, RunStatus, Status, TimingOptions
 from ..runner import Worker, WorkerDied, WorkerTimeout
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
@@ -128,9 +128,10 @@ def run(args) -> int:
                     else:
                         print(f"    {m.status}: {m.reason}", flush=True)
         store.finish_run(run_id)
+    except KeyboardInterrupt:
+        store.finish_run(run_id, RunStatus.ABORTED)
+        raise
     except BaseException:
-        from ..records import RunStatus
-
         store.finish_run(run_id, RunStatus.FAILED)
         raise
     finally:

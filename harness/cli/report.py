@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from ..report import build
+from .common import DEFAULT_DB
 
 
 def add_parser(sub):
     p = sub.add_parser("report", help="write the self-contained HTML speedup report")
-    p.add_argument("--db", default="results/results.sqlite")
+    p.add_argument("--db", default=str(DEFAULT_DB))
     p.add_argument("--out", default="reports/index.html")
     p.add_argument("--plans", default="results/plans", help="autotuner plans to show")
     p.set_defaults(func=run)

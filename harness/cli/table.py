@@ -47,14 +47,16 @@ def run(args) -> int:
                             "dense ms": g.dense_median_s * 1e3, "kernel ms": g.median_s * 1e3,
                             "e2e x": g.speedup, "kernel-only x": g["kernel-only"],
                             "noisy": g.noisy.map({1: "noisy", 0: ""}), "config": g.config})
-        note = " [interpreter: a pipeline check, not GPU timings]" \
-            if Device(device).interpreted else ""
+        interpreted = Device(device).interpreted
+        note = " [interpreter: a pipeline check, not GPU timings]" if interpreted else ""
         print(f"\n{args.net} {kern} S={S:g} (machine {fp[:6]}, device {device}, batch {batch}, "
               f"{threads} threads, {dtype}){note}")
         with pd.option_context("display.width", 250, "display.max_colwidth", 90,
                                "display.max_rows", None):
             print(out.round(3).to_string(index=False))
         nonstem = g[g.cin > 3]
+        if interpreted:
+            continue  # interpreter times are no speedups: no summary
         print(f"geometric mean over {len(nonstem)} unique non-stem shapes: end-to-end "
               f"{analysis.geomean(nonstem.speedup):.2f}x, kernel-only "
               f"{analysis.geomean(nonstem['kernel-only']):.2f}x")

@@ -60,7 +60,7 @@ def run(args) -> int:
         print(bad.head(30).to_string(index=False))
         rc = 1
     if args.compile:
-        from . import aot
+        from .. import aot
 
         rc = max(rc, aot.run_cli(args.arch, nets, sample=args.sample))
     print(f"\nverify finished in {time.time() - t0:.0f} s")

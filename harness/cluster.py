@@ -1,0 +1,298 @@
+"""Sweeps on a Ray cluster (``--executor ray``).
+
+The unit of work sent to a node is one layer's whole group of cases (its dense baselines and
+every sparse case), so every speedup is still measured interleaved on one machine in one run.
+Each node runs one ``NodeRunner`` actor holding all its CPUs (one group at a time); inside it
+the usual worker process keeps its isolation (a hang becomes ``timeout``, a crash
+``runtime_error``) and builds the node's own C++ kernels. Results come back through Ray and
+land in the driver's store, each row with the fingerprint and Ray node id of the node that
+measured it. A group whose node dies is run again on another node (bounded retries); a group is
+stored only when it has finished, so no case is stored twice. Code reaches the nodes as Ray
+``py_modules`` (the project's packages and any plugin modules), not through a shared folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+from . import UsageError
+from .records import Measurement, Status, TimingOptions
+
+MAX_RETRIES = 2  # a group is tried on at most this many more nodes after a node dies
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'sparseconv-bench[ray]' (or "
+                         "pip install ray)") from None
+    return ray
+
+
+def runtime_env() -> dict:
+    """The project's packages and the plugin modules, shipped to every node by Ray."""
+    import harness
+    import kernels
+    import shapes
+
+    mods = [harness, kernels, shapes]
+    for name in filter(None, (m.strip() for m in
+                              os.environ.get("HARNESS_PLUGINS", "").split(","))):
+        mods.append(sys.modules.get(name) or __import__(name))
+    # the driver's harness settings travel too (plugins, interpreter, SPARSECONV_*), except the
+    # machine label: that one belongs to each node
+    env = {k: v for k, v in os.environ.items()
+           if k in ("HARNESS_PLUGINS", "TRITON_INTERPRET") or
+           (k.startswith("SPARSECONV_") and k != "SPARSECONV_MACHINE_LABEL")}
+    return {"py_modules": mods, "env_vars": env}
+
+
+def connect(address: str | None):
+    """Join the cluster at ``address`` or start a local Ray instance."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False,
+                 include_dashboard=False, configure_logging=False)
+    return ray
+
+
+def _node_runner_class(ray):
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class NodeRunner:
+        """One per node: runs a layer's group of cases on this node's worker process."""
+
+        def __init__(self, timing: TimingOptions, case_timeout: float):
+            from harness import env
+            from harness.runner import CaseRunner
+
+            self.fp = dict(env.fingerprint())
+            self.identity, self.machine = env.identity_hash(self.fp), env.machine_hash(self.fp)
+            self.node_id = ray.get_runtime_context().get_node_id()
+            self.runner = CaseRunner(timing, case_timeout)
+
+        def info(self) -> dict:
+            return {"fingerprint": self.fp, "identity": self.identity,
+                    "machine": self.machine, "node_id": self.node_id}
+
+        def run_group(self, cases) -> list:
+            self.runner.prepare(cases)
+            return [(case, self.runner.run(case)) for case in cases]
+
+        def tune_layer(self, layer, patterns, sparsity, batch, dtype, device, threads,
+                       strategy, budget, seed, rows) -> tuple:
+            """Tune one layer here, against a private copy of the tuning records the driver
+            sent; returns the result and the records measured here (the driver stores them)."""
+            import kernels
+            from harness.autotune.tuner import Evaluator, tune_layer
+            from harness.runner import init_kernels
+            from harness.store import Store
+
+            if not self.runner.states:
+                self.runner.states = init_kernels(
+                    self.runner.worker, kernels.names(device=device.kernel_device), 1800)
+            skip = {n for n, st in self.runner.states.items() if st.status is Status.COMPILE_ERROR}
+            mem = Store(":memory:")
+            for row in rows:
+                mem.add_tuning(row)
+            ev = Evaluator(mem, self.runner.worker, self.identity, layer, sparsity, batch, dtype,
+                           device, threads, log=lambda *_: None)
+            res = tune_layer(ev, patterns, strategy, budget, seed, None, skip)
+            new = mem.tuning().iloc[len(rows):].drop(columns="id").to_dict("records")
+            mem.close()
+            return res, new, ev.raced
+
+    return NodeRunner
+
+
+def groups_of(cases) -> list[list]:
+    """Cases grouped by layer group (baselines first, as built), in build order."""
+    out = defaultdict(list)
+    for c in cases:
+        out[c.group].append(c)
+    return list(out.values())
+
+
+def start_runners(ray, timing, case_timeout):
+    """One actor per alive node, pinned to it, holding all its CPUs."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cls = _node_runner_class(ray)
+    actors = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        cpus = max(1, int(node["Resources"].get("CPU", 1)))
+        actors.append(cls.options(
+            num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node["NodeID"], soft=False)).remote(timing, case_timeout))
+    infos = ray.get([a.info.remote() for a in actors])
+    return list(zip(actors, infos))
+
+
+def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False,
+          case_timeout=300.0, timing=None, progress=True):
+    """Run the sweep's layer groups on the cluster; returns counts by status for this call."""
+    from .runner import _Stop, progress_bar
+
+    ray = connect(address)
+    timing = timing or TimingOptions()
+    runners = start_runners(ray, timing, case_timeout)
+    if not runners:
+        raise UsageError("the Ray cluster has no alive node")
+    for info in {r[1]["identity"]: r[1] for r in runners}.values():  # machine details
+        store.note_machine(info["fingerprint"], info["identity"], info["machine"],
+                           {"ray_node": info["node_id"]})
+    done = {}  # identity -> case keys already stored under it
+
+    def done_for(identity):
+        if identity not in done:
+            done[identity] = store.done_keys(identity, retry_failed=retry_failed) \
+                if resume else set()
+        return done[identity]
+
+    pending = [(g, 0) for g in groups_of(cases)]
+    counts: dict = {}
+    skipped = 0
+    idle = list(runners)
+    busy = {}  # object ref -> (actor, info, group, tries)
+    bar = progress_bar(len(cases), progress, desc="bench (ray)")
+    try:
+        with _Stop() as stop:
+            while pending or busy:
+                while idle and pending and not stop.requested:
+                    actor, info = idle.pop(0)
+                    group, tries = pending.pop(0)
+                    keys = done_for(info["identity"])
+                    if all(c.key in keys for c in group):  # stored for this node's identity
+                        skipped += len(group)
+                        bar.update(len(group))
+                        idle.append((actor, info))
+                        continue
+                    # the whole group runs (its baselines time the sparse cases); only cases
+                    # not yet stored under this identity are stored
+                    busy[actor.run_group.remote(group)] = (actor, info, group, tries)
+                if stop.requested and pending:
+                    counts["not run (stopped)"] = counts.get("not run (stopped)", 0) + sum(
+                        len(g) for g, _ in pending)
+                    pending = []
+                if not busy:
+                    continue
+                bar.set_postfix_str(f"{len(busy)} of {len(runners)} node(s) busy", refresh=False)
+                ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    actor, info, group, tries = busy.pop(ref)
+                    try:
+                        results = ray.get(ref)
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                            ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+                        runners = [r for r in runners if r[0] is not actor]
+                        if tries < MAX_RETRIES and runners:
+                            pending.insert(0, (group, tries + 1))  # another node takes it
+                        else:
+                            for case in group:
+                                _store(store, case, _lost(info), run_id, info, counts)
+                                bar.update(1)
+                        if not runners:
+                            raise UsageError("every node of the Ray cluster died") from None
+                        continue
+                    keys = done_for(info["identity"])
+                    for case, res in results:
+                        if case.key in keys:
+                            skipped += 1
+                        else:
+                            _store(store, case, res, run_id, info, counts)
+                            keys.add(case.key)
+                        bar.update(1)
+                    idle.append((actor, info))
+    finally:
+        bar.close()
+        for actor, _ in runners:
+            ray.kill(actor)
+    counts["skipped (already measured)"] = skipped
+    return counts
+
+
+def _lost(info):
+    from .records import CaseResult
+
+    return CaseResult(Status.RUNTIME_ERROR,
+                      f"node {info['node_id'][:8]} died; no retries left")
+
+
+def _store(store, case, res, run_id, info, counts):
+    m = Measurement.of(case, res, run_id, info["identity"], info["machine"],
+                       node=f"ray:{info['node_id']}", created=time.time())
+    store.add(m)
+    counts[m.status.value] = counts.get(m.status.value, 0) + 1
+
+
+def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strategy, budget,
+         seed, address=None, progress=True):
+    """Tune each layer on a node of the cluster, one layer per node at a time. Nodes of
+    different machines or software are refused: a plan belongs to one machine. Returns
+    ``(fingerprint, identity, [LayerResult])``; the tuning records the nodes measure land in
+    ``store`` (the driver's store stays the only one)."""
+    from .autotune.tuner import TIMING
+
+    ray = connect(address)
+    runners = start_runners(ray, TIMING, 120.0)
+    if not runners:
+        raise UsageError("the Ray cluster has no alive node")
+    kinds = {}
+    for _, info in runners:
+        kinds.setdefault(info["identity"], []).append(info["node_id"][:8])
+    if len(kinds) > 1:
+        for actor, _ in runners:
+            ray.kill(actor)
+        raise UsageError(
+            f"the cluster's nodes are {len(kinds)} different machines or software ("
+            + "; ".join(f"identity {k[:8]}: nodes {', '.join(v)}" for k, v in kinds.items())
+            + "); autotune refuses to mix them: a plan belongs to one machine. Tune on a "
+              "cluster of identical nodes")
+    (_, info), = {r[1]["identity"]: r for r in runners}.values()
+    tuning = store.tuning()
+    results: dict = {}
+    pending = list(enumerate(layers))
+    idle = list(runners)
+    busy = {}
+    print(f"  tuning {len(layers)} layer(s) on {len(runners)} node(s)", flush=True)
+    try:
+        while pending or busy:
+            while idle and pending:
+                actor, ainfo = idle.pop(0)
+                i, lay = pending.pop(0)
+                shape = json.dumps({"shape": list(lay.shape_key), "threads": threads})
+                rows = [] if tuning.empty else \
+                    tuning[tuning["shape"] == shape].drop(columns="id").to_dict("records")
+                ref = actor.tune_layer.remote(lay, patterns, sparsity, batch, dtype, device,
+                                              threads, strategy, budget, seed, rows)
+                busy[ref] = (actor, ainfo, i, lay)
+            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+            for ref in ready:
+                actor, ainfo, i, lay = busy.pop(ref)
+                try:
+                    res, new, raced = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                        ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+                    runners = [r for r in runners if r[0] is not actor]
+                    if not runners:
+                        raise UsageError("every node of the Ray cluster died") from None
+                    pending.insert(0, (i, lay))
+                    continue
+                for row in new:
+                    store.add_tuning(row)
+                results[i] = res
+                print(f"  [{len(results)}/{len(layers)}] {lay.name:22s} {res.best.kernel:14s} "
+                      f"{res.dense_s / res.best_s:5.2f}x  evals {res.evaluations}/"
+                      f"{res.candidates} (measured {res.measured}, raced {raced}) on node "
+                      f"{ainfo['node_id'][:8]}", flush=True)
+                idle.append((actor, ainfo))
+    finally:
+        for actor, _ in runners:
+            ray.kill(actor)
+    return info["fingerprint"], info["identity"], [results[i] for i in sorted(results)]

@@ -1,0 +1,216 @@
+"""Sweeps and tuning on a Ray cluster (Ray's own multi-node test cluster on this machine: a head
+and a worker node with 1 CPU each, the worker started with another HOME), and merging stores."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from test_harness import ROOT, SHAPES, bench, env, rows
+
+from harness.store import Store
+
+LAYERS = ["--layers", "a,b,c", "--kernels", "cs_cpu_direct,bsr_1xn_cpu", "--sparsities", "0.5",
+          "--quick"]
+
+
+# ---- merge ----------------------------------------------------------------------------------
+def merge(*args):
+    return subprocess.run([sys.executable, "-m", "harness", "merge", *map(str, args)], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_a_merge_of_two_shards_equals_one_unsharded_run(tmp_path):
+    sweep = ["--kernels", "cs_cpu_direct", "--sparsities", "0.5,0.75", "--quick"]
+    for i in range(2):
+        r = bench(tmp_path, *sweep, "--shard", f"{i}/2", db=tmp_path / f"s{i}.sqlite")
+        assert r.returncode == 0, r.stderr
+    r = bench(tmp_path, *sweep, db=tmp_path / "all.sqlite")
+    assert r.returncode == 0, r.stderr
+    m = merge(tmp_path / "s0.sqlite", tmp_path / "s1.sqlite", "-o", tmp_path / "m.sqlite")
+    assert m.returncode == 0, m.stderr
+    merged, whole = rows(tmp_path / "m.sqlite"), rows(tmp_path / "all.sqlite")
+    assert merged.case_key.is_unique
+    assert set(merged.case_key) == set(whole.case_key)
+    assert len(Store(tmp_path / "m.sqlite").runs()) == 2  # runs renumbered, both kept
+    # merging a shard again adds nothing: the most recent row of a case wins
+    again = merge(tmp_path / "s0.sqlite", "-o", tmp_path / "m.sqlite")
+    assert again.returncode == 0, again.stderr
+    assert len(rows(tmp_path / "m.sqlite")) == len(merged)
+
+
+def test_merging_a_foreign_file_exits_2(tmp_path):
+    other = tmp_path / "other.sqlite"
+    c = sqlite3.connect(other)
+    c.execute("CREATE TABLE invoices (id INTEGER)")
+    c.commit()
+    c.close()
+    Store(tmp_path / "ok.sqlite").close()
+    r = merge(tmp_path / "ok.sqlite", other, "-o", tmp_path / "m.sqlite")
+    assert r.returncode == 2 and "another program" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.sqlite").exists()
+
+
+def test_executor_ray_without_ray_says_what_to_install(tmp_path):
+    fake = tmp_path / "noray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no ray here')\n")
+    shapes = tmp_path / "tiny.csv"
+    shapes.write_text(SHAPES)
+    r = subprocess.run([sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes),
+                        "--nets", "", "--db", str(tmp_path / "r.sqlite"), "--executor", "ray"],
+                       cwd=ROOT, env={**env(HARNESS_PLUGINS=""), "PYTHONPATH": f"{fake.parent}:{ROOT}"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pip install" in r.stderr and "ray" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- a two-node cluster ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def node_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("node2-home")
+
+
+@pytest.fixture
+def cluster(node_home, request):
+    from ray.cluster_utils import Cluster
+
+    label = getattr(request, "param", None)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    extra = {"SPARSECONV_MACHINE_LABEL": label} if label else {}
+    worker = c.add_node(num_cpus=1, env_vars={"HOME": str(node_home), **extra})
+    c.wait_for_nodes()
+    yield c, worker
+    c.shutdown()
+
+
+def ray_bench(tmp_path, address, *args, plugins="faulty_kernels", **kw):
+    return bench(tmp_path, *LAYERS, "--executor", "ray", "--ray-address", address, *args,
+                 plugins=plugins, timeout=1200, **kw)
+
+
+@pytest.mark.slow
+def test_a_cluster_sweep_equals_the_local_one_and_uses_both_nodes(tmp_path, cluster, node_home):
+    c, _ = cluster
+    local = bench(tmp_path, *LAYERS, db=tmp_path / "local.sqlite")
+    assert local.returncode == 0, local.stderr
+    r = ray_bench(tmp_path, c.address, db=tmp_path / "ray.sqlite")
+    assert r.returncode == 0, r.stderr
+    a, b = rows(tmp_path / "local.sqlite"), rows(tmp_path / "ray.sqlite")
+    assert b.case_key.is_unique
+    assert dict(zip(a.case_key, a.status)) == dict(zip(b.case_key, b.status))
+    assert b.node.str.startswith("ray:").all() and b.node.nunique() == 2
+    # each layer's group ran on one node: its ratios are measured interleaved there
+    assert (b.groupby("layer").node.nunique() == 1).all()
+    # the worker node built its own C++ kernels under its own HOME
+    assert list(node_home.glob(".cache/torch_extensions/*/sparseconv_cpu_*"))
+    again = ray_bench(tmp_path, c.address, db=tmp_path / "ray.sqlite")
+    assert again.returncode == 0 and len(rows(tmp_path / "ray.sqlite")) == len(b)
+
+
+BLOCKER = '''
+import os
+import time
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from kernels import Kernel, Run, register
+
+MARK = Path(os.environ["SPARSECONV_BLOCKER_MARK"])
+
+
+@register
+class Blocker(Kernel):
+    """Blocks on the node whose HOME is the marked one (until the node is removed); elsewhere a
+    correct unstructured kernel."""
+
+    name = "blocker"
+    pattern = "unstructured"
+    space = {"v": (0,)}
+
+    def _prepare(self, layer, weight, sparsity, config):
+        wm = self.make_pattern(sparsity, config).apply(weight)
+        block = os.environ.get("HOME") == os.environ["SPARSECONV_BLOCKER_HOME"]
+
+        def call(x, out=None):
+            if block:
+                MARK.write_text("started")
+                while True:
+                    time.sleep(1)
+            y = F.conv2d(x, wm, stride=layer.stride, padding=layer.padding)
+            return y if out is None else out.copy_(y)
+
+        return Run(wm, call)
+'''
+
+
+@pytest.mark.slow
+def test_removing_a_node_mid_group_loses_and_duplicates_nothing(tmp_path, cluster, node_home):
+    c, worker = cluster
+    plug = tmp_path / "plug"
+    plug.mkdir()
+    (plug / "blocker.py").write_text(BLOCKER)
+    mark = tmp_path / "started"
+    shapes = tmp_path / "tiny.csv"
+    shapes.write_text(SHAPES)
+    e = {**env(HARNESS_PLUGINS="blocker"), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{plug}",
+         "SPARSECONV_BLOCKER_MARK": str(mark), "SPARSECONV_BLOCKER_HOME": str(node_home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes), "--nets", "",
+         "--db", str(tmp_path / "r.sqlite"), "--rounds", "3", "--min-sample", "0.0002",
+         "--no-progress", "--threads", "1", "--layers", "a,b,c,d", "--kernels",
+         "blocker,cs_cpu_direct", "--sparsities", "0.5", "--quick", "--executor", "ray",
+         "--ray-address", c.address], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        t_end = time.time() + 600
+        while not mark.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < t_end, "the blocking case never started on the worker node"
+            time.sleep(0.5)
+        c.remove_node(worker)
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    df = rows(tmp_path / "r.sqlite")
+    assert df.case_key.is_unique and len(df) == 4 * (2 + 2)  # 4 layers: 2 dense, 2 sparse
+    assert (df.status == "ok").all(), df[["kernel", "status", "reason"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["a-second-kind-of-machine"], indirect=True)
+def test_autotune_refuses_to_mix_machines(tmp_path, cluster):
+    c, _ = cluster
+    r = subprocess.run([sys.executable, "-m", "harness", "autotune", "--net", "resnet50",
+                        "--layers", "layer4.1.conv2", "--threads", "1", "--db",
+                        str(tmp_path / "t.sqlite"), "--out-dir", str(tmp_path / "plans"),
+                        "--budget", "2", "--executor", "ray", "--ray-address", c.address],
+                       cwd=ROOT, env=env(HARNESS_PLUGINS=""), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "2 different machines" in r.stderr and "refuses to mix" in r.stderr
+    assert not (tmp_path / "plans").exists()
+
+
+@pytest.mark.slow
+def test_autotune_on_two_identical_nodes_writes_the_plan_from_the_driver_store(tmp_path,
+                                                                               cluster):
+    c, _ = cluster
+    r = subprocess.run([sys.executable, "-m", "harness", "autotune", "--net", "resnet50",
+                        "--layers", "layer4.1.conv2,layer3.1.conv2", "--threads", "1", "--db",
+                        str(tmp_path / "t.sqlite"), "--out-dir", str(tmp_path / "plans"),
+                        "--strategy", "random", "--budget", "2", "--executor", "ray",
+                        "--ray-address", c.address], cwd=ROOT, env=env(HARNESS_PLUGINS=""),
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr
+    p = json.loads((tmp_path / "plans" / "resnet50_cs_0.9375_cpu.json").read_text())
+    assert {lay["layer"] for lay in p["layers"]} == {"layer4.1.conv2", "layer3.1.conv2"}
+    n = len(Store(tmp_path / "t.sqlite").tuning())
+    assert n == 2 * (2 + 1 + 2)  # per layer: two dense layouts, the default, two candidates
+    assert os.path.getsize(tmp_path / "t.sqlite") > 0
