@@ -109,17 +109,17 @@ E2E_PATTERNS = ("cs", "1xn")
 @nox.session(venv_params=VENV)
 def e2e(session):
     """Whole networks, sparse against dense, measured end to end: ResNet50, ResNet18 and VGG19
-    at 93.75% with CS and 1xN, batch 1 and 8. Where no plan exists for batch 1 a budgeted
-    autotune writes one first (later runs reuse the tuning table); batch 8 uses each layer's
-    default configuration. Extra arguments go to every `harness e2e` call."""
+    at 93.75% with CS and 1xN, batch 1 and 8. Where no plan exists for batch 1 an autotune with
+    a one-minute budget per net and pattern writes one first (later runs reuse the tuning table
+    and the plan); batch 8 uses each layer's default configuration. Extra arguments go to every `harness e2e` call."""
     install(session, "test")
     plans = "results/plans"
     for net in E2E_NETS:
         for pattern in E2E_PATTERNS:
             if not os.path.exists(f"{plans}/{net}_{pattern}_0.9375_cpu.json"):
                 session.run("python", "-m", "harness", "autotune", "--net", net, "--patterns",
-                            pattern, "--sparsity", "0.9375", "--strategy", "model", "--budget",
-                            "3", "--out-dir", plans)
+                            pattern, "--sparsity", "0.9375", "--strategy", "model",
+                            "--time-budget", "60", "--out-dir", plans)
     for batch in ("1", "8"):
         session.run("python", "-m", "harness", "e2e", "--nets", ",".join(E2E_NETS),
                     "--patterns", ",".join(E2E_PATTERNS), "--sparsities", "0.9375",
