@@ -111,7 +111,8 @@ def e2e(session):
     """Whole networks, sparse against dense, measured end to end: ResNet50, ResNet18 and VGG19
     at 93.75% with CS and 1xN, batch 1 and 8. Where no plan exists for batch 1 an autotune with
     a one-minute budget per net and pattern writes one first (later runs reuse the tuning table
-    and the plan); batch 8 uses each layer's default configuration. Extra arguments go to every `harness e2e` call."""
+    and the plan); batch 8 uses each layer's default configuration. Extra arguments go to every
+    `harness e2e` call."""
     install(session, "test")
     plans = "results/plans"
     for net in E2E_NETS:

@@ -201,14 +201,15 @@ def init_kernels(wk: Worker, names, timeout: float) -> dict:
     return reply.states
 
 
-def run_case(wk: Worker, req, timeout: float) -> CaseResult:
-    """One request to the worker; a hang or a dead worker becomes a typed result."""
+def run_case(wk: Worker, req, timeout: float, result=CaseResult):
+    """One request to the worker; a hang or a dead worker becomes a typed ``result``
+    (``CaseResult``, or ``E2EResult`` for a whole network)."""
     try:
         res = wk.call(req, timeout)
     except WorkerTimeout as e:
-        return CaseResult(Status.TIMEOUT, str(e))
+        return result(Status.TIMEOUT, str(e))
     except WorkerDied as e:
-        return CaseResult(Status.RUNTIME_ERROR, str(e))
+        return result(Status.RUNTIME_ERROR, str(e))
     if isinstance(res, WorkerFailure):
-        return CaseResult(Status.RUNTIME_ERROR, res.reason)
+        return result(Status.RUNTIME_ERROR, res.reason)
     return res

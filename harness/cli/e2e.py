@@ -15,8 +15,8 @@ import shapes
 from kernels import patterns as P
 
 from .. import env, plan
-from ..records import E2ECase, E2EMeasurement, E2ERequest, RunStatus, Status, TimingOptions
-from ..runner import Worker, WorkerDied, WorkerTimeout
+from ..records import E2ECase, E2EMeasurement, E2ERequest, E2EResult, RunStatus, Status, TimingOptions
+from ..runner import Worker, run_case
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
 from .common import DEFAULT_DB, device_of, name_list, positive, sparsity_list
@@ -118,7 +118,8 @@ def run(args) -> int:
                     if case.key in done:
                         print("    already measured with this identity (--fresh to repeat)")
                         continue
-                    res = _call(wk, E2ERequest(case, opts, args.dense_compile), args.case_timeout)
+                    res = run_case(wk, E2ERequest(case, opts, args.dense_compile),
+                                   args.case_timeout, result=E2EResult)
                     m = E2EMeasurement.of(case, res, run_id, fph, mh, node=fp.get("hostname"))
                     store.add_e2e(m)
                     if m.status is Status.OK:
@@ -150,16 +151,3 @@ def run(args) -> int:
     print(f"e2e finished in {time.time() - t0:.0f} s; results in {args.db}")
     return 0
 
-
-def _call(wk, req, timeout):
-    from ..records import E2EResult, WorkerFailure
-
-    try:
-        res = wk.call(req, timeout)
-    except WorkerTimeout as e:
-        return E2EResult(Status.TIMEOUT, str(e))
-    except WorkerDied as e:
-        return E2EResult(Status.RUNTIME_ERROR, str(e))
-    if isinstance(res, WorkerFailure):
-        return E2EResult(Status.RUNTIME_ERROR, res.reason)
-    return res
