@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 
 from . import UsageError
-from .records import Measurement, Status, TimingOptions
+from .records import Device, E2EMeasurement, E2EResult, Measurement, Status, TimingOptions
 
 MAX_RETRIES = 2  # a group is tried on at most this many more nodes after a node dies
 
@@ -83,6 +83,12 @@ def _node_runner_class(ray):
             self.runner.prepare(cases)
             return [(case, self.runner.run(case)) for case in cases]
 
+        def run_e2e(self, req, timeout: float):
+            """One whole network on this node (its worker process, its kernels)."""
+            from harness.runner import run_case
+
+            return run_case(self.runner.worker, req, timeout, result=E2EResult)
+
         def tune_layer(self, layer, patterns, sparsity, batch, dtype, device, threads,
                        strategy, budget, seed, rows) -> tuple:
             """Tune one layer here, against a private copy of the tuning records the driver
@@ -117,8 +123,9 @@ def groups_of(cases) -> list[list]:
     return list(out.values())
 
 
-def start_runners(ray, timing, case_timeout):
-    """One actor per alive node, pinned to it, holding all its CPUs."""
+def start_runners(ray, timing, case_timeout, gpus: bool = False):
+    """One actor per alive node, pinned to it, holding all its CPUs; for a GPU sweep
+    (``gpus``), one actor per GPU of a GPU node, each with an equal share of its CPUs."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cls = _node_runner_class(ray)
@@ -127,9 +134,15 @@ def start_runners(ray, timing, case_timeout):
         if not node.get("Alive"):
             continue
         cpus = max(1, int(node["Resources"].get("CPU", 1)))
-        actors.append(cls.options(
-            num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(
-                node["NodeID"], soft=False)).remote(timing, case_timeout))
+        n_gpu = int(node["Resources"].get("GPU", 0)) if gpus else 0
+        pin = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        if n_gpu:
+            actors += [cls.options(num_cpus=max(1, cpus // n_gpu), num_gpus=1,
+                                   scheduling_strategy=pin).remote(timing, case_timeout)
+                       for _ in range(n_gpu)]
+        else:
+            actors.append(cls.options(num_cpus=cpus, scheduling_strategy=pin).remote(
+                timing, case_timeout))
     infos = ray.get([a.info.remote() for a in actors])
     return list(zip(actors, infos))
 
@@ -141,7 +154,8 @@ def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False
 
     ray = connect(address)
     timing = timing or TimingOptions()
-    runners = start_runners(ray, timing, case_timeout)
+    runners = start_runners(ray, timing, case_timeout,
+                            gpus=any(c.device is Device.CUDA for c in cases))
     if not runners:
         raise UsageError("the Ray cluster has no alive node")
     for info in {r[1]["identity"]: r[1] for r in runners}.values():  # machine details
@@ -296,3 +310,57 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
         for actor, _ in runners:
             ray.kill(actor)
     return info["fingerprint"], info["identity"], [results[i] for i in sorted(results)]
+
+
+def e2e(store, run_id, jobs, make_request, *, address=None, timeout=3600.0, fresh=False,
+        log=print):
+    """Whole networks on the cluster, one network per node at a time. ``jobs`` are opaque
+    descriptions; ``make_request(job, identity)`` turns one into ``(E2ERequest, what was
+    decided)`` for the node that will run it (plans are checked against that node's
+    identity). Returns the case keys measured or found."""
+    ray = connect(address)
+    runners = start_runners(ray, TimingOptions(), timeout)
+    if not runners:
+        raise UsageError("the Ray cluster has no alive node")
+    for info in {r[1]["identity"]: r[1] for r in runners}.values():
+        store.note_machine(info["fingerprint"], info["identity"], info["machine"],
+                           {"ray_node": info["node_id"]})
+    pending, idle, busy, keys = [(j, 0) for j in jobs], list(runners), {}, []
+    try:
+        while pending or busy:
+            while idle and pending:
+                actor, info = idle.pop(0)
+                job, tries = pending.pop(0)
+                req, said = make_request(job, info["identity"])
+                keys.append(req.case.key)
+                log(f"  {job}: {said} (node {info['node_id'][:8]})")
+                if not fresh and req.case.key in store.e2e_done(info["identity"]):
+                    log("    already measured with this identity (--fresh to repeat)")
+                    idle.append((actor, info))
+                    continue
+                busy[actor.run_e2e.remote(req, timeout)] = (actor, info, job, tries, req)
+            if not busy:
+                continue
+            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+            for ref in ready:
+                actor, info, job, tries, req = busy.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                        ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+                    runners = [r for r in runners if r[0] is not actor]
+                    if tries < MAX_RETRIES and runners:
+                        pending.insert(0, (job, tries + 1))
+                        continue
+                    res = _lost(info)
+                    res = E2EResult(res.status, res.reason)
+                m = E2EMeasurement.of(req.case, res, run_id, info["identity"], info["machine"],
+                                      node=f"ray:{info['node_id']}")
+                store.add_e2e(m)
+                log(f"    {job}: {m.status}" + (f", {m.speedup:.2f}x measured" if m.speedup
+                                                  else f": {m.reason}"))
+                idle.append((actor, info))
+    finally:
+        for actor, _ in runners:
+            ray.kill(actor)
+    return keys

@@ -214,3 +214,17 @@ def test_autotune_on_two_identical_nodes_writes_the_plan_from_the_driver_store(t
     n = len(Store(tmp_path / "t.sqlite").tuning())
     assert n == 2 * (2 + 1 + 2)  # per layer: two dense layouts, the default, two candidates
     assert os.path.getsize(tmp_path / "t.sqlite") > 0
+
+
+@pytest.mark.slow
+def test_e2e_on_the_cluster_stores_each_network_with_its_node(tmp_path, cluster):
+    c, _ = cluster
+    r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--nets", "resnet18",
+                        "--patterns", "cs,1xn", "--size", "32", "--rounds", "3", "--threads",
+                        "1", "--db", str(tmp_path / "e.sqlite"), "--plans", str(tmp_path),
+                        "--executor", "ray", "--ray-address", c.address], cwd=ROOT,
+                       env=env(HARNESS_PLUGINS=""), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr
+    df = Store(tmp_path / "e.sqlite").e2e()
+    assert sorted(df.pattern) == ["1xn", "cs"] and (df.status == "ok").all()
+    assert df.node.str.startswith("ray:").all() and (df.rel_err < 1e-4).all()

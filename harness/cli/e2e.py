@@ -14,12 +14,12 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import env, plan
+from .. import cluster, env, plan
 from ..records import E2ECase, E2EMeasurement, E2ERequest, E2EResult, RunStatus, Status, TimingOptions
 from ..runner import Worker, run_case
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
-from .common import DEFAULT_DB, device_of, name_list, positive, sparsity_list
+from .common import DEFAULT_DB, add_executor, device_of, name_list, positive, sparsity_list
 
 DEFAULT_PLANS = "results/plans"
 
@@ -47,6 +47,7 @@ def add_parser(sub):
                    help="also time a torch.compile'd dense model (slow to build)")
     p.add_argument("--fresh", action="store_true", help="measure networks already measured")
     p.add_argument("--db", default=str(DEFAULT_DB))
+    add_executor(p)
     p.set_defaults(func=run)
 
 
@@ -90,6 +91,8 @@ def run(args) -> int:
     pats = name_list(args.patterns, P.names(), "pattern")
     sparsities = sparsity_list(args.sparsities)
     device = device_of(args)
+    if args.executor == "ray":
+        cluster.require_ray()
     size = args.size or (32 if device.interpreted else 224)
     threads = args.threads if args.threads is not None else os.cpu_count() or 1
     opts = TimingOptions(rounds=1, min_sample=0.0, warmup=0.0) if device.interpreted else \
@@ -98,36 +101,26 @@ def run(args) -> int:
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
-    done = set() if args.fresh else store.e2e_done(fph)
     print(f"e2e: {len(nets) * len(pats) * len(sparsities)} network(s) on {fp['cpu']}, "
           f"{threads} threads, batch {args.batch}, {size}x{size} input, device {device}")
-    wk = Worker()
-    keys = []
+    jobs = [(net, pattern, S) for net in nets for pattern in pats for S in sparsities]
+
+    def make_request(job, identity):
+        net, pattern, S = job
+        p, pfile, said = choose_plan(Path(args.plans), net, pattern, S, args.batch, identity,
+                                     device)
+        case = E2ECase(net=net, pattern=pattern, sparsity=S, batch=args.batch, dtype="float32",
+                       device=device, threads=threads, size=size, plan=p, plan_file=pfile,
+                       source_hash=_source_hash(pattern, device))
+        return E2ERequest(case, opts, args.dense_compile), said
+
     try:
-        for net in nets:
-            for pattern in pats:
-                for S in sparsities:
-                    p, pfile, said = choose_plan(Path(args.plans), net, pattern, S, args.batch,
-                                                 fph, device)
-                    case = E2ECase(net=net, pattern=pattern, sparsity=S, batch=args.batch,
-                                   dtype="float32", device=device, threads=threads, size=size,
-                                   plan=p, plan_file=pfile,
-                                   source_hash=_source_hash(pattern, device))
-                    keys.append(case.key)
-                    print(f"  {net} {pattern} S={S:g}: {said}", flush=True)
-                    if case.key in done:
-                        print("    already measured with this identity (--fresh to repeat)")
-                        continue
-                    res = run_case(wk, E2ERequest(case, opts, args.dense_compile),
-                                   args.case_timeout, result=E2EResult)
-                    m = E2EMeasurement.of(case, res, run_id, fph, mh, node=fp.get("hostname"))
-                    store.add_e2e(m)
-                    if m.status is Status.OK:
-                        print(f"    dense {m.dense_s * 1e3:.2f} ms ({m.dense_layout}), sparse "
-                              f"{m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x measured, "
-                              f"{m.estimate:.2f}x summed convolutions", flush=True)
-                    else:
-                        print(f"    {m.status}: {m.reason}", flush=True)
+        if args.executor == "ray":
+            keys = cluster.e2e(store, run_id, jobs, make_request, address=args.ray_address,
+                               timeout=args.case_timeout, fresh=args.fresh,
+                               log=lambda t: print(t, flush=True))
+        else:
+            keys = _local(store, run_id, jobs, make_request, args, fph, mh, fp)
         store.finish_run(run_id)
     except KeyboardInterrupt:
         store.finish_run(run_id, RunStatus.ABORTED)
@@ -135,9 +128,7 @@ def run(args) -> int:
     except BaseException:
         store.finish_run(run_id, RunStatus.FAILED)
         raise
-    finally:
-        wk.close()
-    df = store.e2e(fph)
+    df = store.e2e(None if args.executor == "ray" else fph)
     df = df[df.case_key.isin(keys)]
     with pd.option_context("display.width", 220, "display.max_rows", None):
         print("\nWhole networks (measured end to end, against the faster dense layout; "
@@ -151,3 +142,31 @@ def run(args) -> int:
     print(f"e2e finished in {time.time() - t0:.0f} s; results in {args.db}")
     return 0
 
+
+
+def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
+    """Each network in turn on this machine's worker process."""
+    done = set() if args.fresh else store.e2e_done(fph)
+    wk = Worker()
+    keys = []
+    try:
+        for job in jobs:
+            req, said = make_request(job, fph)
+            net, pattern, S = job
+            keys.append(req.case.key)
+            print(f"  {net} {pattern} S={S:g}: {said}", flush=True)
+            if req.case.key in done:
+                print("    already measured with this identity (--fresh to repeat)")
+                continue
+            res = run_case(wk, req, args.case_timeout, result=E2EResult)
+            m = E2EMeasurement.of(req.case, res, run_id, fph, mh, node=fp.get("hostname"))
+            store.add_e2e(m)
+            if m.status is Status.OK:
+                print(f"    dense {m.dense_s * 1e3:.2f} ms ({m.dense_layout}), sparse "
+                      f"{m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x measured, "
+                      f"{m.estimate:.2f}x summed convolutions", flush=True)
+            else:
+                print(f"    {m.status}: {m.reason}", flush=True)
+    finally:
+        wk.close()
+    return keys
