@@ -15,7 +15,7 @@ import shapes
 from kernels import patterns as P
 
 from .. import cluster, env, plan
-from ..records import E2ECase, E2EMeasurement, E2ERequest, E2EResult, RunStatus, Status, TimingOptions
+from ..records import Device, E2ECase, E2EMeasurement, E2ERequest, E2EResult, RunStatus, Status, TimingOptions
 from ..runner import Worker, run_case
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
@@ -75,6 +75,8 @@ def choose_plan(folder: Path, net, pattern, S, batch, identity, device):
 
 
 def _table(df: pd.DataFrame) -> pd.DataFrame:
+    if (df.device == Device.CUDA_INTERPRET.value).any():  # a pipeline check: no speedups
+        df = df.assign(speedup=None, estimate=None, outside_share=None)
     out = pd.DataFrame({
         "net": df.net, "pattern": df.pattern, "S": df.sparsity, "batch": df.batch,
         "plan": df.plan.fillna("defaults"), "status": df.status,
@@ -132,7 +134,9 @@ def run(args) -> int:
     df = df[df.case_key.isin(keys)]
     with pd.option_context("display.width", 220, "display.max_rows", None):
         print("\nWhole networks (measured end to end, against the faster dense layout; "
-              "summed-conv x: per-layer convolution times summed, same run):")
+              "summed-conv x: per-layer convolution times summed, same run):"
+              if not device.interpreted else "\nWhole networks through Triton's interpreter "
+              "(a pipeline check: the gate ran, the times are not GPU timings):")
         print(_table(df).to_string(index=False))
     kept = {r.net: json.loads(r.kept_dense or "{}") for r in df.itertuples()}
     for net, why in kept.items():
