@@ -202,8 +202,7 @@ def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False
                     actor, info, group, tries = busy.pop(ref)
                     try:
                         results = ray.get(ref)
-                    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
-                            ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+                    except node_lost(ray):
                         runners = [r for r in runners if r[0] is not actor]
                         if tries < MAX_RETRIES and runners:
                             pending.insert(0, (group, tries + 1))  # another node takes it
@@ -231,11 +230,17 @@ def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False
     return counts
 
 
-def _lost(info):
+def node_lost(ray) -> tuple:
+    """The exceptions Ray raises for a task whose actor or node died."""
+    ex = ray.exceptions
+    return (ex.RayActorError, ex.ActorDiedError, ex.NodeDiedError, ex.WorkerCrashedError)
+
+
+def _lost(info, result=None):
     from .records import CaseResult
 
-    return CaseResult(Status.RUNTIME_ERROR,
-                      f"node {info['node_id'][:8]} died; no retries left")
+    return (result or CaseResult)(Status.RUNTIME_ERROR,
+                                  f"node {info['node_id'][:8]} died; no retries left")
 
 
 def _store(store, case, res, run_id, info, counts):
@@ -291,8 +296,7 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
                 actor, ainfo, i, lay = busy.pop(ref)
                 try:
                     res, new, raced = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
-                        ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+                except node_lost(ray):
                     runners = [r for r in runners if r[0] is not actor]
                     if not runners:
                         raise UsageError("every node of the Ray cluster died") from None
@@ -346,14 +350,12 @@ def e2e(store, run_id, jobs, make_request, *, address=None, timeout=3600.0, fres
                 actor, info, job, tries, req = busy.pop(ref)
                 try:
                     res = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
-                        ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+                except node_lost(ray):
                     runners = [r for r in runners if r[0] is not actor]
                     if tries < MAX_RETRIES and runners:
                         pending.insert(0, (job, tries + 1))
                         continue
-                    res = _lost(info)
-                    res = E2EResult(res.status, res.reason)
+                    res = _lost(info, E2EResult)
                 m = E2EMeasurement.of(req.case, res, run_id, info["identity"], info["machine"],
                                       node=f"ray:{info['node_id']}")
                 store.add_e2e(m)

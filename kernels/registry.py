@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -192,11 +193,26 @@ class Kernel:
         h = hashlib.sha256()
         for f in self.source_files():
             h.update(f.name.encode())
-            h.update(f.read_bytes() if f.is_file() else b"<missing>")
+            h.update(_file_digest(f, *_stamp(f)))
         return h.hexdigest()[:16]
 
     def __repr__(self):
         return f"<Kernel {self.name} pattern={self.pattern} device={self.device}>"
+
+
+def _stamp(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return st.st_mtime_ns, st.st_size
+    except OSError:
+        return None, None
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: Path, mtime_ns, size) -> bytes:
+    """A file's content digest, read again only when its modification stamp changes (every
+    case and tuning candidate asks for its kernel's source hash)."""
+    return hashlib.sha256(path.read_bytes()).digest() if mtime_ns is not None else b"<missing>"
 
 
 def _dtype_name(dt) -> str:
