@@ -440,7 +440,11 @@ class E2EResult:
     dense_nchw_s: float | None = None
     dense_cl_s: float | None = None
     dense_compiled_s: float | None = None
-    sparse_s: float | None = None
+    sparse_s: float | None = None  # fused (epilogues in the kernels, layout handover)
+    sparse_epilogue_s: float | None = None  # epilogues fused, NCHW between every layer
+    sparse_unfused_s: float | None = None  # bias and ReLU as separate ops, NCHW between layers
+    relu_fused: int | None = None
+    handover: str | None = None  # JSON: [producer, consumer] pairs handing over in the layout
     conv_dense_s: float | None = None
     conv_sparse_s: float | None = None
     noisy: bool | None = None
@@ -480,6 +484,10 @@ class E2EMeasurement:
     dense_cl_s: float | None = None
     dense_compiled_s: float | None = None
     sparse_s: float | None = None
+    sparse_epilogue_s: float | None = None  # same kernels, no layout handover
+    sparse_unfused_s: float | None = None  # same kernels, nothing fused
+    relu_fused: int | None = None
+    handover: str | None = None
     speedup: float | None = None  # measured end to end
     conv_dense_s: float | None = None
     conv_sparse_s: float | None = None
@@ -507,6 +515,9 @@ class E2EMeasurement:
                    kept_dense=res.kept_dense, kernels=res.kernels, dense_s=dense_s, dense_layout=layout,
                    dense_nchw_s=res.dense_nchw_s, dense_cl_s=res.dense_cl_s,
                    dense_compiled_s=res.dense_compiled_s, sparse_s=res.sparse_s,
+                   sparse_epilogue_s=res.sparse_epilogue_s,
+                   sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
+                   handover=res.handover,
                    speedup=dense_s / res.sparse_s if ok else None,
                    conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,
                    estimate=res.conv_dense_s / res.conv_sparse_s

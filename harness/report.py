@@ -226,7 +226,13 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
                     "kernels": ", ".join(f"{kn} ({n})" for kn, n in used.items()) or None,
                     "plan": r.plan, "estimate": r.estimate, "speedup": r.speedup,
                     "source": f"e2e at {r.size}x{r.size}"}
-        out["e2e_rows"] = e2e.assign(machine=e2e.fp_hash.str[:6]).to_dict("records")
+        pairs = e2e.handover.map(lambda h: json.loads(h) if isinstance(h, str) else [])
+        out["e2e_rows"] = e2e.assign(
+            machine=e2e.fp_hash.str[:6], handover_pairs=pairs.map(len),
+            handover_names=pairs.map(lambda p: ", ".join(f"{a} -> {b}" for a, b in p)),
+            handover_saved_ms=(e2e.sparse_epilogue_s - e2e.sparse_s) * 1e3,
+            epilogue_saved_ms=(e2e.sparse_unfused_s - e2e.sparse_epilogue_s) * 1e3,
+        ).to_dict("records")
     out["answer"] = sorted(answers.values(), key=lambda a: (a["net"], a["sparsity"],
                                                             a["batch"]))
     return out

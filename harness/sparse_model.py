@@ -6,20 +6,25 @@ configuration the harness would pick), BatchNorms that directly follow a convolu
 into it (the mask is chosen on the folded weight, as deployed), and every other convolution stays
 dense with the reason. ``dense_folded(model)`` is the same network with BN folded and nothing
 masked: the dense baseline. ``masked_dense(sparse)`` puts each replacement's ``masked_weight``
-back into plain convolutions: the reference the sparse network must match.
+back into plain convolutions: the reference the sparse network must match. ``fuse_layers``
+(applied by ``sparsify`` unless ``fuse=False``) moves biases and ReLUs into the C++ kernels'
+epilogues and lets consecutive sparse layers hand activations over in the kernel's own layout.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
 import kernels
 import shapes
+from kernels.cpu_layout import CpuLayout
 
 from .records import Device
 
@@ -29,22 +34,47 @@ class SparsifyError(ValueError):
 
 
 class SparseConv2d(nn.Module):
-    """A convolution computed by a harness kernel (``run``), plus the folded bias."""
+    """A convolution computed by a harness kernel (``run``), plus the folded bias.
 
-    def __init__(self, layer: shapes.ConvLayer, run, bias, kernel: str, config: dict):
+    Made by :func:`fuse` (C++ CPU kernels only): ``epilogue`` adds the bias in the kernel,
+    ``relu`` applies the ReLU that followed the convolution there too, ``laid_in`` means the
+    input arrives already in this kernel's layout and ``dest`` (the next layer's layout) that
+    the output is written straight into it."""
+
+    def __init__(self, layer: shapes.ConvLayer, run, bias, kernel: str, config: dict,
+                 epilogue=False, relu=False, laid_in=False, dest=None):
         super().__init__()
         self.layer, self.run, self.kernel, self.config = layer, run, kernel, dict(config)
         self.register_buffer("masked_weight", run.masked_weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.epilogue, self.relu, self.laid_in, self.dest = epilogue, relu, laid_in, dest
+        self._out: dict = {}  # batch -> buffer in ``dest``'s layout (its padding stays zero)
+
+    def fused_copy(self, **fusion) -> SparseConv2d:
+        """The same layer (same run and weights) with the given fusion."""
+        return SparseConv2d(self.layer, self.run, self.bias, self.kernel, self.config,
+                            epilogue=True, **fusion)
 
     def forward(self, x):
+        if self.epilogue:
+            out = None
+            if self.dest is not None:
+                out = self._out.get(x.shape[0])
+                if out is None:
+                    out = self._out[x.shape[0]] = self.dest.empty(x.shape[0])
+            return self.run.fused(x if self.laid_in else x.contiguous(), laid_out=self.laid_in,
+                                  bias=self.bias, relu=self.relu, dest=self.dest, out=out)
         y = self.run(x.contiguous())
         if self.bias is not None:
             y.add_(self.bias.view(1, -1, 1, 1))
         return y
 
     def extra_repr(self):
-        return f"{self.layer.shape_str}, kernel={self.kernel}, config={self.config}"
+        fused = [w for w, on in (("bias+relu" if self.relu else "bias", self.epilogue),
+                                 ("input laid out", self.laid_in),
+                                 ("writes the next layer's layout", self.dest is not None)) if on]
+        return (f"{self.layer.shape_str}, kernel={self.kernel}, config={self.config}"
+                + (f", fused: {', '.join(fused)}" if fused else ""))
 
 
 class ChannelsLastConv2d(nn.Module):
@@ -89,10 +119,14 @@ class Report:
     folded: list = field(default_factory=list)
     plan: str | None = None
     classifier: str = "kept dense (only convolutions are sparsified)"
+    relu_fused: list = field(default_factory=list)  # layers whose ReLU runs in the kernel
+    handover: list = field(default_factory=list)  # (producer, consumer) in the kernel's layout
+    fusion: str = "not fused"  # what fuse() did, or why it could not
 
     def summary(self) -> str:
         return (f"{len(self.replaced)} convolution(s) sparse, {len(self.dense)} dense, "
-                f"{len(self.folded)} BatchNorm(s) folded; {self.plan or 'default configurations'}")
+                f"{len(self.folded)} BatchNorm(s) folded; {self.plan or 'default configurations'}"
+                f"; {self.fusion}")
 
 
 def _trace(model: nn.Module, input_size) -> tuple[dict, dict]:
@@ -196,14 +230,99 @@ def check_plan(plan: dict, net: str | None, pattern: str, sparsity: float, batch
                    f"{k.source_hash()[:8]}); tune again")
 
 
+class _Tracer(fx.Tracer):
+    """Traces through containers and blocks; the harness's layer modules are leaves."""
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, (SparseConv2d, ChannelsLastConv2d, ChannelsLastPool)) \
+            or super().is_leaf_module(m, qualname)
+
+
+def _is_relu(node, mods) -> bool:
+    if node.op == "call_module":
+        return isinstance(mods.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_) and not node.kwargs
+    return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
+
+
+def fuse_layers(model: nn.Module, handover: bool = True) -> nn.Module:
+    """The sparse model with its C++ CPU layers fused (a ``torch.fx`` GraphModule sharing the
+    prepared kernels; ``model`` itself is left as it is). Where a sparse convolution's only use
+    is a ReLU, the ReLU moves into the kernel's epilogue (with the bias); with ``handover``,
+    where its only use is the next sparse convolution and that one reads one padded plane
+    (stride 1), it writes that layout directly, so the next layer converts nothing. What was
+    fused is in the copy's ``sparsify_report`` (``relu_fused``, ``handover``, ``fusion``); a
+    model torch.fx cannot trace is returned unfused with the reason there."""
+    report = copy.copy(getattr(model, "sparsify_report", None) or Report("?", 0.0))
+    report.relu_fused, report.handover = [], []
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - data-dependent control flow and the like
+        report.fusion = (f"not fused: torch.fx cannot trace the model "
+                         f"({str(e).strip().splitlines()[0][:120]})")
+        model.sparsify_report = report
+        return model
+    gm = fx.GraphModule(model, graph)
+    mods = dict(gm.named_modules())
+    for node in list(graph.nodes):  # the folded BatchNorms
+        if node.op == "call_module" and isinstance(mods.get(node.target), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+    def fusable(node):
+        m = mods.get(node.target) if node.op == "call_module" else None
+        ok = isinstance(m, SparseConv2d) and m.run.fused is not None and calls[node.target] == 1
+        return m if ok else None
+
+    spec: dict = {}
+    for node in list(graph.nodes):
+        m = fusable(node)
+        if m is None:
+            continue
+        mine = spec.setdefault(node.target, {})
+        users = list(node.users)
+        if len(users) == 1 and _is_relu(users[0], mods) and users[0].args[0] is node:
+            users[0].replace_all_uses_with(node)
+            graph.erase_node(users[0])
+            mine["relu"] = True
+            report.relu_fused.append(node.target)
+        users = list(node.users)
+        nxt = fusable(users[0]) if len(users) == 1 else None
+        if handover and nxt is not None and users[0].args == (node,) and not users[0].kwargs:
+            lay = CpuLayout.of(nxt.layer)
+            if not lay.direct and lay.accepts_handover and (nxt.layer.cin, nxt.layer.h,
+                                                            nxt.layer.w) == \
+                    (m.layer.cout, m.layer.oh, m.layer.ow):
+                mine["dest"] = lay
+                spec.setdefault(users[0].target, {})["laid_in"] = True
+                report.handover.append((node.target, users[0].target))
+    if not spec:
+        report.fusion = "not fused: no layer runs a C++ CPU kernel"
+        model.sparsify_report = report
+        return model
+    for target, fusion in spec.items():
+        _set(gm, target, mods[target].fused_copy(**fusion))
+    graph.lint()
+    gm.recompile()
+    report.fusion = (f"{len(spec)} sparse layer(s) fused: bias in the kernel, "
+                     f"{len(report.relu_fused)} ReLU(s) in the kernel, "
+                     + (f"{len(report.handover)} layer pair(s) hand over in the kernel's layout"
+                        if handover else "no layout handover"))
+    gm.sparsify_report = report
+    return gm
+
+
 def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None = None,
              device: str = "cpu", input_size=(3, 224, 224), net: str | None = None,
-             batch: int = 1, identity: str | None = None):
+             batch: int = 1, identity: str | None = None, fuse: bool = True):
     """A copy of ``model`` whose convolutions run sparse kernels; see the module docstring.
     What was replaced, kept dense (with the reason) and folded is in its ``sparsify_report``
     (:class:`Report`). ``plan`` (a dict from ``harness.plan.load``) is checked
     first: one made for another net, pattern, sparsity, batch, device, machine (``identity``)
-    or kernel source is refused with a one-line :class:`SparsifyError`."""
+    or kernel source is refused with a one-line :class:`SparsifyError`. With ``fuse`` the result
+    goes through :func:`fuse_layers` (epilogues and layout handover on the CPU)."""
     from kernels import patterns as P
 
     dev = Device(device)
@@ -241,7 +360,7 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
             if isinstance(mod, nn.MaxPool2d):
                 _set(m, name, ChannelsLastPool(mod))
     m.sparsify_report = report
-    return m
+    return fuse_layers(m) if fuse and report.replaced else m
 
 
 def masked_dense(sparse: nn.Module) -> nn.Module:
@@ -249,7 +368,7 @@ def masked_dense(sparse: nn.Module) -> nn.Module:
     convolution over its ``masked_weight`` (same masks, same folded biases)."""
     ref = copy.deepcopy(sparse).cpu()
     for name, mod in list(ref.named_modules()):
-        if isinstance(mod, SparseConv2d):
+        if isinstance(mod, SparseConv2d):  # NCHW in and out; a fused ReLU runs after it
             lay = mod.layer
             conv = nn.Conv2d(lay.cin, lay.cout, (lay.kh, lay.kw), stride=lay.stride,
                              padding=lay.padding, dilation=lay.dilation, groups=lay.groups,
@@ -258,5 +377,5 @@ def masked_dense(sparse: nn.Module) -> nn.Module:
                 conv.weight.copy_(mod.masked_weight.cpu())
                 if mod.bias is not None:
                     conv.bias.copy_(mod.bias.cpu())
-            _set(ref, name, conv)
+            _set(ref, name, nn.Sequential(conv, nn.ReLU()) if mod.relu else conv)
     return ref

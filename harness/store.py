@@ -100,6 +100,15 @@ class Store:
             raise StoreError(f"{self.path} has schema version {meta.get('schema_version')}; "
                              f"this harness reads version {SCHEMA_VERSION}")
         self.db.executescript(_SCHEMA)  # idempotent: adds tables a newer release introduced
+        for table, columns in (("measurements", MEASUREMENT_COLUMNS), ("e2e", E2E_COLUMNS)):
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():  # nullable columns a newer release added
+                if name not in have:
+                    try:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError as e:  # another process added it first
+                        if "duplicate column" not in str(e):
+                            raise
 
     class _Tx:
         def __init__(self, db):

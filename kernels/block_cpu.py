@@ -50,8 +50,8 @@ class Bsr1xNCpu(CppKernel):
         rowmap = enc.perm.to(torch.int64).contiguous()
         mod = _ext.load()
 
-        def entry(xl, geo, y):
-            mod.bsr_1xn(xl, crow, col_off, vals, rowmap, enc.N, geo, y)
+        def entry(xl, geo, y, bias):
+            mod.bsr_1xn(xl, crow, col_off, vals, rowmap, enc.N, geo, y, bias)
 
         return make_run(layer, wm, entry, config["T"], config["split"],
                         info={"kernel": self.name, "nnzb": enc.nnzb, "isa": mod.isa()},

@@ -39,8 +39,8 @@ class _RowSparse(CppKernel):
         mod = _ext.load()
         T, split = info.pop("T"), info.pop("split")
 
-        def entry(xl, geo, y):
-            mod.row_sparse(xl, rptr, off, v, geo, y)
+        def entry(xl, geo, y, bias):
+            mod.row_sparse(xl, rptr, off, v, geo, y, bias)
 
         return make_run(layer, wm, entry, T, split, info={"kernel": self.name, **info,
                                                           "isa": mod.isa()})

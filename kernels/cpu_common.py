@@ -41,8 +41,12 @@ def default_schedule(layer, allowed=TILES) -> dict:
     return {"T": T, "split": "channels" if channels else "pixels", "ob": 8 if channels else 128}
 
 
+NO_BIAS = torch.empty(0)
+
+
 def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, perm=None) -> Run:
-    """``entry(x_laid_out, geometry, y)`` computes into NCHW ``y``."""
+    """``entry(x_laid_out, geometry, y, bias)`` computes into ``y`` (NCHW unless the geometry
+    names another destination; ``bias`` may be empty)."""
     lay = CpuLayout.of(layer)
     bufs: dict[int, torch.Tensor] = {}
     cout = layer.cout
@@ -56,7 +60,37 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
                 or out.dtype != torch.float32:
             raise ValueError(f"{name}: out must be a contiguous float32 "
                              f"[{n}, {cout}, {layer.oh}, {layer.ow}] tensor")
-        entry(xl, lay.geometry(n, cout, T, ob, chunk, split, torch.get_num_threads()), out)
+        entry(xl, lay.geometry(n, cout, T, ob, chunk, split, torch.get_num_threads()), out,
+              NO_BIAS)
+        return out
+
+    def fused(x, laid_out=False, bias=None, relu=False, dest: CpuLayout | None = None,
+              out=None):
+        """The layer with its epilogue: ``x`` NCHW (or already in this layer's layout when
+        ``laid_out``), bias added and ReLU applied in the kernel, the result written as NCHW or,
+        given the next layer's ``dest`` layout, straight into ``out`` in that layout (a buffer
+        from ``dest.empty``: its padding stays zero)."""
+        if laid_out:
+            xl = x
+        else:
+            check_input(layer, x, name)
+            if x.shape[0] not in bufs and not lay.direct:
+                bufs[x.shape[0]] = lay.empty(x.shape[0])
+            xl = x.contiguous() if lay.direct else lay.fill(x, bufs[x.shape[0]])
+        n = xl.shape[0]
+        if dest is None:
+            out = torch.empty(n, cout, layer.oh, layer.ow) if out is None else out
+            where = None
+        else:
+            d = dest.layer
+            if (d.cin, d.h, d.w) != (cout, layer.oh, layer.ow):
+                raise ValueError(f"{name}: cannot hand {layer.shape_str} over to "
+                                 f"{d.shape_str}")
+            out = dest.empty(n) if out is None else out
+            where = dest.destination()
+        b = NO_BIAS if bias is None else bias.detach().float().contiguous()
+        entry(xl, lay.geometry(n, cout, T, ob, chunk, split, torch.get_num_threads(), where,
+                               relu), out, b)
         return out
 
     def layout(x):
@@ -72,5 +106,5 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
             bufs[n] = lay.empty(n)
         return resident(lay.fill(x, bufs[n]), out)
 
-    return Run(masked_weight, call, layout=layout, resident=resident, perm=perm,
+    return Run(masked_weight, call, layout=layout, resident=resident, perm=perm, fused=fused,
                info={"layout": "direct" if lay.direct else f"planes S={lay.S}", **(info or {})})

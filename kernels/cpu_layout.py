@@ -85,11 +85,32 @@ class CpuLayout:
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return self.fill(x, self.empty(x.shape[0]))
 
-    def geometry(self, n: int, cout: int, T: int, OB: int, chunk: int, split: str,
-                 threads: int) -> list[int]:
+    @property
+    def accepts_handover(self) -> bool:
+        """A previous kernel can write this layer's input straight into its layout: one
+        padded plane (stride 1; the stride-phase split would scatter every row) or plain NCHW."""
+        return self.direct or self.S == 1
+
+    def destination(self) -> list[int]:
+        """Where a producer writes pixel (oh, ow) of channel c of image n of this layer's input:
+        ``[img, chan, base, row]`` with offset ``n*img + c*chan + base + oh*row + ow``."""
         L = self.layer
+        if self.direct:
+            return [L.cin * L.h * L.w, L.h * L.w, 0, L.w]
+        if self.S != 1:
+            raise ValueError(f"layer {L.shape_str}: a stride-{self.S} layout cannot be written "
+                             f"by the previous layer")
+        p = L.padding
+        return [self.img_stride, self.chan_stride, p * self.Wq + p, self.Wq]
+
+    def geometry(self, n: int, cout: int, T: int, OB: int, chunk: int, split: str,
+                 threads: int, out: list[int] | None = None, relu: bool = False) -> list[int]:
+        """The kernel's geometry vector; ``out`` (a consumer's ``destination()``) redirects
+        the output from NCHW."""
+        L = self.layer
+        out = out or [cout * L.oh * L.ow, L.oh * L.ow, 0, L.ow]
         return [n, L.cin, cout, self.chan_stride, self.img_stride, L.oh, L.ow, self.Wq, T, OB,
-                chunk, 0 if split == "pixels" else 1, threads]
+                chunk, 0 if split == "pixels" else 1, threads, *out, int(relu)]
 
 
 def check_input(layer: ConvLayer, x: torch.Tensor, name: str) -> None:

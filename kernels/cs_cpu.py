@@ -60,8 +60,8 @@ class CSCpuDirect(CppKernel):
         taps = CpuLayout.of(layer).tap_offsets()
         mod = _ext.load()
         if config["decode"] == "inline":
-            def entry(xl, geo, y):
-                mod.cs_direct(xl, vals, idx, taps, enc.K, enc.M, geo, y)
+            def entry(xl, geo, y, bias):
+                mod.cs_direct(xl, vals, idx, taps, enc.K, enc.M, geo, y, bias)
         else:
             cs = CpuLayout.of(layer).chan_stride
             ntap, nseg = layer.kh * layer.kw, layer.cin // (enc.K * enc.M)
@@ -75,8 +75,8 @@ class CSCpuDirect(CppKernel):
                                  f"decode='inline'")
             off32, v2 = off.to(torch.int32).contiguous(), v2.contiguous()
 
-            def entry(xl, geo, y):
-                mod.cs_offsets(xl, v2, off32, enc.K, enc.M, ntap, geo, y)
+            def entry(xl, geo, y, bias):
+                mod.cs_offsets(xl, v2, off32, enc.K, enc.M, ntap, geo, y, bias)
 
         return make_run(layer, wm, entry, config["T"], config["split"], config["cin_chunk"],
                         config["ob"], info={"kernel": self.name, "K": enc.K, "M": enc.M, "isa": mod.isa()})

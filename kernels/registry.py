@@ -36,10 +36,14 @@ class Run:
     """What ``Kernel.prepare`` returns: ``y = run(x)`` (NCHW in and out; ``out=`` writes into a
     given tensor), ``masked_weight`` (the dense OIHW weight the kernel computes with) and, where
     the kernel has its own input layout, ``layout(x)`` plus ``resident(xl)`` so kernel-only time
-    can be measured without the layout conversion."""
+    can be measured without the layout conversion. C++ CPU kernels also offer ``fused`` (bias
+    and ReLU in the kernel's epilogue, input already laid out, output written into the next
+    layer's layout: see ``kernels.cpu_common.make_run``)."""
 
-    def __init__(self, masked_weight, call, layout=None, resident=None, info=None, perm=None):
+    def __init__(self, masked_weight, call, layout=None, resident=None, info=None, perm=None,
+                 fused=None):
         self.masked_weight = masked_weight
+        self.fused = fused
         self._call = call
         self.layout = layout
         self.resident = resident

@@ -83,7 +83,11 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         "dense ms": df.dense_s * 1e3, "dense layout": df.dense_layout,
         "sparse ms": df.sparse_s * 1e3, "measured x": df.speedup,
         "summed-conv x": df.estimate, "outside convs": df.outside_share,
-        "sparse layers": df.replaced})
+        "sparse layers": df.replaced,
+        "handover pairs": df.handover.map(lambda h: len(json.loads(h)) if isinstance(h, str)
+                                          else None),
+        "handover saves ms": (df.sparse_epilogue_s - df.sparse_s) * 1e3,
+        "epilogues save ms": (df.sparse_unfused_s - df.sparse_epilogue_s) * 1e3})
     return out.round(3)
 
 
@@ -169,6 +173,12 @@ def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
                 print(f"    dense {m.dense_s * 1e3:.2f} ms ({m.dense_layout}), sparse "
                       f"{m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x measured, "
                       f"{m.estimate:.2f}x summed convolutions", flush=True)
+                if m.sparse_epilogue_s is not None and m.sparse_unfused_s is not None:
+                    print(f"    fused: {m.relu_fused} ReLU(s) and every bias in the kernels "
+                          f"save {(m.sparse_unfused_s - m.sparse_epilogue_s) * 1e3:.2f} ms; "
+                          f"{len(json.loads(m.handover))} layer pair(s) handing over in the "
+                          f"kernel's layout save "
+                          f"{(m.sparse_epilogue_s - m.sparse_s) * 1e3:.2f} ms", flush=True)
             else:
                 print(f"    {m.status}: {m.reason}", flush=True)
     finally:

@@ -8,6 +8,12 @@
 // nonzero weight is one broadcast and T vector loads feeding T independent FMAs.
 // A 1x1 stride-1 unpadded layer reads NCHW input directly (Wq = OW, one plane).
 //
+// Output: pixel (oh, ow) of channel o of image n goes to
+//   y[n*out_img + o*out_chan + out_base + oh*out_row + ow]
+// NCHW by default; the next layer's padded stride-1 plane when layers hand activations over in
+// the kernel's own layout (the padding there stays as it was: zero). The epilogue adds the
+// per-channel bias (when given) and applies ReLU (when asked) on the way out.
+//
 // Vector path chosen at build time: AVX-512 intrinsics where the compiler reports __AVX512F__,
 // else GCC vector extensions that the compiler lowers to what -march=native offers.
 // Threads: OpenMP, count passed by the caller (torch.get_num_threads()).
@@ -39,13 +45,31 @@ constexpr int VW = SC_VW;
 
 struct Geo {
   int64_t N, cin, cout, chan_stride, img_stride, OH, OW, Wq, T, OB, chunk, split, threads;
+  int64_t out_img, out_chan, out_base, out_row, relu;
+  const float* bias;  // per output channel, or null
   int64_t P() const { return OH * Wq; }
+  float* plane(float* y, int64_t n, int64_t o) const { return y + n * out_img + o * out_chan + out_base; }
+  float bias_of(int64_t o) const { return bias ? bias[o] : 0.f; }
 };
 
-Geo geo_from(const std::vector<int64_t>& g) {
-  TORCH_CHECK(g.size() == 13, "geometry needs 13 entries");
-  return Geo{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
-             std::max<int64_t>(1, g[12])};
+// geometry: 13 entries (NCHW output) or 18 (plus out_img, out_chan, out_base, out_row, relu)
+Geo geo_from(const std::vector<int64_t>& g, const torch::Tensor& bias) {
+  TORCH_CHECK(g.size() == 13 || g.size() == 18, "geometry needs 13 or 18 entries");
+  Geo r{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11],
+        std::max<int64_t>(1, g[12]), 0, 0, 0, 0, 0, nullptr};
+  if (g.size() == 18) {
+    r.out_img = g[13]; r.out_chan = g[14]; r.out_base = g[15]; r.out_row = g[16]; r.relu = g[17];
+  } else {
+    r.out_img = r.cout * r.OH * r.OW; r.out_chan = r.OH * r.OW; r.out_row = r.OW;
+  }
+  TORCH_CHECK(r.out_row >= r.OW && r.out_chan >= 0 && r.out_img >= 0 && r.out_base >= 0,
+              "bad output geometry");
+  if (bias.numel()) {
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() &&
+                bias.numel() == r.cout, "bias must be a contiguous float32 [Cout] tensor");
+    r.bias = bias.data_ptr<float>();
+  }
+  return r;
 }
 
 // ---- vector helpers: a pixel tile is T vectors; accumulators are plain local arrays so they
@@ -85,15 +109,29 @@ struct Masks {
   explicit Masks(int64_t nvalid) { UNROLL for (int t = 0; t < T; ++t) m[t] = lane_mask(nvalid - t * VW); }
 };
 
-// Copy the valid pixels of a grid tile [q0, q0+n) into an NCHW output plane.
-inline void write_tile(const float* tb, float* yplane, const Geo& g, int64_t q0, int64_t n) {
-  if (g.Wq == g.OW) { std::memcpy(yplane + q0, tb, sizeof(float) * n); return; }
+// One output row segment: dst[i] = epilogue(src[i]) (bias, then ReLU when asked).
+inline void put(float* dst, const float* src, int64_t len, float b, bool relu) {
+  if (relu) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = std::max(src[i] + b, 0.f);
+  } else if (b != 0.f) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = src[i] + b;
+  } else {
+    std::memcpy(dst, src, sizeof(float) * len);
+  }
+}
+
+// Write the valid pixels of a grid tile [q0, q0+n) of one output channel to its plane
+// (g.plane(y, n, o)), through the epilogue.
+inline void write_tile(const float* tb, float* yplane, const Geo& g, int64_t q0, int64_t n,
+                       float b) {
+  const bool relu = g.relu != 0;
+  if (g.Wq == g.OW && g.out_row == g.OW) { put(yplane + q0, tb, n, b, relu); return; }
   int64_t q = q0, end = q0 + n;
   while (q < end) {
     int64_t oh = q / g.Wq, ow = q % g.Wq;
     int64_t seg = std::min(g.Wq - ow, end - q);
     if (ow < g.OW)
-      std::memcpy(yplane + oh * g.OW + ow, tb + (q - q0), sizeof(float) * std::min(seg, g.OW - ow));
+      put(yplane + oh * g.out_row + ow, tb + (q - q0), std::min(seg, g.OW - ow), b, relu);
     q += seg;
   }
 }
@@ -133,7 +171,7 @@ void drive(const Geo& g, const float* x, float* y, Body body) {
           body(buf.data() + (o - o_lo) * TP, c0 == 0, mk, xi, o, c0, c1);
       }
       for (int64_t o = o_lo; o < o_hi; ++o)
-        write_tile(buf.data() + (o - o_lo) * TP, y + (n * g.cout + o) * g.OH * g.OW, g, q0, nq);
+        write_tile(buf.data() + (o - o_lo) * TP, g.plane(y, n, o), g, q0, nq, g.bias_of(o));
     }
   }
 }
@@ -154,7 +192,9 @@ void dispatch_T(int64_t T, F f) {
 void check_io(const torch::Tensor& x, const torch::Tensor& y, const Geo& g) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && y.scalar_type() == torch::kFloat, "float32 only");
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "x and y must be contiguous");
-  TORCH_CHECK(y.numel() == g.N * g.cout * g.OH * g.OW, "output has the wrong size");
+  const int64_t last = (g.N - 1) * g.out_img + (g.cout - 1) * g.out_chan + g.out_base +
+                       (g.OH - 1) * g.out_row + g.OW;  // one past the last element written
+  TORCH_CHECK(y.numel() >= last, "output buffer is smaller than its geometry");
   TORCH_CHECK(x.numel() >= g.N * g.img_stride, "input buffer is smaller than its geometry");
 }
 
@@ -195,7 +235,7 @@ UNROLL
       UNROLL for (int i = 0; i < NB; ++i) {
         UNROLL for (int t = 0; t < T; ++t) vstore(buf.data() + t * VW, acc[i][t]);
         const int64_t o = rowmap[br * N + sub * NB + i];
-        write_tile(buf.data(), y + (n * g.cout + o) * g.OH * g.OW, g, q0, nq);
+        write_tile(buf.data(), g.plane(y, n, o), g, q0, nq, g.bias_of(o));
       }
     }
   }
@@ -206,8 +246,9 @@ UNROLL
 // CS, cin form: vals/idx [Cout, taps, Cin/K]; slot j = seg*M + n keeps input channel
 // seg*K*M + n + M*idx (the CS paper's n + M*Idx inside each length-K*M segment).
 void cs_direct(torch::Tensor x, torch::Tensor vals, torch::Tensor idx, torch::Tensor tap_off,
-               int64_t K, int64_t M, std::vector<int64_t> geo, torch::Tensor y) {
-  Geo g = geo_from(geo);
+               int64_t K, int64_t M, std::vector<int64_t> geo, torch::Tensor y,
+               torch::Tensor bias) {
+  Geo g = geo_from(geo, bias);
   check_io(x, y, g);
   const int64_t taps = tap_off.numel(), nj = g.cin / K, KM = K * M;
   TORCH_CHECK(g.chunk % KM == 0, "cin chunk must be a multiple of K*M");
@@ -246,8 +287,8 @@ UNROLL
 // CS with indices expanded at prepare time: vals/off [Cout, nseg, taps*M] (segment-major, so a
 // Cin chunk is a contiguous range); off = kept channel * chan_stride + tap offset (int32).
 void cs_offsets(torch::Tensor x, torch::Tensor vals, torch::Tensor off, int64_t K, int64_t M,
-                int64_t taps, std::vector<int64_t> geo, torch::Tensor y) {
-  Geo g = geo_from(geo);
+                int64_t taps, std::vector<int64_t> geo, torch::Tensor y, torch::Tensor bias) {
+  Geo g = geo_from(geo, bias);
   check_io(x, y, g);
   const int64_t KM = K * M, nseg = g.cin / KM, per_seg = taps * M;
   TORCH_CHECK(g.chunk % KM == 0, "cin chunk must be a multiple of K*M");
@@ -280,8 +321,9 @@ UNROLL
 // (channel * chan_stride + tap offset), vals [nnzb, N]; output row of block-row lane i is
 // rowmap[brow*N + i] (undoes filter rearrangement). N = 32 runs as two halves of 16.
 void bsr_1xn(torch::Tensor x, torch::Tensor crow, torch::Tensor col_off, torch::Tensor vals,
-             torch::Tensor rowmap, int64_t N, std::vector<int64_t> geo, torch::Tensor y) {
-  Geo g = geo_from(geo);
+             torch::Tensor rowmap, int64_t N, std::vector<int64_t> geo, torch::Tensor y,
+             torch::Tensor bias) {
+  Geo g = geo_from(geo, bias);
   check_io(x, y, g);
   TORCH_CHECK(g.cout % N == 0 && crow.numel() == g.cout / N + 1, "bad BSR encoding");
   const int64_t NB = std::min<int64_t>(N, 16);
@@ -311,8 +353,8 @@ void bsr_1xn(torch::Tensor x, torch::Tensor crow, torch::Tensor col_off, torch::
 // Row-sparse: output channel o sums vals[k] * x[off[k] + q] for k in [rptr[o], rptr[o+1]).
 // Used for CCI (each group's kept weights regrouped per output row) and unstructured.
 void row_sparse(torch::Tensor x, torch::Tensor rptr, torch::Tensor off, torch::Tensor vals,
-                std::vector<int64_t> geo, torch::Tensor y) {
-  Geo g = geo_from(geo);
+                std::vector<int64_t> geo, torch::Tensor y, torch::Tensor bias) {
+  Geo g = geo_from(geo, bias);
   check_io(x, y, g);
   TORCH_CHECK(rptr.numel() == g.cout + 1, "bad row pointer");
   g.chunk = 0;  // offsets are not ordered by channel chunk

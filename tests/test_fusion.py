@@ -1,0 +1,159 @@
+"""Fused CPU layers: bias and ReLU in the kernels' epilogue, and consecutive sparse layers handing
+activations over in the kernel's own layout, each checked against F.conv2d in float64; the
+fusion pass picks exactly the layer pairs that can hand over."""
+
+import sqlite3
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_check import layer, rel_err
+from torch import nn
+
+import harness
+import kernels
+from harness import sparse_model as sm
+from harness.store import Store
+from kernels.cpu_layout import CpuLayout
+from shapes.models import build
+
+CPU_KERNELS = [("cs_cpu_direct", {"decode": "offsets"}), ("cs_cpu_direct", {"decode": "inline"}),
+               ("bsr_1xn_cpu", {"rearrange": True}), ("cci_cpu", {}), ("unstructured_cpu", {})]
+# (producer, consumer): odd sizes, a stride-2 producer, a 1x1 consumer read as NCHW
+PAIRS = [(layer(32, 64, 1, h=9, w=11), layer(64, 32, 3, padding=1, h=9, w=11)),
+         (layer(32, 64, 3, stride=2, padding=1, h=17), layer(64, 64, 3, padding=1, h=9)),
+         (layer(64, 64, 3, padding=1, h=7), layer(64, 32, 1, h=7)),
+         (layer(32, 32, 3, padding=2, h=6), layer(32, 64, 5, padding=2, h=8))]
+
+
+def prepare(name, extra, lay, S, g):
+    k = kernels.get(name)
+    cfg = {**k.default_config(lay, S), **extra}
+    return k.prepare(lay, torch.randn(lay.cout, lay.cin, lay.kh, lay.kw, generator=g), S, cfg)
+
+
+@pytest.mark.parametrize("name,extra", CPU_KERNELS)
+@pytest.mark.parametrize("pair", range(len(PAIRS)), ids=lambda i: f"pair{i}")
+def test_a_handed_over_pair_equals_conv_relu_conv(name, extra, pair):
+    a, b = PAIRS[pair]
+    g = torch.Generator().manual_seed(pair)
+    S = 0.75
+    ra, rb = prepare(name, extra, a, S, g), prepare(name, extra, b, S, g)
+    bias_a, bias_b = torch.randn(a.cout, generator=g), torch.randn(b.cout, generator=g)
+    dest = CpuLayout.of(b)
+    buf = dest.empty(2)
+    for seed in (1, 2):  # a second input: nothing of the first may survive in the buffer
+        x = torch.randn(2, a.cin, a.h, a.w, generator=torch.Generator().manual_seed(seed))
+        mid = F.relu(F.conv2d(x.double(), ra.masked_weight.double(), bias_a.double(),
+                              a.stride, a.padding))
+        ref = F.conv2d(mid, rb.masked_weight.double(), bias_b.double(), b.stride, b.padding)
+        # epilogue alone: NCHW out, into a NaN-poisoned tensor
+        out = torch.full(mid.shape, float("nan"))
+        assert ra.fused(x, bias=bias_a, relu=True, out=out) is out
+        assert rel_err(out, mid) < 1e-5
+        # handover: the producer writes the consumer's layout, the consumer reads it as is
+        laid = ra.fused(x, bias=bias_a, relu=True, dest=None if dest.direct else dest,
+                        out=None if dest.direct else buf)
+        y = rb.fused(laid, laid_out=not dest.direct, bias=bias_b)
+        assert rel_err(y, ref) < 1e-5
+        if not dest.direct:  # the producer wrote what the layout conversion writes
+            assert (buf - dest.layout(mid.float())).abs().max() < 1e-4
+
+
+def test_a_stride_2_layer_cannot_be_handed_over_to_and_shapes_must_match():
+    g = torch.Generator().manual_seed(0)
+    a = layer(32, 64, 3, padding=1, h=9)
+    ra = prepare("cs_cpu_direct", {}, a, 0.75, g)
+    s2 = CpuLayout.of(layer(64, 64, 3, stride=2, padding=1, h=9))
+    assert not s2.accepts_handover
+    with pytest.raises(ValueError, match="stride-2 layout"):
+        ra.fused(torch.randn(1, 32, 9, 9), dest=s2)
+    with pytest.raises(ValueError, match="cannot hand"):
+        ra.fused(torch.randn(1, 32, 9, 9), dest=CpuLayout.of(layer(64, 64, 3, padding=1, h=8)))
+
+
+def _expected_pairs(net, layers, replaced):
+    """Which (producer, consumer) pairs can hand over, from the architecture: in a residual
+    block conv1 -> conv2 when conv2 has stride 1 (the block input also feeds the shortcut, so
+    nothing hands over into conv1); in VGG consecutive convolutions with no pooling between;
+    in SqueezeNet none (a squeeze feeds two expands)."""
+    if net.startswith("resnet"):
+        return {(n, n[:-1] + "2") for n in replaced
+                if n.endswith(".conv1") and n[:-1] + "2" in replaced
+                and layers[n[:-1] + "2"].stride == 1 and layers[n[:-1] + "2"].kh > 1}
+    if net == "vgg19":
+        feats = build(net).features
+        convs = [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
+        return {(f"features.{i}", f"features.{j}") for i, j in zip(convs, convs[1:])
+                if j == i + 2 and f"features.{i}" in replaced and f"features.{j}" in replaced}
+    return set()
+
+
+@pytest.mark.parametrize("net", ["resnet50", "resnet18", "vgg19", "squeezenet1_1"])
+def test_fusion_hands_over_exactly_the_pairs_the_architecture_allows(net):
+    size = 64 if net == "squeezenet1_1" else 32
+    model = build(net, seed=5)
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, size, size))
+    rep = sparse.sparsify_report
+    _, layers, _ = sm.dense_folded(model, (3, size, size))
+    want = _expected_pairs(net, layers, set(rep.replaced))
+    assert set(map(tuple, rep.handover)) == want
+    if net != "squeezenet1_1":
+        assert want  # the check above is not vacuous
+    consumers = {b for _, b in rep.handover}
+    for a, b in rep.handover:
+        ma, mb = sparse.get_submodule(a), sparse.get_submodule(b)
+        assert ma.dest is not None and ma.dest.layer.shape_str == mb.layer.shape_str
+        assert mb.laid_in and ma.laid_in == (a in consumers)
+    # every replaced layer whose output only feeds a ReLU has it fused
+    assert rep.relu_fused and set(rep.relu_fused) <= set(rep.replaced)
+    assert all(sparse.get_submodule(n).relu for n in rep.relu_fused)
+    unfused = harness.sparsify(model, "cs", 0.9375, input_size=(3, size, size), fuse=False)
+    with torch.no_grad():
+        want_y = sm.masked_dense(unfused).double()(x.double())
+        assert rel_err(sparse(x), want_y) < 1e-4
+        assert rel_err(sm.masked_dense(sparse).double()(x.double()), want_y) < 1e-12
+        assert rel_err(sm.fuse_layers(unfused, handover=False)(x), want_y) < 1e-4
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(32, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if y.sum() > 0:
+            y = y * 2
+        return self.b(y)
+
+
+def test_an_untraceable_model_runs_unfused_and_says_why():
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    sparse = harness.sparsify(model, "cs", 0.75, input_size=(32, 8, 8))
+    rep = sparse.sparsify_report
+    assert rep.fusion.startswith("not fused: torch.fx cannot trace") and not rep.handover
+    assert set(rep.replaced) == {"a", "b"}
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        assert rel_err(sparse(x), sm.masked_dense(sparse).double()(x.double())) < 1e-4
+
+
+def test_a_database_from_before_the_new_e2e_columns_gains_them(tmp_path):
+    db = tmp_path / "old.db"
+    Store(db)
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE e2e DROP COLUMN handover")
+    con.execute("ALTER TABLE e2e DROP COLUMN sparse_unfused_s")
+    con.commit()
+    con.close()
+    cols = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(e2e)")}
+    assert "handover" not in cols
+    Store(db)
+    cols = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(e2e)")}
+    assert {"handover", "sparse_unfused_s"} <= cols
