@@ -91,7 +91,8 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     try:
         unfused = sparse_model.sparsify(model, case.pattern, case.sparsity, plan=case.plan,
                                         device=case.device.value, input_size=size,
-                                        net=case.net, batch=case.batch, fuse=False)
+                                        net=case.net, batch=case.batch, fuse=False,
+                                        linear=case.classifier)
     except sparse_model.SparsifyError as e:
         return E2EResult(Status.UNSUPPORTED, str(e))
     except Exception as e:  # noqa: BLE001 - a kernel that cannot be prepared

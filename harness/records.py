@@ -406,6 +406,7 @@ class E2ECase:
     plan: dict | None = None
     plan_file: str | None = None
     source_hash: str = ""  # of every kernel the network may use
+    classifier: bool = False  # sparsify the Linear layers too
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device(self.device))
@@ -416,7 +417,9 @@ class E2ECase:
         return json.dumps({"net": self.net, "pattern": self.pattern, "sparsity": self.sparsity,
                            "batch": self.batch, "dtype": self.dtype, "device": self.device.value,
                            "threads": self.threads, "size": self.size, "plan": plan,
-                           "source": self.source_hash}, sort_keys=True)
+                           "source": self.source_hash,
+                           **({"classifier": True} if self.classifier else {})},
+                          sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -473,6 +476,7 @@ class E2EMeasurement:
     plan: str | None  # the plan file used, or None for default configurations
     source_hash: str
     status: Status
+    classifier: bool | None = None  # the Linear layers were sparsified too
     reason: str | None = None
     rel_err: float | None = None
     replaced: int | None = None
@@ -511,6 +515,7 @@ class E2EMeasurement:
                    sparsity=case.sparsity, batch=case.batch, dtype=case.dtype,
                    device=case.device.value, threads=case.threads, size=case.size,
                    plan=case.plan_file, source_hash=case.source_hash, status=res.status,
+                   classifier=case.classifier,
                    reason=res.reason, rel_err=res.rel_err, replaced=res.replaced,
                    kept_dense=res.kept_dense, kernels=res.kernels, dense_s=dense_s, dense_layout=layout,
                    dense_nchw_s=res.dense_nchw_s, dense_cl_s=res.dense_cl_s,
@@ -529,6 +534,7 @@ class E2EMeasurement:
     def row(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["status"] = self.status.value
-        if out["noisy"] is not None:
-            out["noisy"] = int(out["noisy"])
+        for b in ("noisy", "classifier"):
+            if out[b] is not None:
+                out[b] = int(out[b])
         return out

@@ -222,13 +222,16 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
                 answers[k + (r.size,)] = {
                     "machine": r.fp_hash[:6], "net": r.net, "sparsity": r.sparsity,
                     "batch": r.batch, "dtype": r.dtype, "device": r.device,
-                    "pattern": r.pattern, "compared": compared[k + (r.size,)],
+                    "pattern": r.pattern + (" + sparse classifier" if r.classifier == 1
+                                            else ""),
+                    "compared": compared[k + (r.size,)],
                     "kernels": ", ".join(f"{kn} ({n})" for kn, n in used.items()) or None,
                     "plan": r.plan, "estimate": r.estimate, "speedup": r.speedup,
                     "source": f"e2e at {r.size}x{r.size}"}
         pairs = e2e.handover.map(lambda h: json.loads(h) if isinstance(h, str) else [])
         out["e2e_rows"] = e2e.assign(
             machine=e2e.fp_hash.str[:6], handover_pairs=pairs.map(len),
+            classifier_label=e2e.classifier.map(lambda c: "sparse" if c == 1 else "dense"),
             handover_names=pairs.map(lambda p: ", ".join(f"{a} -> {b}" for a, b in p)),
             handover_saved_ms=(e2e.sparse_epilogue_s - e2e.sparse_s) * 1e3,
             epilogue_saved_ms=(e2e.sparse_unfused_s - e2e.sparse_epilogue_s) * 1e3,

@@ -77,6 +77,21 @@ class SparseConv2d(nn.Module):
                 + (f", fused: {', '.join(fused)}" if fused else ""))
 
 
+class SparseLinear(SparseConv2d):
+    """A ``Linear`` computed as the 1x1 convolution it is (``in -> out 1x1 @1x1``, one image per
+    row of the input): ``masked_weight`` is ``[out, in, 1, 1]``."""
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        y = super().forward(x.reshape(-1, self.layer.cin, 1, 1))
+        return y.view(*lead, self.layer.cout)
+
+    def fused_copy(self, **fusion) -> SparseLinear:
+        fusion.pop("dest", None), fusion.pop("laid_in", None)  # NCHW is its layout
+        return SparseLinear(self.layer, self.run, self.bias, self.kernel, self.config,
+                            epilogue=True, **fusion)
+
+
 class ChannelsLastConv2d(nn.Module):
     """A convolution kept dense, run in channels_last (oneDNN's faster layout on the CPU): its
     output stays channels_last, so the pooling and activations after it run in that layout
@@ -314,15 +329,38 @@ def fuse_layers(model: nn.Module, handover: bool = True) -> nn.Module:
     return gm
 
 
+def _linears(model: nn.Module, input_size) -> dict:
+    """Linear name -> the 1x1 ConvLayer it is, for every ``nn.Linear`` the forward pass runs."""
+    seen = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, inputs, out):
+        seen.setdefault(names[mod], shapes.ConvLayer(
+            net="model", name=names[mod], index=len(seen), cin=mod.in_features,
+            cout=mod.out_features, kh=1, kw=1, stride=1, padding=0, h=1, w=1))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None = None,
              device: str = "cpu", input_size=(3, 224, 224), net: str | None = None,
-             batch: int = 1, identity: str | None = None, fuse: bool = True):
+             batch: int = 1, identity: str | None = None, fuse: bool = True,
+             linear: bool = False):
     """A copy of ``model`` whose convolutions run sparse kernels; see the module docstring.
     What was replaced, kept dense (with the reason) and folded is in its ``sparsify_report``
     (:class:`Report`). ``plan`` (a dict from ``harness.plan.load``) is checked
     first: one made for another net, pattern, sparsity, batch, device, machine (``identity``)
     or kernel source is refused with a one-line :class:`SparsifyError`. With ``fuse`` the result
-    goes through :func:`fuse_layers` (epilogues and layout handover on the CPU)."""
+    goes through :func:`fuse_layers` (epilogues and layout handover on the CPU). With ``linear``
+    every ``nn.Linear`` (the classifier) is sparsified too, as the 1x1 convolution it is
+    (:class:`SparseLinear`); the report's ``classifier`` says what happened."""
     from kernels import patterns as P
 
     dev = Device(device)
@@ -355,6 +393,8 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
         bias = None if conv.bias is None else conv.bias.detach().to(dev.tensor_device)
         _set(m, name, SparseConv2d(layer, run, bias, k.name, cfg))
         report.replaced[name] = {"kernel": k.name, "config": json.dumps(cfg, sort_keys=True)}
+    if linear:
+        _sparsify_linears(m, input_size, pattern, sparsity, by_shape, plan, dev, report)
     if dev is Device.CPU and report.replaced:
         for name, mod in list(m.named_modules()):
             if isinstance(mod, nn.MaxPool2d):
@@ -363,12 +403,43 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
     return fuse_layers(m) if fuse and report.replaced else m
 
 
+def _sparsify_linears(m, input_size, pattern, sparsity, by_shape, plan, dev, report) -> None:
+    done, kept = [], {}
+    for name, layer in _linears(m, input_size).items():
+        lin = m.get_submodule(name)
+        entry = by_shape.get(layer.shape_str)
+        if entry is not None and kernels.get(entry["kernel"]).pattern != "dense":
+            k, cfg, why = kernels.get(entry["kernel"]), dict(entry["config"]), None
+        else:
+            k, cfg, why = default_kernel(layer, pattern, sparsity, dev)
+        if why:
+            kept[name] = report.dense[name] = why
+            continue
+        run = k.prepare(layer, lin.weight.detach().view(*lin.weight.shape, 1, 1)
+                        .to(dev.tensor_device), sparsity, cfg)
+        bias = None if lin.bias is None else lin.bias.detach().to(dev.tensor_device)
+        _set(m, name, SparseLinear(layer, run, bias, k.name, cfg))
+        report.replaced[name] = {"kernel": k.name, "config": json.dumps(cfg, sort_keys=True)}
+        done.append(name)
+    report.classifier = (f"sparsified: {len(done)} Linear layer(s) ({', '.join(done)})"
+                         if done else "kept dense: no Linear layer could be sparsified")
+    if kept:
+        report.classifier += f"; kept dense: {', '.join(kept)}"
+
+
 def masked_dense(sparse: nn.Module) -> nn.Module:
     """The reference: the sparse model with each ``SparseConv2d`` turned back into a plain
     convolution over its ``masked_weight`` (same masks, same folded biases)."""
     ref = copy.deepcopy(sparse).cpu()
     for name, mod in list(ref.named_modules()):
-        if isinstance(mod, SparseConv2d):  # NCHW in and out; a fused ReLU runs after it
+        if isinstance(mod, SparseLinear):
+            lin = nn.Linear(mod.layer.cin, mod.layer.cout, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.masked_weight.cpu().view(mod.layer.cout, mod.layer.cin))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias.cpu())
+            _set(ref, name, nn.Sequential(lin, nn.ReLU()) if mod.relu else lin)
+        elif isinstance(mod, SparseConv2d):  # NCHW in and out; a fused ReLU runs after it
             lay = mod.layer
             conv = nn.Conv2d(lay.cin, lay.cout, (lay.kh, lay.kw), stride=lay.stride,
                              padding=lay.padding, dilation=lay.dilation, groups=lay.groups,

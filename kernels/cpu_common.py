@@ -36,7 +36,7 @@ def default_schedule(layer, allowed=TILES) -> dict:
     the rest split over pixels with large channel blocks (a tile's input stays in cache)."""
     pixels = layer.oh * CpuLayout.of(layer).Wq
     channels = layer.cout >= 2 * layer.cin or (layer.kh == 1 and pixels <= 196)
-    T = 6 if pixels >= 784 else 4
+    T = 6 if pixels >= 784 else 4 if pixels > 16 else 1  # one vector: a Linear's 1x1 image
     T = max([t for t in allowed if t <= T] or [allowed[0]])
     return {"T": T, "split": "channels" if channels else "pixels", "ob": 8 if channels else 128}
 

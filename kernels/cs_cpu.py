@@ -26,7 +26,7 @@ class CSCpuDirect(CppKernel):
     name = "cs_cpu_direct"
     pattern = "cs"
     # tuning grid: values measured to matter (the C++ entry accepts T in 1, 2, 3, 4, 6, 8)
-    space = {"M": P.CPU_M, "T": (2, 4, 6, 8), "split": SPLITS, "cin_chunk": (0, 64, 256),
+    space = {"M": P.CPU_M, "T": (1, 2, 4, 6, 8), "split": SPLITS, "cin_chunk": (0, 64, 256),
              "ob": (8, 128), "decode": ("offsets", "inline")}
     pattern_params = ("M",)
 

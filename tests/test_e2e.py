@@ -63,6 +63,34 @@ def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
 
 
+@pytest.mark.parametrize("net", ["vgg19", "resnet18"])
+@pytest.mark.parametrize("pattern", ["cs", "1xn"])
+def test_the_classifier_is_sparsified_on_request(net, pattern):
+    model = build(net, seed=4)
+    with torch.no_grad():  # uniform float32 init holds exact zeros among 100M weights, which
+        for m in model.modules():  # would make the non-zero count below miss a kept weight
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn_like(m.weight) * 0.01)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = harness.sparsify(model, pattern, 0.9375, input_size=(3, 32, 32))
+    assert plain.sparsify_report.classifier.startswith("kept dense")
+    assert not any(isinstance(m, sm.SparseLinear) for m in plain.modules())
+    sparse = harness.sparsify(model, pattern, 0.9375, input_size=(3, 32, 32), linear=True)
+    rep = sparse.sparsify_report
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert rep.classifier.startswith(f"sparsified: {len(linears)} Linear layer(s)")
+    for name in linears:
+        mod = sparse.get_submodule(name)
+        assert isinstance(mod, sm.SparseLinear) and name in rep.replaced
+        assert mod.masked_weight.shape == (*model.get_submodule(name).weight.shape, 1, 1)
+        assert conforms(mod, 0.9375), name  # 1 - S of the weights, in the pattern
+    with torch.no_grad():
+        want = sm.masked_dense(sparse).double()(x.double())
+        assert rel(sparse(x), want) < 1e-4
+        # the reference really uses the masked classifier: the dense one differs
+        assert rel(sm.masked_dense(plain).double()(x.double()), want) > 1e-3
+
+
 class UserNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -159,6 +187,11 @@ def test_e2e_measures_and_stores_a_network(tmp_path):
         assert row.dense_s == min(row.dense_nchw_s, row.dense_cl_s)
         assert row.estimate == pytest.approx(row.conv_dense_s / row.conv_sparse_s)
         assert row.replaced >= 19
+        # the fused network and its two variants on the same kernels were all timed
+        assert row.sparse_epilogue_s > 0 and row.sparse_unfused_s > 0
+        pairs = json.loads(row.handover)
+        assert ["layer1.0.conv1", "layer1.0.conv2"] in pairs and len(pairs) == 8
+    assert "layer pair(s) handing over in the kernel's layout save" in r.stdout
     again = e2e(tmp_path, "--nets", "resnet18", "--patterns", "cs")
     assert "already measured" in again.stdout  # same identity: not measured twice
 
@@ -209,9 +242,13 @@ def test_a_slow_non_conv_module_raises_the_latency_not_the_summed_estimate(tmp_p
         assert r.returncode == 0, r.stderr
         (runs[name],) = Store(db).e2e().itertuples()
     plain, slow = runs["plain"], runs["slow"]
-    relu_calls = 17  # the stem and two per BasicBlock
+    # the stem and two per BasicBlock; the one after each block's first conv runs inside
+    # the sparse kernel in the fused network (but not in its unfused variant)
+    assert slow.relu_fused == plain.relu_fused == 8
+    relu_calls = 17 - 8
     added = slow.sparse_s - plain.sparse_s
     assert added > 0.8 * relu_calls * 0.004  # the measured latency sees every slow call
+    assert slow.sparse_unfused_s - plain.sparse_unfused_s > 0.8 * 17 * 0.004
     assert abs(slow.conv_sparse_s - plain.conv_sparse_s) < 0.25 * added  # the estimate does not
     assert slow.outside_share > plain.outside_share
 

@@ -117,6 +117,11 @@ def test_report_in_headless_chromium(report):
         e2e = page.evaluate("""() => ({
             answer: document.querySelectorAll('#answer-table tr').length,
             rows: document.querySelectorAll('#e2e-table tr').length,
+            handover: [...document.querySelectorAll('#e2e-table tr')].slice(1).map(tr => {
+                const h = [...document.querySelectorAll('#e2e-table th')].map(t => t.innerText);
+                const i = h.indexOf('handover pairs');
+                return [tr.cells[i].innerText, tr.cells[i + 1].innerText,
+                        tr.cells[i].getAttribute('title')]; }),
             first: document.querySelector('main section').id})""")
         page.screenshot(path=str(ROOT / "reports" / "test-screenshot-e2e.png"))
         page.locator("#gpu-interpreter").scroll_into_view_if_needed()
@@ -134,6 +139,9 @@ def test_report_in_headless_chromium(report):
     # header, the CPU sweep's net at its two sparsities (summed), resnet18 (measured)
     assert e2e["answer"] == 1 + 2 + 1
     assert e2e["rows"] == 1 + 2  # header, resnet18 with cs and with 1xn
+    for pairs, saved, names in e2e["handover"]:  # 8 pairs, named, with the time they save
+        assert pairs == "8" and "layer1.0.conv1 -> layer1.0.conv2" in names
+        float(saved)
     assert shot.stat().st_size > 10_000
 
 

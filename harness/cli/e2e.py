@@ -43,6 +43,8 @@ def add_parser(sub):
     p.add_argument("--rounds", type=positive(int, 1), default=7)
     p.add_argument("--min-sample", type=positive(float, 0), default=2e-3)
     p.add_argument("--case-timeout", type=positive(float, 0, strict=True), default=3600.0)
+    p.add_argument("--classifier", action="store_true",
+                   help="sparsify the Linear classifier too (as the 1x1 convolution it is)")
     p.add_argument("--dense-compile", action="store_true",
                    help="also time a torch.compile'd dense model (slow to build)")
     p.add_argument("--fresh", action="store_true", help="measure networks already measured")
@@ -52,12 +54,16 @@ def add_parser(sub):
 
 
 def _source_hash(pattern: str, device) -> str:
-    """Every kernel the network may run (the pattern's, and the dense baseline's)."""
+    """Every kernel the network may run (the pattern's, and the dense baseline's), and the code
+    that builds and fuses the sparse network and measures it."""
     h = hashlib.sha256()
     for name in kernels.names(device=device.kernel_device):
         k = kernels.get(name)
         if k.pattern in (pattern, "dense"):
             h.update(f"{name}:{k.source_hash()};".encode())
+    here = Path(__file__).resolve().parent.parent
+    for f in ("sparse_model.py", "e2e.py"):
+        h.update((here / f).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -79,7 +85,9 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         df = df.assign(speedup=None, estimate=None, outside_share=None)
     out = pd.DataFrame({
         "net": df.net, "pattern": df.pattern, "S": df.sparsity, "batch": df.batch,
-        "plan": df.plan.fillna("defaults"), "status": df.status,
+        "plan": df.plan.fillna("defaults"),
+        "classifier": df.classifier.map(lambda c: "sparse" if c == 1 else "dense"),
+        "status": df.status,
         "dense ms": df.dense_s * 1e3, "dense layout": df.dense_layout,
         "sparse ms": df.sparse_s * 1e3, "measured x": df.speedup,
         "summed-conv x": df.estimate, "outside convs": df.outside_share,
@@ -117,7 +125,8 @@ def run(args) -> int:
                                      device)
         case = E2ECase(net=net, pattern=pattern, sparsity=S, batch=args.batch, dtype="float32",
                        device=device, threads=threads, size=size, plan=p, plan_file=pfile,
-                       source_hash=_source_hash(pattern, device))
+                       source_hash=_source_hash(pattern, device),
+                       classifier=args.classifier)
         return E2ERequest(case, opts, args.dense_compile), said
 
     try:
