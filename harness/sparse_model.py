@@ -36,7 +36,7 @@ class SparsifyError(ValueError):
 class SparseConv2d(nn.Module):
     """A convolution computed by a harness kernel (``run``), plus the folded bias.
 
-    Made by :func:`fuse` (C++ CPU kernels only): ``epilogue`` adds the bias in the kernel,
+    Made by :func:`fuse_layers` (C++ CPU kernels only): ``epilogue`` adds the bias in the kernel,
     ``relu`` applies the ReLU that followed the convolution there too, ``laid_in`` means the
     input arrives already in this kernel's layout and ``dest`` (the next layer's layout) that
     the output is written straight into it."""
@@ -268,7 +268,8 @@ def fuse_layers(model: nn.Module, handover: bool = True) -> nn.Module:
     where its only use is the next sparse convolution and that one reads one padded plane
     (stride 1), it writes that layout directly, so the next layer converts nothing. What was
     fused is in the copy's ``sparsify_report`` (``relu_fused``, ``handover``, ``fusion``); a
-    model torch.fx cannot trace is returned unfused with the reason there."""
+    model torch.fx cannot trace, or with nothing to fuse, is returned as it is, with the reason
+    in its report's ``fusion``."""
     report = copy.copy(getattr(model, "sparsify_report", None) or Report("?", 0.0))
     report.relu_fused, report.handover = [], []
     try:
@@ -394,7 +395,7 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
         _set(m, name, SparseConv2d(layer, run, bias, k.name, cfg))
         report.replaced[name] = {"kernel": k.name, "config": json.dumps(cfg, sort_keys=True)}
     if linear:
-        _sparsify_linears(m, input_size, pattern, sparsity, by_shape, plan, dev, report)
+        _sparsify_linears(m, input_size, pattern, sparsity, by_shape, dev, report)
     if dev is Device.CPU and report.replaced:
         for name, mod in list(m.named_modules()):
             if isinstance(mod, nn.MaxPool2d):
@@ -403,7 +404,7 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
     return fuse_layers(m) if fuse and report.replaced else m
 
 
-def _sparsify_linears(m, input_size, pattern, sparsity, by_shape, plan, dev, report) -> None:
+def _sparsify_linears(m, input_size, pattern, sparsity, by_shape, dev, report) -> None:
     done, kept = [], {}
     for name, layer in _linears(m, input_size).items():
         lin = m.get_submodule(name)

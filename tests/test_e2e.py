@@ -261,3 +261,39 @@ def test_e2e_bad_input_exits_2(tmp_path):
         r = e2e(tmp_path, *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_table_plan_re_measures_every_layer_of_a_plan_in_one_run(tmp_path):
+    lays = shapes.unique(shapes.load("resnet18"))
+    picked = [lay for lay in lays if lay.name in ("layer3.0.conv2", "layer4.1.conv1")]
+    p = make_plan("resnet18", "cs", 0.9375, [(picked[0], "cs_cpu_direct", {"M": 4}),
+                                             (picked[1], "dense_cpu", {"layout": "nchw"})])
+    hplan.save(p, tmp_path / "p.json")
+    db = tmp_path / "t.sqlite"
+
+    def table(*args):
+        return subprocess.run([sys.executable, "-m", "harness", "table", "--db", str(db),
+                               "--rounds", "2", "--min-sample", "0", "--no-progress", *args],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+    r = table("--plan", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    rows = Store(db).measurements(latest=False)
+    assert set(rows.run_id) == {1}  # one new run: 2 dense layouts x 2 layers + the sparse case
+    assert len(rows) == 5 and set(rows.status) == {"ok"}
+    sparse = rows[rows.kernel == "cs_cpu_direct"].iloc[0]
+    assert sparse.layer == "layer3.0.conv2" and json.loads(sparse.config)["M"] == 4
+    lines = r.stdout.splitlines()
+    assert any(line.strip().startswith("layer3.0.conv2") and "cs_cpu_direct" in line
+               for line in lines)
+    assert any("layer4.1.conv1" in line and "dense (plan)" in line for line in lines)
+    assert "geometric mean over 2 unique non-stem layers" in r.stdout
+    assert "summed network-level" in r.stdout
+    again = table("--plan", str(tmp_path / "p.json"))  # measured again, never reused
+    assert again.returncode == 0 and set(Store(db).measurements(latest=False).run_id) == {1, 2}
+    stale = json.loads(json.dumps(p))
+    stale["layers"][0]["source_hash"] = "0" * 16
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    bad = table("--plan", str(tmp_path / "stale.json"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and \
+        "source of cs_cpu_direct changed" in bad.stderr and "Traceback" not in bad.stderr

@@ -3,25 +3,43 @@ best configuration per kernel, with geometric means over the unique non-stem sha
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 
-from .. import UsageError, analysis
-from ..records import Device, Status
+import kernels
+import shapes
+
+from .. import UsageError, analysis, baseline, cases, env, plan, runner
+from ..records import Device, RunStatus, Status, TimingOptions
+from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
-from .common import DEFAULT_DB, sparsity_list
+from .common import DEFAULT_DB, positive, sparsity_list
 
 
 def add_parser(sub):
-    p = sub.add_parser("table", help="print per-layer speedups measured by bench")
+    p = sub.add_parser("table", help="print per-layer speedups measured by bench, or re-measure "
+                                     "a tuned plan (--plan)")
     p.add_argument("--db", default=str(DEFAULT_DB))
-    p.add_argument("--net", default="resnet50")
+    p.add_argument("--net", default=None, help="default: resnet50, or the plan's net")
     p.add_argument("--patterns", help="comma list (default: all measured)")
     p.add_argument("--kernels", help="comma list (default: all measured)")
     p.add_argument("--sparsities", help="comma list (default: all measured)")
+    p.add_argument("--plan", help="a plan from autotune: re-measure each of its layers (its "
+                                  "kernel and configuration against the dense baselines, "
+                                  "interleaved, kernel-only and end to end) in one new run")
+    p.add_argument("--rounds", type=positive(int, 1), default=7, help="with --plan")
+    p.add_argument("--min-sample", type=positive(float, 0), default=2e-3, help="with --plan")
+    p.add_argument("--case-timeout", type=positive(float, 0, strict=True), default=300.0,
+                   help="with --plan")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.plan:
+        return run_plan(args)
+    args.net = args.net or "resnet50"
     store = Store(args.db, create=False)
     df = analysis.with_speedups(store.measurements())
     df = df[(df.net == args.net) & (df.status == Status.OK) & (df.pattern != "dense")]
@@ -60,4 +78,110 @@ def run(args) -> int:
         print(f"geometric mean over {len(nonstem)} unique non-stem shapes: end-to-end "
               f"{analysis.geomean(nonstem.speedup):.2f}x, kernel-only "
               f"{analysis.geomean(nonstem['kernel-only']):.2f}x")
+    return 0
+
+
+def run_plan(args) -> int:
+    """Re-measure a plan: per layer its kernel and configuration interleaved with the dense
+    baselines, in one new run (never a maximum over earlier sweep rows), then the per-layer
+    table, geometric means over the unique non-stem layers and the summed network figure."""
+    t0 = time.time()
+    try:
+        p = plan.load(args.plan)
+    except (plan.PlanError, OSError, ValueError) as e:
+        raise UsageError(f"--plan {args.plan}: {e}") from None
+    net = args.net or p["net"]
+    if net not in shapes.NETS:
+        raise UsageError(f"unknown net {net!r}; valid: {', '.join(shapes.NETS)}")
+    device = Device(p["device"])
+    fp = dict(env.fingerprint())
+    fph, mh = env.identity_hash(fp), env.machine_hash(fp)
+    try:
+        check_plan(p, net, p["pattern"], p["sparsity"], p["batch"], fph, device)
+    except SparsifyError as e:
+        raise UsageError(f"--plan {args.plan}: {e}") from None
+    S, batch, dtype, threads = p["sparsity"], p["batch"], p["dtype"], p["threads"]
+    by_shape = {lay.shape_str: lay for lay in shapes.unique(shapes.load(net))}
+    base = baseline.kernel_for(device)
+    todo, chosen = [], {}
+    for entry in p["layers"]:
+        layer = by_shape.get(entry["shape"])
+        if layer is None:
+            raise UsageError(f"--plan {args.plan}: layer {entry['layer']} ({entry['shape']}) "
+                             f"is not a layer of {net}")
+        for cfg in baseline.configs(base):
+            todo.append(cases.make_case(layer, base, 0.0, cfg, batch, dtype, device, threads))
+        k = kernels.get(entry["kernel"])
+        if k.pattern != "dense":
+            case = cases.make_case(layer, k, S, entry["config"], batch, dtype, device, threads,
+                                   reason=k.supports(layer, S, entry["config"], dtype))
+            todo.append(case)
+            chosen[layer.shape_str] = case.key
+    store = Store(args.db)
+    fp["peak_gflops"] = round(env.measured_peak_gflops(threads, device.tensor_device), 1)
+    run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
+    print(f"table --plan {args.plan}: {net} {p['pattern']} S={S:g}, {len(p['layers'])} "
+          f"layer(s) on {fp['cpu']}, {threads} threads, batch {batch}, device {device}; "
+          f"re-measured in run {run_id} of {args.db}")
+    status = RunStatus.FAILED
+    try:
+        counts = runner.sweep(todo, store, run_id, fph, mh, resume=False,
+                              case_timeout=args.case_timeout,
+                              timing=TimingOptions(rounds=args.rounds,
+                                                   min_sample=args.min_sample),
+                              progress=not args.no_progress, node=fp.get("hostname"))
+        status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
+    except KeyboardInterrupt:
+        status = RunStatus.ABORTED
+        raise
+    finally:
+        store.finish_run(run_id, status)
+    df = analysis.with_speedups(store.measurements(latest=False, fp_hash=fph))
+    df = df[df.run_id == run_id]
+    rows = []
+    for entry in p["layers"]:
+        layer = by_shape[entry["shape"]]
+        dense = df[(df.kernel == base.name) & (df.layer == layer.name)
+                   & (df.status == Status.OK)]
+        if dense.empty:
+            raise UsageError(f"the dense baseline of {layer.name} did not run; see "
+                             f"`python -m harness export --db {args.db}`")
+        d_s, d_k = dense.median_s.min(), dense.kernel_median_s.min()
+        row = {"layer": layer.name, "shape": layer.shape_str, "count": layer.count,
+               "kernel": entry["kernel"], "dense ms": d_s * 1e3, "sparse ms": d_s * 1e3,
+               "e2e x": 1.0, "kernel-only x": 1.0, "status": "dense (plan)",
+               "config": "", "cin": layer.cin, "d_s": d_s, "d_k": d_k, "s_s": d_s, "s_k": d_k}
+        key = chosen.get(layer.shape_str)
+        if key is not None:
+            got = df[df.case_key == key].iloc[-1]
+            row.update(config=str(entry["config"]), status=got.status)
+            if got.status == Status.OK:
+                row.update({"sparse ms": got.median_s * 1e3, "e2e x": got.speedup,
+                            "kernel-only x": got.kernel_speedup, "s_s": got.median_s,
+                            "s_k": got.kernel_median_s, "d_s": got.dense_median_s,
+                            "d_k": got.dense_kernel_median_s, "dense ms":
+                            got.dense_median_s * 1e3})
+            else:
+                row.update({"e2e x": None, "kernel-only x": None})
+        rows.append(row)
+    t = pd.DataFrame(rows)
+    shown = t.drop(columns=["cin", "d_s", "d_k", "s_s", "s_k"])
+    with pd.option_context("display.width", 250, "display.max_colwidth", 80,
+                           "display.max_rows", None):
+        print(shown.round(3).to_string(index=False))
+    ok = t[t.status.isin([Status.OK.value, "dense (plan)"])]
+    nonstem = ok[ok.cin > 3]
+    print(f"\ngeometric mean over {len(nonstem)} unique non-stem layers: end-to-end "
+          f"{analysis.geomean(nonstem['e2e x']):.2f}x, kernel-only "
+          f"{analysis.geomean(nonstem['kernel-only x']):.2f}x; lowest end-to-end "
+          f"{nonstem['e2e x'].min():.2f}x ({nonstem.loc[nonstem['e2e x'].idxmin(), 'layer']})")
+    if len(ok) == len(t):
+        w = t["count"]
+        print(f"summed network-level (per-layer times x counts, {int(w.sum())} convolutions): "
+              f"end-to-end {(w * t.d_s).sum() / (w * t.s_s).sum():.2f}x, kernel-only "
+              f"{(w * t.d_k).sum() / (w * t.s_k).sum():.2f}x")
+    else:
+        print(f"{len(t) - len(ok)} layer(s) did not run ok: no network-level figure")
+    print(f"peak dense GEMM measured in this run: {fp['peak_gflops']:.0f} GFLOP/s; "
+          f"table --plan finished in {time.time() - t0:.0f} s")
     return 0
