@@ -73,6 +73,27 @@ def _conv_sums(dense: nn.Module, sparse: nn.Module, x, device, opts) -> tuple[fl
     return total_d, total_s
 
 
+def _handover_savings(epilogue: nn.Module, fused: nn.Module, x, device, opts) -> list:
+    """[producer, consumer, seconds saved] per layer pair handing over in the kernel's layout:
+    the pair run as in the epilogue-only network (NCHW between, the consumer converts) timed
+    interleaved with the pair as in the fused network, on the producer's real input. The
+    whole-network difference is a few percent of a noisy total; per pair it is measured."""
+    from kernels.cpu_layout import CpuLayout
+
+    ins = _conv_inputs(epilogue, x)
+    out = []
+    for a, b in fused.sparsify_report.handover:
+        ea, eb = epilogue.get_submodule(a), epilogue.get_submodule(b)
+        fa, fb = fused.get_submodule(a), fused.get_submodule(b)
+        xa = ins[a]
+        xf = CpuLayout.of(fa.layer).layout(xa) if fa.laid_in else xa
+        variants = {"convert": (lambda t, p=ea, q=eb: q(p(t)), xa),
+                    "handover": (lambda t, p=fa, q=fb: q(p(t)), xf)}
+        st, _ = timed(device, variants, opts)
+        out.append([a, b, st["convert"].median - st["handover"].median])
+    return out
+
+
 def _channels_last(m: nn.Module) -> nn.Module:
     import copy
 
@@ -147,6 +168,9 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     with torch.inference_mode():
         st, samples = timed(case.device, variants, opts)
         conv_d, conv_s = _conv_sums(dense, sparse, x, case.device, opts)
+        if "sparse_epilogue" in variants_sparse and rep.handover:
+            info["handover"] = json.dumps(_handover_savings(
+                variants_sparse["sparse_epilogue"], sparse, x, case.device, opts))
     return E2EResult(
         Status.OK, None, rel_err=err, dense_nchw_s=st["dense_nchw"].median,
         dense_cl_s=st["dense_cl"].median,

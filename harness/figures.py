@@ -87,6 +87,21 @@ def roofline(ok: pd.DataFrame, peak: float | None) -> str:
     return _png(fig)
 
 
+def efficiency(eff: pd.DataFrame) -> str:
+    """Per kernel and sparsity: each layer's useful GFLOP/s as a share of the run's GEMM peak."""
+    d = eff.assign(pct=eff.efficiency * 100,
+                   S=eff.sparsity.map(lambda v: "dense" if v == 0 else f"{v:g}"))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * d.kernel.nunique() + 4), 3.8))
+    sns.stripplot(data=d, x="kernel", y="pct", hue="S", ax=ax, size=4, jitter=0.25,
+                  palette="viridis", dodge=True)
+    ax.axhline(100, color="red", ls="--", lw=1.2, label="GEMM peak (same run)")
+    ax.set_ylabel("useful GFLOP/s, % of GEMM peak")
+    ax.set_xlabel("")
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    return _png(fig)
+
+
 def e2e_bars(e2e: pd.DataFrame) -> str:
     """Measured end-to-end speedup beside the summed-convolution estimate, per network case."""
     d = e2e.assign(case=e2e.net + " " + e2e.pattern + " S=" + e2e.sparsity.map("{:g}".format)

@@ -12,7 +12,7 @@ import pandas as pd
 from kernels import patterns as P
 
 from . import UsageError, analysis, figures
-from .records import Device, Status
+from .records import Device, Status, handover_saved_s
 from .store import Store
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
@@ -46,6 +46,34 @@ def _machines(store: Store, df: pd.DataFrame) -> list[dict]:
             "devices": ", ".join(sorted(sub.device.dropna().unique())),
             "peak": max([p for p in peaks if p] or [0]) or None, "runs": len(grp)})
     return out
+
+
+def _efficiency(ok: pd.DataFrame, store: Store) -> pd.DataFrame:
+    """Per machine, kernel, sparsity and layer (its best row): useful GFLOP/s (the FLOPs of the
+    kept weights over the kernel-only time) as a fraction of the fp32 GEMM peak measured at the
+    start of the same run."""
+    runs = store.runs()
+    peak = {r.run_id: json.loads(r.fingerprint).get("peak_gflops")
+            for r in runs.itertuples()}
+    d = ok.assign(peak=ok.run_id.map(peak))
+    d = d[d.peak.fillna(0) > 0]
+    if d.empty:
+        return d
+    t = d.kernel_median_s.where(d.kernel_median_s > 0, d.median_s)
+    d = d.assign(useful=d.flops * (1 - d.sparsity) / t / 1e9)
+    d = d.assign(efficiency=d.useful / d.peak)
+    keys = ["machine", "kernel", "sparsity", "layer"]
+    return d.loc[d.groupby(keys)["efficiency"].idxmax()]
+
+
+def _efficiency_table(eff: pd.DataFrame) -> list[dict]:
+    if eff.empty:
+        return []
+    g = eff.groupby(["machine", "kernel", "sparsity"])
+    out = pd.DataFrame({"layers": g.size(), "median": g.efficiency.median() * 100,
+                        "best": g.efficiency.max() * 100, "useful": g.useful.median(),
+                        "peak": g.peak.median()}).reset_index()
+    return out.round(1).to_dict("records")
 
 
 def _param_value(row) -> str:
@@ -151,6 +179,9 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
     peak = max([m["peak"] or 0 for m in machines] or [0]) or None
     ctx["roofline"] = figures.roofline(ok[ok.device == "cpu"], peak) if len(ok) else None
     ctx["peak"] = peak
+    eff = _efficiency(df[(df.status == Status.OK) & (df.device == Device.CPU.value)], store)
+    ctx["efficiency_img"] = figures.efficiency(eff) if len(eff) else None
+    ctx["efficiency"] = _efficiency_table(eff)
     ctx["paper"] = _paper(best, net).to_html(index=False, classes="tbl", na_rep="not measured")
     tuning = _tuning(store)
     ctx["tuning"] = None if tuning.empty else tuning[[
@@ -232,8 +263,9 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
         out["e2e_rows"] = e2e.assign(
             machine=e2e.fp_hash.str[:6], handover_pairs=pairs.map(len),
             classifier_label=e2e.classifier.map(lambda c: "sparse" if c == 1 else "dense"),
-            handover_names=pairs.map(lambda p: ", ".join(f"{a} -> {b}" for a, b in p)),
-            handover_saved_ms=(e2e.sparse_epilogue_s - e2e.sparse_s) * 1e3,
+            handover_names=pairs.map(lambda p: ", ".join(
+                f"{a} -> {b}" + (f" ({t[0] * 1e6:.0f} us)" if t else "") for a, b, *t in p)),
+            handover_saved_ms=e2e.handover.map(handover_saved_s) * 1e3,
             epilogue_saved_ms=(e2e.sparse_unfused_s - e2e.sparse_epilogue_s) * 1e3,
         ).to_dict("records")
     out["answer"] = sorted(answers.values(), key=lambda a: (a["net"], a["sparsity"],

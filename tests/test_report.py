@@ -122,6 +122,8 @@ def test_report_in_headless_chromium(report):
                 const i = h.indexOf('handover pairs');
                 return [tr.cells[i].innerText, tr.cells[i + 1].innerText,
                         tr.cells[i].getAttribute('title')]; }),
+            efficiency: [...document.querySelectorAll('#efficiency-table tr')].slice(1).map(
+                tr => [tr.cells[1].innerText, parseFloat(tr.cells[4].innerText)]),
             first: document.querySelector('main section').id})""")
         page.screenshot(path=str(ROOT / "reports" / "test-screenshot-e2e.png"))
         page.locator("#gpu-interpreter").scroll_into_view_if_needed()
@@ -139,6 +141,8 @@ def test_report_in_headless_chromium(report):
     # header, the CPU sweep's net at its two sparsities (summed), resnet18 (measured)
     assert e2e["answer"] == 1 + 2 + 1
     assert e2e["rows"] == 1 + 2  # header, resnet18 with cs and with 1xn
+    eff = dict(e2e["efficiency"])  # per kernel, % of the run's GEMM peak: finite, positive
+    assert {"dense_cpu", "cs_cpu_direct"} <= set(eff) and all(0 < v < 1000 for v in eff.values())
     for pairs, saved, names in e2e["handover"]:  # 8 pairs, named, with the time they save
         assert pairs == "8" and "layer1.0.conv1 -> layer1.0.conv2" in names
         float(saved)
