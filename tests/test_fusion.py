@@ -157,3 +157,21 @@ def test_a_database_from_before_the_new_e2e_columns_gains_them(tmp_path):
     Store(db)
     cols = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(e2e)")}
     assert {"handover", "sparse_unfused_s"} <= cols
+
+
+@pytest.mark.parametrize("k,stride,padding,h,w", [(3, 1, 1, 9, 11), (3, 2, 1, 17, 15),
+                                                  (3, 2, 1, 16, 16), (1, 2, 0, 13, 14),
+                                                  (5, 1, 2, 6, 7), (7, 2, 3, 19, 18),
+                                                  (3, 3, 0, 10, 11), (1, 1, 1, 5, 5)])
+def test_the_parallel_layout_pass_equals_the_sliced_reference(k, stride, padding, h, w):
+    lay = CpuLayout.of(layer(8, 8, k, stride=stride, padding=padding, h=h, w=w))
+    x = torch.randn(3, 8, h, w)
+    got = lay.fill(x, torch.full_like(lay.empty(3), 0.0))
+    want = lay.fill_reference(x, lay.empty(3))
+    assert torch.equal(got, want)
+    # the padding is never written: a NaN-filled buffer keeps NaN exactly where the reference
+    # leaves zeros, and the interior equals the reference
+    poisoned = lay.fill(x, torch.full_like(lay.empty(3), float("nan")))
+    interior = ~torch.isnan(lay.fill_reference(x, torch.full_like(lay.empty(3), float("nan"))))
+    assert torch.equal(~torch.isnan(poisoned), interior)
+    assert torch.equal(poisoned[interior], want[interior])

@@ -379,6 +379,41 @@ UNROLL
   });
 }
 
+// The resident layout, one parallel pass: copy NCHW x into the interior of buf's stride-phase
+// planes (see kernels/cpu_layout.py); buf's padding is never written, so it stays zero.
+void layout_fill(torch::Tensor x, torch::Tensor buf, int64_t S, int64_t pad, int64_t na,
+                 int64_t nb, int64_t Hq, int64_t Wq, int64_t chan_stride, int64_t threads) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && buf.scalar_type() == torch::kFloat &&
+              x.is_contiguous() && buf.is_contiguous() && x.dim() == 4, "float32, contiguous");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(buf.numel() >= N * C * chan_stride && na * nb * Hq * Wq <= chan_stride,
+              "layout buffer is smaller than its geometry");
+  const float* xv = x.data_ptr<float>();
+  float* bv = buf.data_ptr<float>();
+#pragma omp parallel for num_threads(std::max<int64_t>(1, threads)) schedule(static)
+  for (int64_t nc = 0; nc < N * C; ++nc) {
+    const float* src = xv + nc * H * W;
+    float* dst = bv + nc * chan_stride;
+    for (int64_t a = 0; a < na; ++a) {
+      const int64_t i0 = std::max<int64_t>(0, (pad - a + S - 1) / S), r0 = S * i0 + a - pad;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t j0 = std::max<int64_t>(0, (pad - b + S - 1) / S), c0 = S * j0 + b - pad;
+        const int64_t nj = c0 < W ? (W - c0 + S - 1) / S : 0;
+        float* plane = dst + (a * nb + b) * Hq * Wq;
+        for (int64_t r = r0, i = i0; r < H; r += S, ++i) {
+          const float* row = src + r * W + c0;
+          float* out = plane + i * Wq + j0;
+          if (S == 1) {
+            std::memcpy(out, row, sizeof(float) * nj);
+          } else {
+            for (int64_t j = 0; j < nj; ++j) out[j] = row[S * j];
+          }
+        }
+      }
+    }
+  }
+}
+
 std::string isa() { return SC_ISA; }
 int64_t vector_width() { return VW; }
 
@@ -387,6 +422,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cs_offsets", &cs_offsets, "CS direct convolution, indices expanded to offsets");
   m.def("bsr_1xn", &bsr_1xn, "1xN block-sparse direct convolution");
   m.def("row_sparse", &row_sparse, "row-sparse direct convolution (CCI, unstructured)");
+  m.def("layout_fill", &layout_fill, "NCHW -> the kernels' resident layout");
   m.def("isa", &isa);
   m.def("vector_width", &vector_width);
 }
