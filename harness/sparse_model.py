@@ -166,13 +166,18 @@ def _trace(model: nn.Module, input_size) -> tuple[dict, dict]:
              if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_pre_hook(bn_hook) for m in model.modules()
               if isinstance(m, nn.BatchNorm2d)]
+    _run_hooked(model, hooks, input_size)
+    return layers, follows
+
+
+def _run_hooked(model: nn.Module, hooks, input_size) -> None:
+    """One forward pass on zeros with ``hooks`` registered, removed afterwards."""
     try:
         with torch.no_grad():
             model(torch.zeros((1, *input_size)))
     finally:
         for h in hooks:
             h.remove()
-    return layers, follows
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -340,13 +345,8 @@ def _linears(model: nn.Module, input_size) -> dict:
             net="model", name=names[mod], index=len(seen), cin=mod.in_features,
             cout=mod.out_features, kh=1, kw=1, stride=1, padding=0, h=1, w=1))
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *input_size)))
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, [m.register_forward_hook(hook) for m in model.modules()
+                        if isinstance(m, nn.Linear)], input_size)
     return seen
 
 

@@ -13,9 +13,9 @@ import shapes
 from kernels import patterns as P
 
 from .. import UsageError, analysis, cases, cluster, env, runner
-from ..records import RunStatus, Status, TimingOptions
+from ..records import Status, TimingOptions
 from ..store import Store
-from .common import add_common, add_executor, device_of, name_list, positive, shard, sparsity_list
+from .common import add_common, add_executor, device_of, name_list, positive, recorded_sweep, shard, sparsity_list
 
 
 def add_parser(sub):
@@ -99,25 +99,20 @@ def run(args) -> int:
     if device.interpreted:
         print("device cuda-interpret: the GPU kernels run through Triton's interpreter on the "
               "CPU; its timings check the pipeline and are not GPU timings")
-    status = RunStatus.FAILED  # unless the sweep returns or is stopped
-    try:
-        timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
-        if args.executor == "ray":
-            counts = cluster.sweep(todo, store, run_id, address=args.ray_address,
-                                   resume=args.resume, retry_failed=args.retry_failed,
-                                   case_timeout=args.case_timeout, timing=timing,
-                                   progress=not args.no_progress)
-        else:
-            counts = runner.sweep(
-                todo, store, run_id, fph, mh, resume=args.resume,
-                retry_failed=args.retry_failed, case_timeout=args.case_timeout, timing=timing,
-                progress=not args.no_progress, node=fp.get("hostname"))
-        status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
-    except KeyboardInterrupt:
-        status = RunStatus.ABORTED
-        raise
-    finally:
-        store.finish_run(run_id, status)
+    timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
+    if args.executor == "ray":
+        def sweep():
+            return cluster.sweep(todo, store, run_id, address=args.ray_address,
+                                 resume=args.resume, retry_failed=args.retry_failed,
+                                 case_timeout=args.case_timeout, timing=timing,
+                                 progress=not args.no_progress)
+    else:
+        def sweep():
+            return runner.sweep(todo, store, run_id, fph, mh, resume=args.resume,
+                                retry_failed=args.retry_failed, case_timeout=args.case_timeout,
+                                timing=timing, progress=not args.no_progress,
+                                node=fp.get("hostname"))
+    counts = recorded_sweep(store, run_id, sweep)
     print("\ncases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     df = store.measurements(fp_hash=None if args.executor == "ray" else fph)
     keys = {c.key for c in todo}

@@ -11,9 +11,24 @@ import kernels
 import shapes
 
 from .. import UsageError, cases
-from ..records import Device
+from ..records import Device, RunStatus
 
 DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
+
+
+def recorded_sweep(store, run_id: int, sweep) -> dict:
+    """Run ``sweep()`` (returns counts by status) and record how the run ended: finished,
+    stopped (Ctrl-C between cases), aborted (interrupted) or failed."""
+    status = RunStatus.FAILED
+    try:
+        counts = sweep()
+        status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
+        return counts
+    except KeyboardInterrupt:
+        status = RunStatus.ABORTED
+        raise
+    finally:
+        store.finish_run(run_id, status)
 
 
 def sparsity_list(text: str) -> list[float]:

@@ -11,10 +11,10 @@ import kernels
 import shapes
 
 from .. import UsageError, analysis, baseline, cases, env, plan, runner
-from ..records import Device, RunStatus, Status, TimingOptions
+from ..records import Device, Status, TimingOptions
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
-from .common import DEFAULT_DB, positive, sparsity_list
+from .common import DEFAULT_DB, positive, recorded_sweep, sparsity_list
 
 
 def add_parser(sub):
@@ -123,19 +123,10 @@ def run_plan(args) -> int:
     print(f"table --plan {args.plan}: {net} {p['pattern']} S={S:g}, {len(p['layers'])} "
           f"layer(s) on {fp['cpu']}, {threads} threads, batch {batch}, device {device}; "
           f"re-measured in run {run_id} of {args.db}")
-    status = RunStatus.FAILED
-    try:
-        counts = runner.sweep(todo, store, run_id, fph, mh, resume=False,
-                              case_timeout=args.case_timeout,
-                              timing=TimingOptions(rounds=args.rounds,
-                                                   min_sample=args.min_sample),
-                              progress=not args.no_progress, node=fp.get("hostname"))
-        status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
-    except KeyboardInterrupt:
-        status = RunStatus.ABORTED
-        raise
-    finally:
-        store.finish_run(run_id, status)
+    timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
+    recorded_sweep(store, run_id, lambda: runner.sweep(
+        todo, store, run_id, fph, mh, resume=False, case_timeout=args.case_timeout,
+        timing=timing, progress=not args.no_progress, node=fp.get("hostname")))
     df = analysis.with_speedups(store.measurements(latest=False, fp_hash=fph))
     df = df[df.run_id == run_id]
     rows = []
