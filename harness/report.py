@@ -72,8 +72,8 @@ def _efficiency_table(eff: pd.DataFrame) -> list[dict]:
     g = eff.groupby(["machine", "kernel", "sparsity"])
     out = pd.DataFrame({"layers": g.size(), "median": g.efficiency.median() * 100,
                         "best": g.efficiency.max() * 100, "useful": g.useful.median(),
-                        "peak": g.peak.median()}).reset_index()
-    return out.round(1).to_dict("records")
+                        "peak": g.peak.median()}).round(1).reset_index()
+    return out.to_dict("records")
 
 
 def _param_value(row) -> str:
