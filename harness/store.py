@@ -58,6 +58,9 @@ CREATE INDEX IF NOT EXISTS e_case ON e2e (fp_hash, case_key);
 """
 
 
+_STATEMENTS = [stmt.strip() for stmt in _SCHEMA.split(";") if stmt.strip()]
+
+
 class StoreError(UsageError):
     pass
 
@@ -87,28 +90,26 @@ class Store:
         self._init(tables)
 
     def _init(self, tables):
-        if not tables:
-            self.db.executescript(_SCHEMA)
-            with self._tx():
+        # one IMMEDIATE transaction: a process opening the file meanwhile sees either nothing
+        # or the whole schema with its meta rows (executescript would commit table by table)
+        with self._tx():
+            for stmt in _STATEMENTS:  # idempotent: also adds tables a newer release introduced
+                self.db.execute(stmt)
+            if not tables:
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP,))
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                 (str(SCHEMA_VERSION),))
-        meta = dict(self.db.execute("SELECT key, value FROM meta"))
-        if meta.get("app") != APP:
-            raise StoreError(f"{self.path} belongs to {meta.get('app')!r}, not {APP}")
-        if int(meta.get("schema_version", 0)) != SCHEMA_VERSION:
-            raise StoreError(f"{self.path} has schema version {meta.get('schema_version')}; "
-                             f"this harness reads version {SCHEMA_VERSION}")
-        self.db.executescript(_SCHEMA)  # idempotent: adds tables a newer release introduced
-        for table, columns in (("measurements", MEASUREMENT_COLUMNS), ("e2e", E2E_COLUMNS)):
-            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            for name, kind in columns.items():  # nullable columns a newer release added
-                if name not in have:
-                    try:
+            meta = dict(self.db.execute("SELECT key, value FROM meta"))
+            if meta.get("app") != APP:
+                raise StoreError(f"{self.path} belongs to {meta.get('app')!r}, not {APP}")
+            if int(meta.get("schema_version", 0)) != SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema version {meta.get('schema_version')}; "
+                                 f"this harness reads version {SCHEMA_VERSION}")
+            for table, columns in (("measurements", MEASUREMENT_COLUMNS), ("e2e", E2E_COLUMNS)):
+                have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():  # nullable columns a newer release added
+                    if name not in have:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-                    except sqlite3.OperationalError as e:  # another process added it first
-                        if "duplicate column" not in str(e):
-                            raise
 
     class _Tx:
         def __init__(self, db):

@@ -296,3 +296,18 @@ def test_store_refuses_other_schema_versions(tmp_path):
         Store(db)
     with pytest.raises(StoreError, match="no results database"):
         Store(tmp_path / "missing.sqlite", create=False)
+
+
+def test_processes_creating_one_new_database_at_once_all_open_it(tmp_path):
+    # creating the schema and its meta rows is one transaction: no process may see tables
+    # without the rows that say whose database it is
+    code = ("import sys, time; from harness.store import Store; t = float(sys.argv[2]); "
+            "time.sleep(max(0.0, t - time.time())); Store(sys.argv[1])")
+    for attempt in range(3):
+        db, start = tmp_path / f"new{attempt}.sqlite", time.time() + 4
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(db), str(start)], cwd=ROOT,
+                                  env=env(), stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, errors
+        assert Store(db).runs().empty
