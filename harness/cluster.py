@@ -13,7 +13,6 @@ stored only when it has finished, so no case is stored twice. Code reaches the n
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -256,7 +255,7 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
     different machines or software are refused: a plan belongs to one machine. Returns
     ``(fingerprint, identity, [LayerResult])``; the tuning records the nodes measure land in
     ``store`` (the driver's store stays the only one)."""
-    from .autotune.tuner import TIMING
+    from .autotune.tuner import TIMING, shape_key
 
     ray = connect(address)
     runners = start_runners(ray, TIMING, 120.0)
@@ -285,7 +284,7 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
             while idle and pending:
                 actor, ainfo = idle.pop(0)
                 i, lay = pending.pop(0)
-                shape = json.dumps({"shape": list(lay.shape_key), "threads": threads})
+                shape = shape_key(lay, threads)
                 rows = [] if tuning.empty else \
                     tuning[tuning["shape"] == shape].drop(columns="id").to_dict("records")
                 ref = actor.tune_layer.remote(lay, patterns, sparsity, batch, dtype, device,
@@ -330,6 +329,7 @@ def e2e(store, run_id, jobs, make_request, *, address=None, timeout=3600.0, fres
         store.note_machine(info["fingerprint"], info["identity"], info["machine"],
                            {"ray_node": info["node_id"]})
     pending, idle, busy, keys = [(j, 0) for j in jobs], list(runners), {}, []
+    done: dict = {}  # identity -> networks already measured (one query per identity)
     try:
         while pending or busy:
             while idle and pending:
@@ -338,7 +338,9 @@ def e2e(store, run_id, jobs, make_request, *, address=None, timeout=3600.0, fres
                 req, said = make_request(job, info["identity"])
                 keys.append(req.case.key)
                 log(f"  {job}: {said} (node {info['node_id'][:8]})")
-                if not fresh and req.case.key in store.e2e_done(info["identity"]):
+                if not fresh and info["identity"] not in done:
+                    done[info["identity"]] = store.e2e_done(info["identity"])
+                if not fresh and req.case.key in done[info["identity"]]:
                     log("    already measured with this identity (--fresh to repeat)")
                     idle.append((actor, info))
                     continue

@@ -52,8 +52,8 @@ class SparseConv2d(nn.Module):
 
     def fused_copy(self, **fusion) -> SparseConv2d:
         """The same layer (same run and weights) with the given fusion."""
-        return SparseConv2d(self.layer, self.run, self.bias, self.kernel, self.config,
-                            epilogue=True, **fusion)
+        return type(self)(self.layer, self.run, self.bias, self.kernel, self.config,
+                          epilogue=True, **fusion)
 
     def forward(self, x):
         if self.epilogue:
@@ -62,8 +62,8 @@ class SparseConv2d(nn.Module):
                 out = self._out.get(x.shape[0])
                 if out is None:
                     out = self._out[x.shape[0]] = self.dest.empty(x.shape[0])
-            return self.run.fused(x if self.laid_in else x.contiguous(), laid_out=self.laid_in,
-                                  bias=self.bias, relu=self.relu, dest=self.dest, out=out)
+            return self.run.fused(x, laid_out=self.laid_in, bias=self.bias, relu=self.relu,
+                                  dest=self.dest, out=out)
         y = self.run(x.contiguous())
         if self.bias is not None:
             y.add_(self.bias.view(1, -1, 1, 1))
@@ -88,8 +88,7 @@ class SparseLinear(SparseConv2d):
 
     def fused_copy(self, **fusion) -> SparseLinear:
         fusion.pop("dest", None), fusion.pop("laid_in", None)  # NCHW is its layout
-        return SparseLinear(self.layer, self.run, self.bias, self.kernel, self.config,
-                            epilogue=True, **fusion)
+        return super().fused_copy(**fusion)
 
 
 class ChannelsLastConv2d(nn.Module):

@@ -70,13 +70,7 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
         ``laid_out``), bias added and ReLU applied in the kernel, the result written as NCHW or,
         given the next layer's ``dest`` layout, straight into ``out`` in that layout (a buffer
         from ``dest.empty``: its padding stays zero)."""
-        if laid_out:
-            xl = x
-        else:
-            check_input(layer, x, name)
-            if x.shape[0] not in bufs and not lay.direct:
-                bufs[x.shape[0]] = lay.empty(x.shape[0])
-            xl = x.contiguous() if lay.direct else lay.fill(x, bufs[x.shape[0]])
+        xl = x if laid_out else laid(x)
         n = xl.shape[0]
         if dest is None:
             out = torch.empty(n, cout, layer.oh, layer.ow) if out is None else out
@@ -97,14 +91,19 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
         check_input(layer, x, name)
         return lay.layout(x)
 
-    def call(x, out=None):
+    def laid(x):
+        """NCHW ``x`` in this layer's layout (a buffer kept per batch size; only its interior
+        is written, so its padding stays zero)."""
         check_input(layer, x, name)
         if lay.direct:
-            return resident(x.contiguous(), out)
+            return x.contiguous()
         n = x.shape[0]
         if n not in bufs:
             bufs[n] = lay.empty(n)
-        return resident(lay.fill(x, bufs[n]), out)
+        return lay.fill(x, bufs[n])
+
+    def call(x, out=None):
+        return resident(laid(x), out)
 
     return Run(masked_weight, call, layout=layout, resident=resident, perm=perm, fused=fused,
                info={"layout": "direct" if lay.direct else f"planes S={lay.S}", **(info or {})})

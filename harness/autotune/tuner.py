@@ -50,6 +50,11 @@ class LayerResult:
     history: dict = field(default_factory=dict)
 
 
+def shape_key(layer, threads: int) -> str:
+    """The tuning table's ``shape`` column: which records belong to a layer shape."""
+    return json.dumps({"shape": list(layer.shape_key), "threads": threads})
+
+
 class Evaluator:
     """Costs of candidates on one layer: from the tuning table when a record with the same
     identity (machine and software, kernel source, shape, batch, dtype, threads, pattern,
@@ -86,7 +91,7 @@ class Evaluator:
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
     def _shape(self):
-        return json.dumps({"shape": list(self.layer.shape_key), "threads": self.threads})
+        return shape_key(self.layer, self.threads)
 
     def _lookup(self, case):
         key = self._key(case)
@@ -195,4 +200,4 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
                        candidates=len(cands), history=dict(strat.history) if strat else {})
 
 
-__all__ = ["tune_layer", "candidates", "Evaluator", "LayerResult"]
+__all__ = ["tune_layer", "candidates", "Evaluator", "LayerResult", "shape_key"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -63,6 +64,7 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+@functools.cache  # pure per process: asked for every network and retry
 def _source_hash(pattern: str, device) -> str:
     """Every kernel the network may run (the pattern's, and the dense baseline's), and the code
     that builds and fuses the sparse network and measures it."""
