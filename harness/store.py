@@ -78,7 +78,14 @@ class Store:
         try:
             self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
             self.db.execute("PRAGMA busy_timeout = 60000")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            for attempt in range(200):  # switching a new file to WAL does not wait on a
+                try:                    # busy file: a process creating it holds it briefly
+                    self.db.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 199:
+                        raise
+                    time.sleep(0.05)
             self.db.execute("PRAGMA synchronous = NORMAL")
             tables = {r[0] for r in self.db.execute(
                 "SELECT name FROM sqlite_master WHERE type='table'")}
