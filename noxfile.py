@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, bench (the main job), e2e, autotune, report, perf, verify.
+"""Sessions: tests, lint, bench (the main job), e2e, gpu, autotune, report, perf, verify.
 
 Virtualenvs see the system site-packages so a CUDA machine's own torch is kept; where no torch is
 importable, the CPU build (torch==2.13.0) is installed first unless an NVIDIA driver is present.
@@ -145,6 +145,22 @@ def e2e(session):
     session.run("python", "-m", "harness", "e2e", "--nets", "vgg19", "--patterns",
                 ",".join(E2E_PATTERNS), "--sparsities", "0.9375", "--classifier",
                 "--plans", plans, *session.posargs)
+    session.run("python", "-m", "harness", "report")
+
+
+@nox.session(venv_params=VENV)
+def gpu(session):
+    """On a machine with an NVIDIA GPU: the Triton kernels compiled and run for real against the
+    float64 reference, the quick sweep on the GPU (fp32 with TF32 off, and fp16) against cuDNN,
+    and ResNet50 end to end on the GPU; then the report. Extra arguments go to the sweeps."""
+    install(session, "test")
+    session.run("python", "-m", "pytest", "tests/test_kernels_triton.py", "-q",
+                env={"SPARSECONV_TEST_DEVICE": "cuda"})
+    for dtype in ("float32", "float16"):
+        session.run("python", "-m", "harness", "bench", "--device", "cuda", "--quick",
+                    "--dtype", dtype, *session.posargs)
+    session.run("python", "-m", "harness", "e2e", "--device", "cuda", "--nets", "resnet50",
+                "--patterns", ",".join(E2E_PATTERNS), "--sparsities", "0.9375")
     session.run("python", "-m", "harness", "report")
 
 

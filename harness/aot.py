@@ -61,7 +61,10 @@ def specializations(kern, nets=("resnet50", "vgg19")) -> list[dict]:
     """Compile-time constants the kernel is specialized on for the nets' unique shapes: the
     tap sizes, times what the kernel class declares (``aot_specializations``)."""
     taps = sorted({(lay.kh, lay.kw) for n in nets for lay in shapes.unique(shapes.load(n))})
-    return [{"KH": kh, "KW": kw, **e} for (kh, kw) in taps for e in kern.aot_specializations()]
+    args = getattr(importlib.import_module(type(kern).__module__), kern.kernel_fn).arg_names
+    specs = [{k: v for k, v in {"KH": kh, "KW": kw, **e}.items() if k in args}
+             for (kh, kw) in taps for e in kern.aot_specializations()]
+    return [dict(t) for t in dict.fromkeys(tuple(sp.items()) for sp in specs)]  # unique, in order
 
 
 def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
@@ -70,7 +73,7 @@ def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(type(kern).__module__), kern.kernel_fn)
-    consts = {**spec, **{k: v for k, v in tunable.items() if k not in ("num_warps", "num_stages")}}
+    consts = {k: v for k, v in {**spec, **tunable}.items() if k in fn.arg_names}
     if "IEEE" in fn.arg_names:
         consts["IEEE"] = dtype == "float32"
     sig = {}
@@ -78,7 +81,7 @@ def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
         if name in consts:
             sig[name] = "constexpr"
         elif name in kern.aot_pointers:
-            t = kern.aot_pointers[name]
+            t = kern.aot_pointer_type(name, dtype, tunable) or kern.aot_pointers[name]
             sig[name] = "*" + (DT[dtype] if t == "D" else t)
         else:
             sig[name] = "i32"

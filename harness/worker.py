@@ -173,8 +173,8 @@ def gpu_settings(device: Device) -> None:
 def timed(device: Device, variants: dict, opts: TimingOptions):
     """Interleaved timing on the device's clock. Under the interpreter the CPU clock with few,
     single-call rounds: a pipeline check, not a GPU timing."""
-    if device is Device.CUDA:
-        return timing.interleaved_cuda(variants, rounds=opts.rounds)
+    if device is Device.CUDA:  # a round costs microseconds there: at least 25 of them
+        return timing.interleaved_cuda(variants, rounds=max(opts.rounds, 25))
     if device is Device.CUDA_INTERPRET:
         return timing.interleaved_cpu(variants, rounds=min(opts.rounds, 3), min_sample=0.0,
                                       warmup=0.0, max_reps=1)

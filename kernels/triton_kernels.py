@@ -100,9 +100,50 @@ if HAVE_TRITON:
                               KW).to(tl.float32)
             wi = tl.load(idx + m * COUT + co, mask=cmask, other=0).to(tl.int32)
             wv = tl.load(ws + m * COUT + co, mask=cmask, other=0.0).to(tl.float32)
-            sel = tl.gather(xk, tl.broadcast_to(wi[None, :], (BM, BN)), axis=1)
+            if K == 2:  # Triton 3.6 fails to compile a gather over 2 columns for sm_90
+                x0, x1 = tl.split(xk)
+                sel = tl.where(wi[None, :] == 0, x0[:, None], x1[:, None])
+            else:
+                sel = tl.gather(xk, tl.broadcast_to(wi[None, :], (BM, BN)), axis=1)
             acc += sel * wv[None, :]
         _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW)
+
+    @triton.jit
+    def cs_direct_kernel(xp, offs, ws, y, NB, CHWP, WP, COUT, OH, OW, MM, STRIDE,
+                         BM: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
+                         SPLIT: tl.constexpr):
+        """CS as an ELL gather: every output channel keeps MM weights, each with the offset of
+        its input element in the zero-padded input ``xp`` (no bounds checks). The tile is
+        [BN channels, BM pixels] so a warp's lanes read neighbouring pixels of one channel's
+        kept element (coalesced), and no register gather is needed. UNROLL slots are read per
+        step (independent loads in flight); SPLIT > 1 splits the MM slots over that many
+        programs, which add their partial sums into the zeroed fp32 ``y`` (layers with few
+        pixels and long rows would otherwise run on a handful of programs)."""
+        p = tl.program_id(0) * BM + tl.arange(0, BM)
+        co = tl.program_id(1) * BN + tl.arange(0, BN)
+        pmask, cmask = p < NB * OH * OW, co < COUT
+        n, q = p // (OH * OW), p % (OH * OW)
+        oh, ow = q // OW, q % OW
+        base = n * CHWP + (oh * STRIDE) * WP + ow * STRIDE
+        both = cmask[:, None] & pmask[None, :]
+        per = tl.cdiv(tl.cdiv(MM, SPLIT), UNROLL) * UNROLL
+        m_lo = tl.program_id(2) * per
+        m_hi = tl.minimum(m_lo + per, MM)
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        for m0 in range(m_lo, m_hi, UNROLL):
+            for u in tl.static_range(UNROLL):
+                m = m0 + u
+                cm = cmask & (m + 0 * co < m_hi)
+                off = tl.load(offs + m * COUT + co, mask=cm, other=0)
+                wv = tl.load(ws + m * COUT + co, mask=cm, other=0.0).to(tl.float32)
+                xv = tl.load(xp + off[:, None] + base[None, :],
+                             mask=cm[:, None] & pmask[None, :], other=0.0)
+                acc += xv.to(tl.float32) * wv[:, None]
+        ptr = y + (n[None, :] * COUT + co[:, None]) * (OH * OW) + q[None, :]
+        if SPLIT == 1:
+            tl.store(ptr, acc.to(y.dtype.element_ty), mask=both)
+        else:
+            tl.atomic_add(ptr, acc, mask=both, sem="relaxed")
 
     @triton.jit
     def ovw_feature_reuse_kernel(x, cols, vals, perm, y, NB, C, H, W, COUT, OH, OW, KEEP,
@@ -198,6 +239,10 @@ class TritonKernel(Kernel):
         """Constants beyond the tap size (KH, KW) that a compile is specialized on."""
         return [{}]
 
+    def aot_pointer_type(self, name: str, dtype: str, tunable: dict) -> str | None:
+        """The element type of pointer ``name`` where a configuration changes it, else None."""
+        return None
+
     def available(self):
         if not HAVE_TRITON:
             return "triton is not installed"
@@ -281,6 +326,52 @@ class CSTritonWeightReuse(TritonKernel):
                                          enc.M, layer.stride, layer.padding, KH=layer.kh,
                                          KW=layer.kw, K=enc.K, BM=BM, BN=BN,
                                          **_launch_opts(config))
+
+        return self._wrap(layer, wm, launch, {"K": enc.K, "M": enc.M})
+
+
+@register
+class CSTritonDirect(TritonKernel):
+    name = "cs_triton_direct"
+    pattern = "cs"
+    tunables = TC.CS_DIRECT
+    space = dict(TC.CS_DIRECT)
+    kernel_fn = "cs_direct_kernel"
+    aot_pointers = {"xp": "D", "offs": "i32", "ws": "D", "y": "D"}
+
+    def aot_pointer_type(self, name, dtype, tunable):
+        """Split programs add into an fp32 output, whatever the data type."""
+        return "fp32" if name == "y" and tunable.get("SPLIT", 1) > 1 else None
+
+    def _default(self, layer, sparsity, pinned):
+        return {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "UNROLL": 4,
+                "SPLIT": 1 if layer.oh * layer.ow >= 28 * 28 else 4}
+
+    def make_pattern(self, sparsity, config):
+        return P.make("cs", sparsity, form="row")
+
+    def _prepare(self, layer, weight, sparsity, config):
+        wm, enc = self.make_pattern(sparsity, config).prune(weight)
+        pad, taps = layer.padding, layer.kh * layer.kw
+        hp, wp = layer.h + 2 * pad, layer.w + 2 * pad
+        r = enc.positions()  # [COUT, MM]: the kept im2col column of each weight
+        c, t = r // taps, r % taps
+        offs = (c * hp * wp + (t // layer.kw) * wp + t % layer.kw).to(torch.int32).t().contiguous()
+        ws = enc.values.t().contiguous()  # [MM, COUT], like offs
+        BM, BN, U, SPLIT = config["BM"], config["BN"], config["UNROLL"], config["SPLIT"]
+
+        def launch(x, y):
+            NB, C, H, W, CO, OH, OW = _geom(layer, x)
+            xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+            grid = (triton.cdiv(NB * OH * OW, BM), triton.cdiv(CO, BN), SPLIT)
+            # split rows add into fp32 zeros (a workspace when y is fp16)
+            dst = y if SPLIT == 1 else (y.zero_() if y.dtype == torch.float32 else
+                                        torch.zeros(y.shape, device=y.device))
+            cs_direct_kernel[grid](xp, offs, ws, dst, NB, C * hp * wp, wp, CO, OH, OW,
+                                   ws.shape[0], layer.stride, BM=BM, BN=BN, UNROLL=U,
+                                   SPLIT=SPLIT, **_launch_opts(config))
+            if dst is not y:
+                y.copy_(dst)
 
         return self._wrap(layer, wm, launch, {"K": enc.K, "M": enc.M})
 

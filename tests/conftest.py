@@ -9,8 +9,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # Triton kernels run on CPU tensors through the interpreter (read when @triton.jit decorates, so
-# it must be set before kernels.triton_kernels is imported).
-os.environ["TRITON_INTERPRET"] = "1"
+# it must be set before kernels.triton_kernels is imported), except with
+# SPARSECONV_TEST_DEVICE=cuda on a GPU machine: then tests/test_kernels_triton.py compiles and
+# runs every kernel on the GPU for real (`nox -s gpu`); the other test files assume the
+# interpreter and are not run that way.
+TEST_DEVICE = os.environ.get("SPARSECONV_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cuda":
+    os.environ.pop("TRITON_INTERPRET", None)
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("SPARSECONV_TEST_DEVICE=cuda: no CUDA device on this machine")
+else:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True)

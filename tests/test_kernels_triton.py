@@ -1,9 +1,11 @@
-"""Triton kernels without a GPU: interpreter correctness (TRITON_INTERPRET=1, set in conftest)
-against the float64 reference, and the ahead-of-time compile for sm_80 / sm_90."""
+"""Triton kernels against the float64 reference: through the interpreter on CPU tensors
+(TRITON_INTERPRET=1, set in conftest), or compiled and run on the GPU with
+SPARSECONV_TEST_DEVICE=cuda (`nox -s gpu`); and the ahead-of-time compile for sm_80 / sm_90."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TEST_DEVICE
 from kernel_check import layer
 
 import kernels
@@ -20,12 +22,14 @@ def run_check(name, geom, S, cfg, dtype, batch=2):
     if why:
         return why
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(lay.cout, lay.cin, lay.kh, lay.kw, generator=g).to(dtype)
-    x = torch.randn(batch, lay.cin, lay.h, lay.w, generator=g).to(dtype)
+    w = torch.randn(lay.cout, lay.cin, lay.kh, lay.kw, generator=g).to(dtype).to(TEST_DEVICE)
+    x = torch.randn(batch, lay.cin, lay.h, lay.w, generator=g).to(dtype).to(TEST_DEVICE)
     run = k.prepare(lay, w, S, cfg)
-    out = torch.full((batch, lay.cout, lay.oh, lay.ow), float("nan"), dtype=dtype)
-    y = run(x, out=out)
-    ref = F.conv2d(x.double(), run.masked_weight.double(), stride=lay.stride, padding=lay.padding)
+    out = torch.full((batch, lay.cout, lay.oh, lay.ow), float("nan"), dtype=dtype,
+                     device=TEST_DEVICE)
+    y = run(x, out=out).cpu()
+    x, mw = x.cpu(), run.masked_weight.cpu()
+    ref = F.conv2d(x.double(), mw.double(), stride=lay.stride, padding=lay.padding)
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype], (name, geom, S, cfg, dtype, err)
     return None
@@ -46,6 +50,18 @@ def test_cs_triton_weight_reuse(geom, S, dtype):
     cfg = {"BM": 32, "BN": 32} if S in (0.5, 0.875) else {"BM": 64, "BN": 64, "num_stages": 2}
     why = run_check("cs_triton_weight_reuse", geom, S, cfg, dtype)
     assert why is None or "divisible" in why  # Cin*Kh*Kw must split into K groups
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=str)
+@pytest.mark.parametrize("S", [0.5, 0.9375])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", [{"BM": 16, "BN": 16, "num_warps": 2, "UNROLL": 1, "SPLIT": 1},
+                                 {"BM": 128, "BN": 64, "num_warps": 4, "UNROLL": 4, "SPLIT": 1},
+                                 {"BM": 32, "BN": 16, "num_warps": 2, "UNROLL": 4, "SPLIT": 4}],
+                         ids=["small", "unrolled", "split"])
+def test_cs_triton_direct(geom, S, dtype, cfg):
+    why = run_check("cs_triton_direct", geom, S, {**cfg, "num_stages": 1}, dtype, batch=3)
+    assert why is None or "divisible" in why
 
 
 @pytest.mark.parametrize("geom", GEOMS[:3], ids=str)
@@ -70,7 +86,8 @@ def test_bsr_1xn_triton(geom, N, S, rearrange, dtype):
 
 
 def test_triton_kernels_registered_with_config_spaces():
-    for name in ("cs_triton_weight_reuse", "ovw_triton_feature_reuse", "bsr_1xn_triton",
+    for name in ("cs_triton_weight_reuse", "cs_triton_direct", "ovw_triton_feature_reuse",
+                 "bsr_1xn_triton",
                  "dense_triton_implicit_gemm", "dense_cudnn"):
         assert kernels.get(name).device == "cuda"
     assert kernels.get("ovw_triton_feature_reuse").space["V"] == (16, 32, 64)
@@ -80,6 +97,7 @@ def test_triton_kernels_registered_with_config_spaces():
 
 def test_without_gpu_or_interpreter_cuda_kernels_say_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     lay = layer(16, 32, 3, 1, 1)
     for name in ("cs_triton_weight_reuse", "dense_cudnn"):
         assert kernels.get(name).supports(lay, 0.5) == "no CUDA device on this machine"
@@ -108,10 +126,10 @@ def test_ahead_of_time_compile_sample_for_sm80_and_sm90():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.DataFrame(json.loads(r.stdout.strip().splitlines()[-1]))
-    assert set(df.kernel) == {"cs_triton_weight_reuse", "ovw_triton_feature_reuse",
+    assert set(df.kernel) == {"cs_triton_weight_reuse", "cs_triton_direct", "ovw_triton_feature_reuse",
                               "bsr_1xn_triton", "dense_triton_implicit_gemm"}
     assert (df.status == "ok").all(), df[df.status != "ok"].to_string()
     assert (df.registers > 0).all()
-    dots = df[df.kernel != "cs_triton_weight_reuse"]
+    dots = df[~df.kernel.str.startswith("cs_triton")]
     assert (dots.shared > 0).all()  # tl.dot operands staged in shared memory
     assert set(df.arch) == {80, 90}
