@@ -451,6 +451,10 @@ class E2EResult:
     # handing over in the kernel's layout (the time saved measured per pair, interleaved)
     conv_dense_s: float | None = None
     conv_sparse_s: float | None = None
+    # on a GPU: the same networks captured in CUDA graphs and replayed (no launch overhead)
+    dense_graph_s: float | None = None  # the faster dense layout
+    sparse_graph_s: float | None = None
+    graph_note: str | None = None  # why no graph was captured
     noisy: bool | None = None
     samples: str | None = None  # JSON: variant -> samples
 
@@ -506,6 +510,10 @@ class E2EMeasurement:
     conv_sparse_s: float | None = None
     estimate: float | None = None  # summed-convolution speedup, same run
     outside_share: float | None = None  # share of the sparse latency outside convolutions
+    dense_graph_s: float | None = None  # GPU: both networks replayed from CUDA graphs
+    sparse_graph_s: float | None = None
+    graph_speedup: float | None = None
+    graph_note: str | None = None
     noisy: bool | None = None
     samples: str | None = None
     node: str | None = None
@@ -538,6 +546,10 @@ class E2EMeasurement:
                    if ok and res.conv_dense_s and res.conv_sparse_s else None,
                    outside_share=1 - res.conv_sparse_s / res.sparse_s
                    if ok and res.conv_sparse_s else None,
+                   dense_graph_s=res.dense_graph_s, sparse_graph_s=res.sparse_graph_s,
+                   graph_speedup=res.dense_graph_s / res.sparse_graph_s
+                   if ok and res.dense_graph_s and res.sparse_graph_s else None,
+                   graph_note=res.graph_note,
                    noisy=res.noisy, samples=res.samples, node=node)
 
     def row(self) -> dict:

@@ -19,7 +19,7 @@ from ..autotune.tuner import RACE, Evaluator, candidates, tune_layer
 from ..records import Status
 from ..runner import Worker, init_kernels
 from ..store import Store
-from .common import DEFAULT_DB, add_executor, device_of, name_list, positive, sparsity_list
+from .common import DEFAULT_DB, add_executor, device_of, machine_words, name_list, positive, sparsity_list
 
 
 def add_parser(sub):
@@ -99,8 +99,8 @@ def run(args) -> int:
         print(f"warning: {n} is left out: {st.reason}")
     t0 = time.monotonic()
     results, compare_rows = [], []
-    print(f"autotune {args.net} {'+'.join(pats)} S={S:g} on {fp['cpu']} ({threads} threads, "
-          f"device {device}), strategy {args.strategy}")
+    print(f"autotune {args.net} {'+'.join(pats)} S={S:g} on {machine_words(fp, device, threads)} "
+          f"(device {device}, {args.dtype}), strategy {args.strategy}")
     if none:
         print(f"  no sparse candidate (these stay dense): {', '.join(none)}")
     try:

@@ -13,9 +13,19 @@ import shapes
 from kernels import patterns as P
 
 from .. import UsageError, analysis, cases, cluster, env, runner
-from ..records import Status, TimingOptions
+from ..records import Device, Status, TimingOptions
 from ..store import Store
-from .common import add_common, add_executor, device_of, name_list, positive, recorded_sweep, shard, sparsity_list
+from .common import (
+    add_common,
+    add_executor,
+    device_of,
+    machine_words,
+    name_list,
+    positive,
+    recorded_sweep,
+    shard,
+    sparsity_list,
+)
 
 
 def add_parser(sub):
@@ -93,9 +103,11 @@ def run(args) -> int:
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
     fp["peak_gflops"] = round(env.measured_peak_gflops(threads, device.tensor_device), 1)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
-    print(f"bench: {len(todo)} cases on {fp['cpu']} ({fp['cores']} cores, "
-          f"{', '.join(fp['cpu_isa']) or 'no SIMD flags'}), {threads} threads, "
-          f"batch {args.batch}, {args.dtype}, device {device}; db {args.db}")
+    where = machine_words(fp, device, threads) if device is Device.CUDA else \
+        f"{fp['cpu']} ({fp['cores']} cores, {', '.join(fp['cpu_isa']) or 'no SIMD flags'}), " \
+        f"{threads} threads"
+    print(f"bench: {len(todo)} cases on {where}, batch {args.batch}, {args.dtype}, "
+          f"device {device}; db {args.db}")
     if device.interpreted:
         print("device cuda-interpret: the GPU kernels run through Triton's interpreter on the "
               "CPU; its timings check the pipeline and are not GPU timings")
@@ -120,7 +132,7 @@ def run(args) -> int:
     s = summary(df) if not device.interpreted else pd.DataFrame()
     if not s.empty:
         print("\nNetwork-level speedup against the best dense layout (batch "
-              f"{args.batch}, {threads} threads, {fp['cpu']}):")
+              f"{args.batch}, {args.dtype}, {machine_words(fp, device, threads)}):")
         with pd.option_context("display.width", 200, "display.max_rows", None):
             print(s.to_string(index=False))
     bad = df[df.status.map(lambda st: Status(st).failed)]

@@ -103,6 +103,14 @@ def device_of(args) -> Device:
     return Device.CUDA
 
 
+def machine_words(fp: dict, device: Device, threads: int) -> str:
+    """What a run's figures were measured on, for its header: the GPU on ``cuda``, the CPU and
+    its threads otherwise."""
+    if device is Device.CUDA:
+        return f"{fp.get('gpu') or 'a CUDA GPU'} (driver {fp.get('gpu_driver')}), host {fp['cpu']}"
+    return f"{fp['cpu']}, {threads} threads"
+
+
 def add_common(p, defaults_nets="resnet50,vgg19"):
     p.add_argument("--nets", default=defaults_nets, help=f"comma list of {', '.join(shapes.NETS)}")
     p.add_argument("--layers", help="comma list of layer names (or catalog indices)")

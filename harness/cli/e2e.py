@@ -30,7 +30,7 @@ from ..records import (
 from ..runner import Worker, run_case
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
-from .common import DEFAULT_DB, add_executor, device_of, name_list, positive, sparsity_list
+from .common import DEFAULT_DB, add_executor, device_of, machine_words, name_list, positive, sparsity_list
 
 DEFAULT_PLANS = "results/plans"
 
@@ -108,6 +108,10 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
                                           else None),
         "handover saves ms": df.handover.map(handover_saved_s) * 1e3,
         "epilogues save ms": (df.sparse_unfused_s - df.sparse_epilogue_s) * 1e3})
+    if "graph_speedup" in df and df.graph_speedup.notna().any():  # GPU runs: CUDA graphs too
+        out["graph dense ms"] = df.dense_graph_s * 1e3
+        out["graph sparse ms"] = df.sparse_graph_s * 1e3
+        out["graph x"] = df.graph_speedup
     return out.round(3)
 
 
@@ -127,8 +131,9 @@ def run(args) -> int:
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
-    print(f"e2e: {len(nets) * len(pats) * len(sparsities)} network(s) on {fp['cpu']}, "
-          f"{threads} threads, batch {args.batch}, {size}x{size} input, device {device}")
+    print(f"e2e: {len(nets) * len(pats) * len(sparsities)} network(s) on "
+          f"{machine_words(fp, device, threads)}, batch {args.batch}, {size}x{size} input, "
+          f"device {device}")
     jobs = [(net, pattern, S) for net in nets for pattern in pats for S in sparsities]
 
     def make_request(job, identity):
@@ -194,6 +199,12 @@ def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
                 print(f"    dense {m.dense_s * 1e3:.2f} ms ({m.dense_layout}), sparse "
                       f"{m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x measured, "
                       f"{m.estimate:.2f}x summed convolutions", flush=True)
+                if m.graph_speedup is not None:
+                    print(f"    as CUDA graphs (no launch overhead): dense "
+                          f"{m.dense_graph_s * 1e3:.2f} ms, sparse {m.sparse_graph_s * 1e3:.2f} "
+                          f"ms: {m.graph_speedup:.2f}x", flush=True)
+                elif m.graph_note:
+                    print(f"    no CUDA graph: {m.graph_note}", flush=True)
                 if m.sparse_epilogue_s is not None and m.sparse_unfused_s is not None:
                     pairs = json.loads(m.handover)
                     saved = handover_saved_s(m.handover)
