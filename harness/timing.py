@@ -2,13 +2,18 @@
 
 CPU: ``time.perf_counter`` around ``reps`` calls; one sample = elapsed / reps. Its overhead
 (~0.1 us per reading, measured by ``timer_overhead``) is under 0.01% of the 2 ms minimum sample.
-GPU: CUDA events around each call, L2 flushed between calls, warm-up by time, median.
+GPU: each variant captured in a CUDA graph where it can be (all or none), so the host's launch
+overhead (tens of microseconds for a Triton launch, more than many batch-1 kernels) stays out;
+CUDA events around each replay, L2 flushed before it; the GPU is kept busy for a spin-up period
+first (an idle GPU runs at a low clock and ramps up over tens of milliseconds: measured on an
+H100, the first case after a CPU-side check ran 5-10x slow for its first rounds); median.
 Variants compared are interleaved (A B C A B C ...) so drift hits all of them alike.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -87,22 +92,59 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
     return {k: stats(v, reps[k]) for k, v in samples.items()}, samples
 
 
+def _graph(fn, arg):
+    """``fn(arg)`` captured in a CUDA graph, after warm-up calls on a side stream."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(arg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(arg)
+    return lambda _a: graph.replay()
+
+
 def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
-                     flush_bytes: int = 256 << 20):
-    """GPU: CUDA events around single calls, L2 flushed before each, interleaved rounds."""
+                     flush_bytes: int = 256 << 20, spin_up: float = 0.3, graphs: bool = True):
+    """GPU: CUDA events around single calls (graph replays unless ``graphs`` is off or a
+    variant cannot be captured, which is said on stderr), L2 flushed before each, interleaved
+    rounds."""
     import torch
 
     flush = torch.empty(flush_bytes // 4, dtype=torch.float32, device="cuda")
-    for fn, arg in variants.values():
+    for fn, arg in variants.values():  # first calls: compiles, cuDNN's algorithm search
+        fn(arg)
+    torch.cuda.synchronize()
+    calls = dict(variants)
+    if graphs:
+        try:
+            calls = {k: (_graph(fn, arg), arg) for k, (fn, arg) in variants.items()}
+        except Exception as e:  # noqa: BLE001 - not capturable: every variant is timed eagerly
+            print(f"timing: not capturable in a CUDA graph ({type(e).__name__}: "
+                  f"{str(e).strip()[:120]}): {', '.join(variants)} timed eagerly",
+                  file=sys.stderr)
+            calls = dict(variants)
+            torch.cuda.synchronize()
+    t_end = time.perf_counter() + spin_up
+    while time.perf_counter() < t_end:  # keep the GPU busy so its clock is up
+        flush.zero_()
+        for fn, arg in calls.values():
+            fn(arg)
+        torch.cuda.synchronize()
+    for fn, arg in calls.values():
         t_end = time.perf_counter() + warmup
         fn(arg)
         torch.cuda.synchronize()
         while time.perf_counter() < t_end:
             fn(arg)
             torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {k: [] for k in variants}
+    samples: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(rounds):
-        for name, (fn, arg) in variants.items():
+        for name, (fn, arg) in calls.items():
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -170,11 +170,12 @@ def gpu_settings(device: Device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def timed(device: Device, variants: dict, opts: TimingOptions):
-    """Interleaved timing on the device's clock. Under the interpreter the CPU clock with few,
-    single-call rounds: a pipeline check, not a GPU timing."""
+def timed(device: Device, variants: dict, opts: TimingOptions, graphs: bool = True):
+    """Interleaved timing on the device's clock (on a GPU, replays of CUDA graphs unless
+    ``graphs`` is off). Under the interpreter the CPU clock with few, single-call rounds: a
+    pipeline check, not a GPU timing."""
     if device is Device.CUDA:  # a round costs microseconds there: at least 25 of them
-        return timing.interleaved_cuda(variants, rounds=max(opts.rounds, 25))
+        return timing.interleaved_cuda(variants, rounds=max(opts.rounds, 25), graphs=graphs)
     if device is Device.CUDA_INTERPRET:
         return timing.interleaved_cpu(variants, rounds=min(opts.rounds, 3), min_sample=0.0,
                                       warmup=0.0, max_reps=1)
