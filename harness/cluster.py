@@ -146,6 +146,49 @@ def start_runners(ray, timing, case_timeout, gpus: bool = False):
     return list(zip(actors, infos))
 
 
+def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
+    """Run ``jobs`` on ``runners`` (``(actor, info)`` pairs), one job per runner at a time, in
+    order. ``submit(actor, info, job)`` returns the task's object ref, or None when there is
+    nothing to run (the runner stays idle); ``done(info, job, result)`` takes what came back;
+    a job whose node died is tried again on another node, at most ``MAX_RETRIES`` more times,
+    then ``lost(info, job)`` records it. A dead runner is never given work again; when none is
+    left this raises. ``stop()`` true: no new job starts and the jobs not started are
+    returned."""
+    pending = [(j, 0) for j in jobs]
+    idle, busy, alive, unrun = list(runners), {}, list(runners), []
+    while pending or busy:
+        if stop is not None and stop() and pending:
+            unrun += [j for j, _ in pending]
+            pending = []
+        while idle and pending:
+            actor, info = idle.pop(0)
+            job, tries = pending.pop(0)
+            ref = submit(actor, info, job)
+            if ref is None:
+                idle.append((actor, info))
+            else:
+                busy[ref] = (actor, info, job, tries)
+        if not busy:
+            continue
+        ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+        for ref in ready:
+            actor, info, job, tries = busy.pop(ref)
+            try:
+                result = ray.get(ref)
+            except node_lost(ray):
+                alive = [r for r in alive if r[0] is not actor]
+                if tries < MAX_RETRIES and alive:
+                    pending.insert(0, (job, tries + 1))  # another node takes it
+                else:
+                    lost(info, job)
+                if not alive:
+                    raise UsageError("every node of the Ray cluster died") from None
+                continue
+            done(info, job, result)
+            idle.append((actor, info))
+    return unrun
+
+
 def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False,
           case_timeout=300.0, timing=None, progress=True):
     """Run the sweep's layer groups on the cluster; returns counts by status for this call."""
@@ -168,59 +211,43 @@ def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False
                 if resume else set()
         return done[identity]
 
-    pending = [(g, 0) for g in groups_of(cases)]
     counts: dict = {}
     skipped = 0
-    idle = list(runners)
-    busy = {}  # object ref -> (actor, info, group, tries)
     bar = progress_bar(len(cases), progress, desc="bench (ray)")
+
+    def submit(actor, info, group):
+        nonlocal skipped
+        keys = done_for(info["identity"])
+        if all(c.key in keys for c in group):  # stored for this node's identity
+            skipped += len(group)
+            bar.update(len(group))
+            return None
+        # the whole group runs (its baselines time the sparse cases); only cases not yet
+        # stored under this identity are stored
+        return actor.run_group.remote(group)
+
+    def finished(info, group, results):
+        nonlocal skipped
+        keys = done_for(info["identity"])
+        for case, res in results:
+            if case.key in keys:
+                skipped += 1
+            else:
+                _store(store, case, res, run_id, info, counts)
+                keys.add(case.key)
+            bar.update(1)
+
+    def lost(info, group):
+        for case in group:
+            _store(store, case, _lost(info), run_id, info, counts)
+            bar.update(1)
+
     try:
         with _Stop() as stop:
-            while pending or busy:
-                while idle and pending and not stop.requested:
-                    actor, info = idle.pop(0)
-                    group, tries = pending.pop(0)
-                    keys = done_for(info["identity"])
-                    if all(c.key in keys for c in group):  # stored for this node's identity
-                        skipped += len(group)
-                        bar.update(len(group))
-                        idle.append((actor, info))
-                        continue
-                    # the whole group runs (its baselines time the sparse cases); only cases
-                    # not yet stored under this identity are stored
-                    busy[actor.run_group.remote(group)] = (actor, info, group, tries)
-                if stop.requested and pending:
-                    counts["not run (stopped)"] = counts.get("not run (stopped)", 0) + sum(
-                        len(g) for g, _ in pending)
-                    pending = []
-                if not busy:
-                    continue
-                bar.set_postfix_str(f"{len(busy)} of {len(runners)} node(s) busy", refresh=False)
-                ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    actor, info, group, tries = busy.pop(ref)
-                    try:
-                        results = ray.get(ref)
-                    except node_lost(ray):
-                        runners = [r for r in runners if r[0] is not actor]
-                        if tries < MAX_RETRIES and runners:
-                            pending.insert(0, (group, tries + 1))  # another node takes it
-                        else:
-                            for case in group:
-                                _store(store, case, _lost(info), run_id, info, counts)
-                                bar.update(1)
-                        if not runners:
-                            raise UsageError("every node of the Ray cluster died") from None
-                        continue
-                    keys = done_for(info["identity"])
-                    for case, res in results:
-                        if case.key in keys:
-                            skipped += 1
-                        else:
-                            _store(store, case, res, run_id, info, counts)
-                            keys.add(case.key)
-                        bar.update(1)
-                    idle.append((actor, info))
+            unrun = dispatch(ray, runners, groups_of(cases), submit, finished, lost,
+                             stop=lambda: stop.requested)
+        if unrun:
+            counts["not run (stopped)"] = sum(len(g) for g in unrun)
     finally:
         bar.close()
         for actor, _ in runners:
@@ -258,7 +285,7 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
     from .autotune.tuner import TIMING, shape_key
 
     ray = connect(address)
-    runners = start_runners(ray, TIMING, 120.0)
+    runners = start_runners(ray, TIMING, 120.0, gpus=device is Device.CUDA)
     if not runners:
         raise UsageError("the Ray cluster has no alive node")
     kinds = {}
@@ -275,40 +302,33 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
     (_, info), = {r[1]["identity"]: r for r in runners}.values()
     tuning = store.tuning()
     results: dict = {}
-    pending = list(enumerate(layers))
-    idle = list(runners)
-    busy = {}
     print(f"  tuning {len(layers)} layer(s) on {len(runners)} node(s)", flush=True)
+
+    def submit(actor, ainfo, job):
+        _, lay = job
+        shape = shape_key(lay, threads)
+        rows = [] if tuning.empty else \
+            tuning[tuning["shape"] == shape].drop(columns="id").to_dict("records")
+        return actor.tune_layer.remote(lay, patterns, sparsity, batch, dtype, device, threads,
+                                       strategy, budget, seed, rows)
+
+    def done(ainfo, job, result):
+        i, lay = job
+        res, new, raced = result
+        for row in new:
+            store.add_tuning(row)
+        results[i] = res
+        print(f"  [{len(results)}/{len(layers)}] {lay.name:22s} {res.best.kernel:14s} "
+              f"{res.dense_s / res.best_s:5.2f}x  evals {res.evaluations}/"
+              f"{res.candidates} (measured {res.measured}, raced {raced}) on node "
+              f"{ainfo['node_id'][:8]}", flush=True)
+
+    def lost(ainfo, job):
+        raise UsageError(f"tuning {job[1].name}: its node died {MAX_RETRIES + 1} times; "
+                         f"no plan written")
+
     try:
-        while pending or busy:
-            while idle and pending:
-                actor, ainfo = idle.pop(0)
-                i, lay = pending.pop(0)
-                shape = shape_key(lay, threads)
-                rows = [] if tuning.empty else \
-                    tuning[tuning["shape"] == shape].drop(columns="id").to_dict("records")
-                ref = actor.tune_layer.remote(lay, patterns, sparsity, batch, dtype, device,
-                                              threads, strategy, budget, seed, rows)
-                busy[ref] = (actor, ainfo, i, lay)
-            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
-            for ref in ready:
-                actor, ainfo, i, lay = busy.pop(ref)
-                try:
-                    res, new, raced = ray.get(ref)
-                except node_lost(ray):
-                    runners = [r for r in runners if r[0] is not actor]
-                    if not runners:
-                        raise UsageError("every node of the Ray cluster died") from None
-                    pending.insert(0, (i, lay))
-                    continue
-                for row in new:
-                    store.add_tuning(row)
-                results[i] = res
-                print(f"  [{len(results)}/{len(layers)}] {lay.name:22s} {res.best.kernel:14s} "
-                      f"{res.dense_s / res.best_s:5.2f}x  evals {res.evaluations}/"
-                      f"{res.candidates} (measured {res.measured}, raced {raced}) on node "
-                      f"{ainfo['node_id'][:8]}", flush=True)
-                idle.append((actor, ainfo))
+        dispatch(ray, runners, list(enumerate(layers)), submit, done, lost)
     finally:
         for actor, _ in runners:
             ray.kill(actor)
@@ -316,54 +336,47 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
 
 
 def e2e(store, run_id, jobs, make_request, *, address=None, timeout=3600.0, fresh=False,
-        log=print):
+        log=print, gpus: bool = False):
     """Whole networks on the cluster, one network per node at a time. ``jobs`` are opaque
     descriptions; ``make_request(job, identity)`` turns one into ``(E2ERequest, what was
     decided)`` for the node that will run it (plans are checked against that node's
     identity). Returns the case keys measured or found."""
     ray = connect(address)
-    runners = start_runners(ray, TimingOptions(), timeout)
+    runners = start_runners(ray, TimingOptions(), timeout, gpus=gpus)  # GPU jobs: 1 GPU each
     if not runners:
         raise UsageError("the Ray cluster has no alive node")
     for info in {r[1]["identity"]: r[1] for r in runners}.values():
         store.note_machine(info["fingerprint"], info["identity"], info["machine"],
                            {"ray_node": info["node_id"]})
-    pending, idle, busy, keys = [(j, 0) for j in jobs], list(runners), {}, []
+    keys: list = []
     done: dict = {}  # identity -> networks already measured (one query per identity)
+    requests: dict = {}  # job index -> its request, for the node it was last sent to
+
+    def submit(actor, info, job):
+        n, what = job
+        req, said = make_request(what, info["identity"])
+        if req.case.key not in keys:
+            keys.append(req.case.key)
+        log(f"  {what}: {said} (node {info['node_id'][:8]})")
+        if not fresh and info["identity"] not in done:
+            done[info["identity"]] = store.e2e_done(info["identity"])
+        if not fresh and req.case.key in done[info["identity"]]:
+            log("    already measured with this identity (--fresh to repeat)")
+            return None
+        requests[n] = req
+        return actor.run_e2e.remote(req, timeout)
+
+    def finished(info, job, res):
+        req = requests[job[0]]
+        m = E2EMeasurement.of(req.case, res, run_id, info["identity"], info["machine"],
+                              node=f"ray:{info['node_id']}")
+        store.add_e2e(m)
+        log(f"    {job[1]}: {m.status}" + (f", {m.speedup:.2f}x measured" if m.speedup
+                                              else f": {m.reason}"))
+
     try:
-        while pending or busy:
-            while idle and pending:
-                actor, info = idle.pop(0)
-                job, tries = pending.pop(0)
-                req, said = make_request(job, info["identity"])
-                keys.append(req.case.key)
-                log(f"  {job}: {said} (node {info['node_id'][:8]})")
-                if not fresh and info["identity"] not in done:
-                    done[info["identity"]] = store.e2e_done(info["identity"])
-                if not fresh and req.case.key in done[info["identity"]]:
-                    log("    already measured with this identity (--fresh to repeat)")
-                    idle.append((actor, info))
-                    continue
-                busy[actor.run_e2e.remote(req, timeout)] = (actor, info, job, tries, req)
-            if not busy:
-                continue
-            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
-            for ref in ready:
-                actor, info, job, tries, req = busy.pop(ref)
-                try:
-                    res = ray.get(ref)
-                except node_lost(ray):
-                    runners = [r for r in runners if r[0] is not actor]
-                    if tries < MAX_RETRIES and runners:
-                        pending.insert(0, (job, tries + 1))
-                        continue
-                    res = _lost(info, E2EResult)
-                m = E2EMeasurement.of(req.case, res, run_id, info["identity"], info["machine"],
-                                      node=f"ray:{info['node_id']}")
-                store.add_e2e(m)
-                log(f"    {job}: {m.status}" + (f", {m.speedup:.2f}x measured" if m.speedup
-                                                  else f": {m.reason}"))
-                idle.append((actor, info))
+        dispatch(ray, runners, list(enumerate(jobs)), submit, finished,
+                 lambda info, job: finished(info, job, _lost(info, E2EResult)))
     finally:
         for actor, _ in runners:
             ray.kill(actor)

@@ -228,3 +228,90 @@ def test_e2e_on_the_cluster_stores_each_network_with_its_node(tmp_path, cluster)
     df = Store(tmp_path / "e.sqlite").e2e()
     assert sorted(df.pattern) == ["1xn", "cs"] and (df.status == "ok").all()
     assert df.node.str.startswith("ray:").all() and (df.rel_err < 1e-4).all()
+
+
+# ---- the dispatch loop every Ray command shares (a stand-in for Ray: nodes die on demand) -----
+class _FakeRay:
+    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+        class RayActorError(Exception):
+            pass
+
+        class ActorDiedError(RayActorError):
+            pass
+
+        NodeDiedError = WorkerCrashedError = ActorDiedError
+
+    def __init__(self):
+        self.calls = []  # (actor name, job) in submission order
+
+    @staticmethod
+    def wait(refs, num_returns, timeout):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        actor, job = ref.actor, ref.job
+        if actor["dead"]:
+            raise self.exceptions.ActorDiedError(actor["name"])
+        return job * 10
+
+
+class _Ref:  # an object ref: hashable, like Ray's
+    def __init__(self, actor, job):
+        self.actor, self.job = actor, job
+
+
+def _runners(*dead):
+    return [({"name": n, "dead": d}, {"node_id": n}) for n, d in zip("abc", dead)]
+
+
+def _dispatch(ray, runners, jobs, **kw):
+    from harness import cluster
+
+    done, lost = [], []
+
+    def submit(actor, info, job):
+        ray.calls.append((actor["name"], job))
+        return None if job in kw.get("skip", ()) else _Ref(actor, job)
+
+    unrun = cluster.dispatch(ray, runners, jobs, submit,
+                             lambda info, job, res: done.append((info["node_id"], job, res)),
+                             lambda info, job: lost.append(job), stop=kw.get("stop"))
+    return done, lost, unrun
+
+
+def test_dispatch_moves_a_dead_nodes_job_to_a_live_node_and_never_uses_the_dead_one_again():
+    ray = _FakeRay()
+    done, lost, unrun = _dispatch(ray, _runners(False, True, False), [1, 2, 3, 4, 5, 6])
+    assert sorted(j for _, j, _ in done) == [1, 2, 3, 4, 5, 6] and not lost and not unrun
+    assert all(res == 10 * j for _, j, res in done)
+    assert [j for n, j in ray.calls if n == "b"] == [2]  # one job reached the dead node
+    assert {n for n, _, _ in done} == {"a", "c"}
+
+
+def test_dispatch_records_a_job_lost_after_its_retries_and_raises_when_no_node_is_left():
+    from harness import UsageError, cluster
+
+    ray, lost = _FakeRay(), []
+    with pytest.raises(UsageError, match="every node"):
+        cluster.dispatch(ray, _runners(True, True, True), [7], lambda a, i, j: _Ref(a, j),
+                         lambda *a: None, lambda info, job: lost.append((info["node_id"], job)))
+    assert lost == [("c", 7)]  # tried on a, then on b and c (MAX_RETRIES more), then lost
+    assert cluster.MAX_RETRIES == 2
+    ray, lost, done = _FakeRay(), [], []  # three dead nodes and a live one
+    runners = _runners(True, True, True) + [({"name": "d", "dead": False}, {"node_id": "d"})]
+    cluster.dispatch(ray, runners, [7, 8], lambda a, i, j: _Ref(a, j),
+                     lambda info, job, res: done.append((info["node_id"], job)),
+                     lambda info, job: lost.append(job))
+    # 7: a, c died (2 tries), d; 8: b died, d. Both finish on the live node, nothing is lost
+    assert not lost and sorted(done) == [("d", 7), ("d", 8)]
+
+
+def test_dispatch_skips_what_submit_declines_and_returns_what_a_stop_left_unstarted():
+    ray = _FakeRay()
+    done, lost, unrun = _dispatch(ray, _runners(False), [1, 2, 3], skip={2})
+    assert [j for _, j, _ in done] == [1, 3] and not lost and not unrun
+    ray = _FakeRay()
+    started = []
+    done, lost, unrun = _dispatch(ray, _runners(False), [1, 2, 3],
+                                  stop=lambda: started.append(1) or len(started) > 1)
+    assert [j for _, j, _ in done] == [1] and unrun == [2, 3]

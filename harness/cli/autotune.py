@@ -84,14 +84,18 @@ def run(args) -> int:
     if args.executor == "ray":
         if compare:
             raise UsageError("--compare runs on this machine only; drop --executor ray")
+        if args.time_budget is not None:
+            raise UsageError("--time-budget is for a tuning on this machine; with --executor "
+                             "ray give --budget (evaluations per layer)")
         cluster.require_ray()
     store = Store(args.db)
     fp = env.fingerprint()
     ident = env.identity_hash(fp)
     if args.executor == "ray":
-        return _finish(args, pats, S, device, threads, store, cluster.tune(
-            store, layers, pats, S, args.batch, args.dtype, device, threads, args.strategy,
-            args.budget, args.seed, address=args.ray_address), [], time.monotonic())
+        t0 = time.monotonic()
+        tuned_on = cluster.tune(store, layers, pats, S, args.batch, args.dtype, device, threads,
+                                args.strategy, args.budget, args.seed, address=args.ray_address)
+        return _finish(args, pats, S, device, threads, store, tuned_on, [], t0)
     worker = Worker()
     states = init_kernels(worker, kernels.names(device=device.kernel_device), 1800)
     broken = {n: st for n, st in states.items() if st.status is Status.COMPILE_ERROR}

@@ -150,7 +150,8 @@ def run(args) -> int:
         if args.executor == "ray":
             keys = cluster.e2e(store, run_id, jobs, make_request, address=args.ray_address,
                                timeout=args.case_timeout, fresh=args.fresh,
-                               log=lambda t: print(t, flush=True))
+                               log=lambda t: print(t, flush=True),
+                               gpus=device is Device.CUDA)
         else:
             keys = _local(store, run_id, jobs, make_request, args, fph, mh, fp)
         store.finish_run(run_id)
