@@ -14,7 +14,7 @@ import json
 import torch
 from torch import nn
 
-from . import sparse_model
+from . import sparse_model, timing
 from .records import Device, E2ERequest, E2EResult, Status
 from .worker import TOLERANCE, _err_text, gpu_settings, status_of, timed
 
@@ -101,25 +101,17 @@ def _channels_last(m: nn.Module) -> nn.Module:
 
 
 def _graphed(fn, x, want: torch.Tensor, tol: float):
-    """``fn(x)`` captured in a CUDA graph (warmed up on a side stream first, as PyTorch asks);
-    returns the replay callable after checking that a replay reproduces ``want`` (to ``tol``:
-    kernels that add partial sums atomically are not bitwise repeatable)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(x)
-    graph.replay()
+    """``fn(x)`` captured in a CUDA graph; returns the replay callable after checking that a
+    replay reproduces ``want`` (to ``tol``: kernels that add partial sums atomically are not
+    bitwise repeatable)."""
+    replay, out = timing.graphed(fn, x)
+    replay(x)
     torch.cuda.synchronize()
     err = ((out.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
     if not err <= tol:
         raise RuntimeError(f"a replay of the captured graph differs from the network's output "
                            f"(relative error {err:.3g})")
-    return lambda _x: graph.replay()
+    return replay
 
 
 def _graph_variants(variants: dict, x, tol: float) -> tuple[dict, str | None]:

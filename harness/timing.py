@@ -92,8 +92,10 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
     return {k: stats(v, reps[k]) for k, v in samples.items()}, samples
 
 
-def _graph(fn, arg):
-    """``fn(arg)`` captured in a CUDA graph, after warm-up calls on a side stream."""
+def graphed(fn, arg):
+    """``fn(arg)`` captured in a CUDA graph, after warm-up calls on a side stream (as PyTorch
+    asks). Returns ``(replay, out)``: a callable that replays it, and the tensor the captured
+    call returned (rewritten by every replay)."""
     import torch
 
     side = torch.cuda.Stream()
@@ -104,8 +106,8 @@ def _graph(fn, arg):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn(arg)
-    return lambda _a: graph.replay()
+        out = fn(arg)
+    return (lambda _a: graph.replay()), out
 
 
 def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
@@ -122,7 +124,7 @@ def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
     calls = dict(variants)
     if graphs:
         try:
-            calls = {k: (_graph(fn, arg), arg) for k, (fn, arg) in variants.items()}
+            calls = {k: (graphed(fn, arg)[0], arg) for k, (fn, arg) in variants.items()}
         except Exception as e:  # noqa: BLE001 - not capturable: every variant is timed eagerly
             print(f"timing: not capturable in a CUDA graph ({type(e).__name__}: "
                   f"{str(e).strip()[:120]}): {', '.join(variants)} timed eagerly",
