@@ -134,6 +134,8 @@ def start_runners(ray, timing, case_timeout, gpus: bool = False):
             continue
         cpus = max(1, int(node["Resources"].get("CPU", 1)))
         n_gpu = int(node["Resources"].get("GPU", 0)) if gpus else 0
+        if gpus and not n_gpu:  # a CPU-only node (often the head) takes no GPU work
+            continue
         pin = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         if n_gpu:
             actors += [cls.options(num_cpus=max(1, cpus // n_gpu), num_gpus=1,
@@ -142,6 +144,8 @@ def start_runners(ray, timing, case_timeout, gpus: bool = False):
         else:
             actors.append(cls.options(num_cpus=cpus, scheduling_strategy=pin).remote(
                 timing, case_timeout))
+    if gpus and not actors:
+        raise UsageError("--device cuda: no alive node of the Ray cluster has a GPU")
     infos = ray.get([a.info.remote() for a in actors])
     return list(zip(actors, infos))
 
@@ -151,9 +155,9 @@ def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
     order. ``submit(actor, info, job)`` returns the task's object ref, or None when there is
     nothing to run (the runner stays idle); ``done(info, job, result)`` takes what came back;
     a job whose node died is tried again on another node, at most ``MAX_RETRIES`` more times,
-    then ``lost(info, job)`` records it. A dead runner is never given work again; when none is
-    left this raises. ``stop()`` true: no new job starts and the jobs not started are
-    returned."""
+    then ``lost(info, job)`` records it. No runner of a node that died is given work again
+    (a GPU node runs one per GPU); when none is left this raises. ``stop()`` true: no new job
+    starts and the jobs not started are returned."""
     pending = [(j, 0) for j in jobs]
     idle, busy, alive, unrun = list(runners), {}, list(runners), []
     while pending or busy:
@@ -175,8 +179,9 @@ def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
             actor, info, job, tries = busy.pop(ref)
             try:
                 result = ray.get(ref)
-            except node_lost(ray):
-                alive = [r for r in alive if r[0] is not actor]
+            except node_lost(ray):  # every runner of that node is gone (one per GPU)
+                alive = [r for r in alive if r[1]["node_id"] != info["node_id"]]
+                idle = [r for r in idle if r[1]["node_id"] != info["node_id"]]
                 if tries < MAX_RETRIES and alive:
                     pending.insert(0, (job, tries + 1))  # another node takes it
                 else:
@@ -324,8 +329,8 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
               f"{ainfo['node_id'][:8]}", flush=True)
 
     def lost(ainfo, job):
-        raise UsageError(f"tuning {job[1].name}: its node died {MAX_RETRIES + 1} times; "
-                         f"no plan written")
+        raise UsageError(f"tuning {job[1].name}: the node(s) it was sent to died (last "
+                         f"{ainfo['node_id'][:8]}); no plan written")
 
     try:
         dispatch(ray, runners, list(enumerate(layers)), submit, done, lost)

@@ -67,7 +67,7 @@ def _conv_sums(dense: nn.Module, sparse: nn.Module, x, device, opts) -> tuple[fl
         variants = {"nchw": (conv, xin), "cl": (lambda t, c=conv_cl: c(t), xin_cl),
                     "sparse": (smod, s_in[name])}
         with torch.inference_mode():
-            st, _ = timed(device, variants, opts)
+            st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's
         total_d += len(names) * min(st["nchw"].median, st["cl"].median)
         total_s += len(names) * st["sparse"].median
     return total_d, total_s
@@ -89,7 +89,7 @@ def _handover_savings(epilogue: nn.Module, fused: nn.Module, x, device, opts) ->
         xf = CpuLayout.of(fa.layer).layout(xa) if fa.laid_in else xa
         variants = {"convert": (lambda t, p=ea, q=eb: q(p(t)), xa),
                     "handover": (lambda t, p=fa, q=fb: q(p(t)), xf)}
-        st, _ = timed(device, variants, opts)
+        st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's
         out.append([a, b, st["convert"].median - st["handover"].median])
     return out
 

@@ -260,8 +260,8 @@ class _Ref:  # an object ref: hashable, like Ray's
         self.actor, self.job = actor, job
 
 
-def _runners(*dead):
-    return [({"name": n, "dead": d}, {"node_id": n}) for n, d in zip("abc", dead)]
+def _runners(*dead, node=None):
+    return [({"name": n, "dead": d}, {"node_id": node or n}) for n, d in zip("abcd", dead)]
 
 
 def _dispatch(ray, runners, jobs, **kw):
@@ -315,3 +315,23 @@ def test_dispatch_skips_what_submit_declines_and_returns_what_a_stop_left_unstar
     done, lost, unrun = _dispatch(ray, _runners(False), [1, 2, 3],
                                   stop=lambda: started.append(1) or len(started) > 1)
     assert [j for _, j, _ in done] == [1] and unrun == [2, 3]
+
+
+def test_dispatch_gives_no_more_work_to_any_runner_of_a_node_that_died():
+    """A GPU node runs one actor per GPU: when one of them dies with its node, the others on that
+    node must not use up the job's retries."""
+    from harness import cluster
+
+    ray, done, lost = _FakeRay(), [], []
+    gpu_node = _runners(True, True, node="g")  # two actors (GPUs) of one node, which dies
+    live = [({"name": "z", "dead": False}, {"node_id": "z"})]
+
+    def submit(actor, info, job):
+        ray.calls.append((actor["name"], job))
+        return _Ref(actor, job)
+
+    cluster.dispatch(ray, gpu_node + live, [1], submit,
+                     lambda info, job, res: done.append((info["node_id"], job)),
+                     lambda info, job: lost.append(job))
+    # the job's retry skips the idle sibling on the dead node and goes to the live one
+    assert ray.calls == [("a", 1), ("z", 1)] and done == [("z", 1)] and not lost
