@@ -100,20 +100,6 @@ def _channels_last(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m).to(memory_format=torch.channels_last)
 
 
-def _graphed(fn, x, want: torch.Tensor, tol: float):
-    """``fn(x)`` captured in a CUDA graph; returns the replay callable after checking that a
-    replay reproduces ``want`` (to ``tol``: kernels that add partial sums atomically are not
-    bitwise repeatable)."""
-    replay, out = timing.graphed(fn, x)
-    replay(x)
-    torch.cuda.synchronize()
-    err = ((out.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-    if not err <= tol:
-        raise RuntimeError(f"a replay of the captured graph differs from the network's output "
-                           f"(relative error {err:.3g})")
-    return replay
-
-
 def _graph_variants(variants: dict, x, tol: float) -> tuple[dict, str | None]:
     """GPU: the dense layouts and the deployed sparse network as CUDA graphs, so launch
     overhead (large for Triton's Python launcher at batch 1) stays out of the comparison."""
@@ -121,7 +107,7 @@ def _graph_variants(variants: dict, x, tol: float) -> tuple[dict, str | None]:
     for name in ("dense_nchw", "dense_cl", "sparse"):
         fn, arg = variants[name]
         try:
-            out[f"{name}_graph"] = (_graphed(fn, arg, fn(arg), tol), arg)
+            out[f"{name}_graph"] = (timing.checked_graph(fn, arg, fn(arg).clone(), tol), arg)
         except Exception as e:  # noqa: BLE001 - the eager figures still stand
             return {}, f"{name}: {_err_text(e)}"
     return out, None

@@ -110,27 +110,49 @@ def graphed(fn, arg):
     return (lambda _a: graph.replay()), out
 
 
+def checked_graph(fn, arg, want, tol: float = 1e-3):
+    """``graphed(fn, arg)``'s replay, after checking that a replay into a NaN-filled output
+    reproduces ``want`` (what the eager call returned, already gated) to ``tol`` in relative
+    norm: kernels that add partial sums atomically are not bitwise repeatable."""
+    import torch
+
+    replay, out = graphed(fn, arg)
+    if isinstance(want, torch.Tensor) and isinstance(out, torch.Tensor):
+        out.fill_(float("nan"))
+        replay(arg)
+        torch.cuda.synchronize()
+        ref = want.double()
+        err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        if not err <= tol:
+            raise RuntimeError(f"a replay of the CUDA graph does not reproduce the eager output "
+                               f"(relative error {err:.3g})")
+    return replay
+
+
 def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
                      flush_bytes: int = 256 << 20, spin_up: float = 0.3, graphs: bool = True):
     """GPU: CUDA events around single calls (graph replays unless ``graphs`` is off or a
-    variant cannot be captured, which is said on stderr), L2 flushed before each, interleaved
-    rounds."""
+    variant cannot be captured, which is said on stderr; each graph's replay is checked against
+    the variant's eager output first), L2 flushed before each, interleaved rounds."""
     import torch
 
     flush = torch.empty(flush_bytes // 4, dtype=torch.float32, device="cuda")
-    for fn, arg in variants.values():  # first calls: compiles, cuDNN's algorithm search
-        fn(arg)
+    eager = {}
+    for k, (fn, arg) in variants.items():  # first calls: compiles, cuDNN's algorithm search
+        out = fn(arg)
+        eager[k] = out.clone() if isinstance(out, torch.Tensor) else None
     torch.cuda.synchronize()
     calls = dict(variants)
     if graphs:
         try:
-            calls = {k: (graphed(fn, arg)[0], arg) for k, (fn, arg) in variants.items()}
-        except Exception as e:  # noqa: BLE001 - not capturable: every variant is timed eagerly
-            print(f"timing: not capturable in a CUDA graph ({type(e).__name__}: "
+            captured = {k: checked_graph(fn, arg, eager[k]) for k, (fn, arg) in variants.items()}
+        except Exception as e:  # noqa: BLE001 - not capturable or not faithful: all timed eagerly
+            print(f"timing: no CUDA graph ({type(e).__name__}: "
                   f"{str(e).strip()[:120]}): {', '.join(variants)} timed eagerly",
                   file=sys.stderr)
-            calls = dict(variants)
             torch.cuda.synchronize()
+        else:
+            calls = {k: (replay, variants[k][1]) for k, replay in captured.items()}
     t_end = time.perf_counter() + spin_up
     while time.perf_counter() < t_end:  # keep the GPU busy so its clock is up
         flush.zero_()
