@@ -57,11 +57,16 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
             "spill_stores": int(st[-1]) if st else 0, "spill_loads": int(ld[-1]) if ld else 0}
 
 
+def jit_function(kern):
+    """The @triton.jit function a Triton kernel launches (``kernel_fn`` in its module)."""
+    return getattr(importlib.import_module(type(kern).__module__), kern.kernel_fn)
+
+
 def specializations(kern, nets=("resnet50", "vgg19")) -> list[dict]:
     """Compile-time constants the kernel is specialized on for the nets' unique shapes: the
     tap sizes, times what the kernel class declares (``aot_specializations``)."""
     taps = sorted({(lay.kh, lay.kw) for n in nets for lay in shapes.unique(shapes.load(n))})
-    args = getattr(importlib.import_module(type(kern).__module__), kern.kernel_fn).arg_names
+    args = jit_function(kern).arg_names
     specs = [{k: v for k, v in {"KH": kh, "KW": kw, **e}.items() if k in args}
              for (kh, kw) in taps for e in kern.aot_specializations()]
     return [dict(t) for t in dict.fromkeys(tuple(sp.items()) for sp in specs)]  # unique, in order
@@ -72,7 +77,7 @@ def compile_one(kern, tunable: dict, spec: dict, dtype: str, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(importlib.import_module(type(kern).__module__), kern.kernel_fn)
+    fn = jit_function(kern)
     consts = {k: v for k, v in {**spec, **tunable}.items() if k in fn.arg_names}
     if "IEEE" in fn.arg_names:
         consts["IEEE"] = dtype == "float32"

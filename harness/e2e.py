@@ -161,7 +161,7 @@ def run_e2e(req: E2ERequest) -> E2EResult:
                 got = net(x)
             except Exception as e:  # noqa: BLE001
                 return E2EResult(status_of(e), f"run ({name}): " + _err_text(e), **info)
-            e = ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+            e = timing.relative_error(got, want)
             if not e <= tol:
                 what = "" if name == "sparse" else f" ({name.replace('_', ' ')})"
                 return E2EResult(Status.INCORRECT, f"network output{what} relative error "

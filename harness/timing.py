@@ -92,6 +92,12 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
     return {k: stats(v, reps[k]) for k, v in samples.items()}, samples
 
 
+def relative_error(got, want) -> float:
+    """Relative L2 error of ``got`` against ``want``, in float64 on ``want``'s device."""
+    want = want.double()
+    return ((got.double().to(want.device) - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
 def graphed(fn, arg):
     """``fn(arg)`` captured in a CUDA graph, after warm-up calls on a side stream (as PyTorch
     asks). Returns ``(replay, out)``: a callable that replays it, and the tensor the captured
@@ -121,8 +127,7 @@ def checked_graph(fn, arg, want, tol: float = 1e-3):
         out.fill_(float("nan"))
         replay(arg)
         torch.cuda.synchronize()
-        ref = want.double()
-        err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        err = relative_error(out, want)
         if not err <= tol:
             raise RuntimeError(f"a replay of the CUDA graph does not reproduce the eager output "
                                f"(relative error {err:.3g})")
@@ -140,7 +145,7 @@ def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
     eager = {}
     for k, (fn, arg) in variants.items():  # first calls: compiles, cuDNN's algorithm search
         out = fn(arg)
-        eager[k] = out.clone() if isinstance(out, torch.Tensor) else None
+        eager[k] = out.clone() if graphs and isinstance(out, torch.Tensor) else None
     torch.cuda.synchronize()
     calls = dict(variants)
     if graphs:

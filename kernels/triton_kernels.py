@@ -298,10 +298,18 @@ class DenseTritonImplicitGemm(TritonKernel):
         return self._wrap(layer, weight, launch)
 
 
-@register
-class CSTritonWeightReuse(TritonKernel):
-    name = "cs_triton_weight_reuse"
+class _CSRowTriton(TritonKernel):
+    """The CS Triton kernels: both read the row-form encoding (one kept of K per slot)."""
+
     pattern = "cs"
+
+    def make_pattern(self, sparsity, config):
+        return P.make("cs", sparsity, form="row")
+
+
+@register
+class CSTritonWeightReuse(_CSRowTriton):
+    name = "cs_triton_weight_reuse"
     tunables = TC.CS
     space = dict(TC.CS)
     kernel_fn = "cs_weight_reuse_kernel"
@@ -309,9 +317,6 @@ class CSTritonWeightReuse(TritonKernel):
 
     def aot_specializations(self):
         return [{"K": k} for k in (2, 4, 8, 16)]
-
-    def make_pattern(self, sparsity, config):
-        return P.make("cs", sparsity, form="row")
 
     def _prepare(self, layer, weight, sparsity, config):
         wm, enc = self.make_pattern(sparsity, config).prune(weight)
@@ -331,9 +336,8 @@ class CSTritonWeightReuse(TritonKernel):
 
 
 @register
-class CSTritonDirect(TritonKernel):
+class CSTritonDirect(_CSRowTriton):
     name = "cs_triton_direct"
-    pattern = "cs"
     tunables = TC.CS_DIRECT
     space = dict(TC.CS_DIRECT)
     kernel_fn = "cs_direct_kernel"
@@ -346,9 +350,6 @@ class CSTritonDirect(TritonKernel):
     def _default(self, layer, sparsity, pinned):
         return {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "UNROLL": 4,
                 "SPLIT": 1 if layer.oh * layer.ow >= 28 * 28 else 4}
-
-    def make_pattern(self, sparsity, config):
-        return P.make("cs", sparsity, form="row")
 
     def _prepare(self, layer, weight, sparsity, config):
         wm, enc = self.make_pattern(sparsity, config).prune(weight)
