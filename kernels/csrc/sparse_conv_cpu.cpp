@@ -86,6 +86,9 @@ inline vec vload(const float* p, vmask m) { return _mm512_maskz_loadu_ps(m, p); 
 inline vec vloadu(const float* p) { return _mm512_loadu_ps(p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline void vstore_m(float* p, vec v, vmask m) { _mm512_mask_storeu_ps(p, m, v); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vrelu(vec a) { return _mm512_max_ps(a, _mm512_setzero_ps()); }
 #else
 typedef float vec __attribute__((vector_size(VW * 4)));
 typedef int64_t vmask;  // number of valid lanes; only those are read (no overrun)
@@ -101,6 +104,12 @@ inline vec vload(const float* p, vmask m) {
 inline vec vloadu(const float* p) { vec v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline void vstore(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+inline void vstore_m(float* p, vec v, vmask m) {
+  if (m == VW) { std::memcpy(p, &v, sizeof(v)); return; }
+  for (int64_t i = 0; i < m; ++i) p[i] = v[i];
+}
+inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vrelu(vec a) { for (int i = 0; i < VW; ++i) a[i] = a[i] > 0.f ? a[i] : 0.f; return a; }
 #endif
 
 template <int T>
@@ -108,6 +117,23 @@ struct Masks {
   vmask m[T];
   explicit Masks(int64_t nvalid) { UNROLL for (int t = 0; t < T; ++t) m[t] = lane_mask(nvalid - t * VW); }
 };
+
+// Where a row kernel's T accumulators go once a Cin chunk is summed: back to the tile buffer
+// tb, or, on a tile that is contiguous in the output (see drive), through the epilogue
+// straight from registers into the output at dst (masked: the last tile is partial).
+template <int T>
+inline void emit(vec (&acc)[T], float* tb, float* dst, const Masks<T>& mk, float b, bool relu) {
+  if (dst) {
+    const vec bv = vset(b);
+UNROLL
+    for (int t = 0; t < T; ++t) {
+      vec v = vadd(acc[t], bv);
+      vstore_m(dst + t * VW, relu ? vrelu(v) : v, mk.m[t]);
+    }
+  } else {
+    UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
+  }
+}
 
 // One output row segment: dst[i] = epilogue(src[i]) (bias, then ReLU when asked).
 inline void put(float* dst, const float* src, int64_t len, float b, bool relu) {
@@ -145,15 +171,23 @@ inline void item_coords(int64_t it, int64_t nT, int64_t nB, int64_t split, int64
   if (split == 0) { tile = r / nB; blk = r % nB; } else { blk = r / nT; tile = r % nT; }
 }
 
+// A tile's pixels are contiguous in the output (grid rows have no discarded columns and the
+// output rows no gaps): accumulators can be stored from registers, no tile buffer.
+inline bool contiguous_out(const Geo& g) { return g.Wq == g.OW && g.out_row == g.OW; }
+
 // Drive a row kernel over (image, pixel tile, block of OB output channels) work items.
-// body(tile_buf, first, masks, x_tile, o, c_lo, c_hi) accumulates output channel o's inputs in
-// [c_lo, c_hi) into tile_buf (starting from zero when first); Cin is walked in chunks.
+// body(tile_buf, dst, first, masks, x_tile, o, c_lo, c_hi, bias, relu) accumulates output
+// channel o's inputs in [c_lo, c_hi) (starting from zero when first, else from tile_buf) and
+// emits them: to tile_buf, or through the epilogue into the output at dst when dst is set
+// (the last Cin chunk of a contiguous tile). Cin is walked in chunks.
 template <int T, class Body>
 void drive(const Geo& g, const float* x, float* y, Body body) {
   const int64_t TP = T * VW, P = g.P();
   const int64_t nT = (P + TP - 1) / TP, nOB = (g.cout + g.OB - 1) / g.OB;
   const int64_t chunk = g.chunk > 0 ? g.chunk : g.cin;
   const int64_t items = g.N * nT * nOB;
+  const bool direct = contiguous_out(g);
+  const bool relu = g.relu != 0;
 #pragma omp parallel num_threads(g.threads)
   {
     std::vector<float> buf(g.OB * TP + VW);
@@ -167,11 +201,14 @@ void drive(const Geo& g, const float* x, float* y, Body body) {
       const Masks<T> mk(nq);
       for (int64_t c0 = 0; c0 < g.cin; c0 += chunk) {
         const int64_t c1 = std::min(g.cin, c0 + chunk);
+        const bool out_now = direct && c1 == g.cin;
         for (int64_t o = o_lo; o < o_hi; ++o)
-          body(buf.data() + (o - o_lo) * TP, c0 == 0, mk, xi, o, c0, c1);
+          body(buf.data() + (o - o_lo) * TP, out_now ? g.plane(y, n, o) + q0 : nullptr, c0 == 0,
+               mk, xi, o, c0, c1, g.bias_of(o), relu);
       }
-      for (int64_t o = o_lo; o < o_hi; ++o)
-        write_tile(buf.data() + (o - o_lo) * TP, g.plane(y, n, o), g, q0, nq, g.bias_of(o));
+      if (!direct)
+        for (int64_t o = o_lo; o < o_hi; ++o)
+          write_tile(buf.data() + (o - o_lo) * TP, g.plane(y, n, o), g, q0, nq, g.bias_of(o));
     }
   }
 }
@@ -205,6 +242,7 @@ void bsr_rows(const Geo& g, const float* x, float* y, const int32_t* crow, const
   const int64_t TP = T * VW, P = g.P();
   const int64_t nT = (P + TP - 1) / TP, subs = N / NB, nB = g.cout / N * subs;
   const int64_t items = g.N * nT * nB;
+  const bool direct = contiguous_out(g), relu = g.relu != 0;
 #pragma omp parallel num_threads(g.threads)
   {
     std::vector<float> buf(TP + VW);
@@ -233,9 +271,10 @@ UNROLL
         }
       }
       UNROLL for (int i = 0; i < NB; ++i) {
-        UNROLL for (int t = 0; t < T; ++t) vstore(buf.data() + t * VW, acc[i][t]);
         const int64_t o = rowmap[br * N + sub * NB + i];
-        write_tile(buf.data(), g.plane(y, n, o), g, q0, nq, g.bias_of(o));
+        float* yp = g.plane(y, n, o);
+        emit<T>(acc[i], buf.data(), direct ? yp + q0 : nullptr, mk, g.bias_of(o), relu);
+        if (!direct) write_tile(buf.data(), yp, g, q0, nq, g.bias_of(o));
       }
     }
   }
@@ -260,8 +299,9 @@ void cs_direct(torch::Tensor x, torch::Tensor vals, torch::Tensor idx, torch::Te
   const int64_t cs = g.chan_stride;
   dispatch_T(g.T, [&](auto Tc) {
     constexpr int T = decltype(Tc)::value;
-    drive<T>(g, xv, y.data_ptr<float>(), [&](float* tb, bool first, const Masks<T>& mk,
-                                           const float* xi, int64_t o, int64_t c0, int64_t c1) {
+    drive<T>(g, xv, y.data_ptr<float>(), [&](float* tb, float* dst, bool first,
+                                           const Masks<T>& mk, const float* xi, int64_t o,
+                                           int64_t c0, int64_t c1, float b, bool relu) {
       vec acc[T];
       UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
       for (int64_t t = 0; t < taps; ++t) {
@@ -279,7 +319,7 @@ UNROLL
           }
         }
       }
-      UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
+      emit<T>(acc, tb, dst, mk, b, relu);
     });
   });
 }
@@ -298,9 +338,10 @@ void cs_offsets(torch::Tensor x, torch::Tensor vals, torch::Tensor off, int64_t 
   const int32_t* ov = off.data_ptr<int32_t>();
   dispatch_T(g.T, [&](auto Tc) {
     constexpr int T = decltype(Tc)::value;
-    drive<T>(g, x.data_ptr<float>(), y.data_ptr<float>(), [&](float* tb, bool first,
+    drive<T>(g, x.data_ptr<float>(), y.data_ptr<float>(), [&](float* tb, float* dst, bool first,
                                                             const Masks<T>& mk, const float* xi,
-                                                            int64_t o, int64_t c0, int64_t c1) {
+                                                            int64_t o, int64_t c0, int64_t c1,
+                                                            float b, bool relu) {
       vec acc[T];
       UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
       const int64_t k0 = (o * nseg + c0 / KM) * per_seg, k1 = (o * nseg + c1 / KM) * per_seg;
@@ -312,7 +353,7 @@ void cs_offsets(torch::Tensor x, torch::Tensor vals, torch::Tensor off, int64_t 
 UNROLL
         for (int u = 0; u < T; ++u) acc[u] = vfma(wb, vload(p + u * VW, mk.m[u]), acc[u]);
       }
-      UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
+      emit<T>(acc, tb, dst, mk, b, relu);
     });
   });
 }
@@ -363,9 +404,10 @@ void row_sparse(torch::Tensor x, torch::Tensor rptr, torch::Tensor off, torch::T
   const float* wv = vals.data_ptr<float>();
   dispatch_T(g.T, [&](auto Tc) {
     constexpr int T = decltype(Tc)::value;
-    drive<T>(g, x.data_ptr<float>(), y.data_ptr<float>(), [&](float* tb, bool first,
+    drive<T>(g, x.data_ptr<float>(), y.data_ptr<float>(), [&](float* tb, float* dst, bool first,
                                                             const Masks<T>& mk, const float* xi,
-                                                            int64_t o, int64_t, int64_t) {
+                                                            int64_t o, int64_t, int64_t, float b,
+                                                            bool relu) {
       vec acc[T];
       UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
       for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
@@ -374,7 +416,7 @@ void row_sparse(torch::Tensor x, torch::Tensor rptr, torch::Tensor off, torch::T
 UNROLL
         for (int u = 0; u < T; ++u) acc[u] = vfma(wb, vload(p + u * VW, mk.m[u]), acc[u]);
       }
-      UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
+      emit<T>(acc, tb, dst, mk, b, relu);
     });
   });
 }
