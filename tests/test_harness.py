@@ -311,3 +311,36 @@ def test_processes_creating_one_new_database_at_once_all_open_it(tmp_path):
         errors = [p.communicate(timeout=120)[1] for p in procs]
         assert [p.returncode for p in procs] == [0] * 6, errors
         assert Store(db).runs().empty
+
+
+def test_probe_sets_the_inner_loop_against_dense_gemm():
+    r = subprocess.run([sys.executable, "-m", "harness", "probe", "--sizes", "16,64", "--tiles",
+                        "2,4", "--rounds", "1", "--fmas", "100000", "--sparsity", "0.75"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.split()[2:3] in (["aligned"],
+                                                                              ["straddling"])]
+    # every working set x tile x alignment, once
+    assert sorted((int(a[0]), int(a[1]), a[2]) for a in rows) == sorted(
+        (kb, t, al) for kb in (16, 64) for t in (2, 4) for al in ("aligned", "straddling"))
+    for row in rows:  # ceiling = rate against dense / kept fraction
+        ns, xdense, ceiling = float(row[3]), float(row[-2]), float(row[-1])
+        assert ns > 0 and ceiling == pytest.approx(xdense / 0.25, abs=0.05)
+    assert "dense fp32 GEMM in the same run" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tiles", "5"], "--tiles: 5 is not one of 1, 2, 3, 4, 6, 8"),
+    (["--sizes", "0"], "--sizes: positive integers"),
+    (["--sizes", "big"], "--sizes: a comma list of integers"),
+    (["--sparsity", "1"], r"--sparsity must be in \[0, 1\)"),
+    (["--rounds", "0"], "--rounds: must be >= 1"),
+])
+def test_probe_bad_input_exits_2_with_one_line(args, message):
+    r = subprocess.run([sys.executable, "-m", "harness", "probe", *args], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    import re
+    assert re.search(message, lines[0]), lines[0]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_check import check, layer
 
 import kernels
@@ -170,6 +171,30 @@ def test_kernel_writes_every_output_element():
     out = torch.full((2, 48, lay.oh, lay.ow), float("nan"))
     run(torch.randn(2, 64, 13, 17), out=out)
     assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("name,cfg", [("cs_cpu_direct", {"decode": "offsets", "T": 4}),
+                                      ("cs_cpu_direct", {"decode": "inline", "T": 2}),
+                                      ("bsr_1xn_cpu", {"N": 8, "T": 3}), ("cci_cpu", {"T": 3}),
+                                      ("unstructured_cpu", {"T": 1})])
+@pytest.mark.parametrize("relu", [False, True])
+def test_register_epilogue_writes_partial_tiles_and_nothing_past_the_output(name, cfg, relu):
+    """1x1 layers store from the accumulators straight into the output: 35 pixels end in a
+    partial tile, and the masked store must leave the memory after the last channel alone."""
+    lay = layer(64, 32, 1, h=7, w=5)
+    g = torch.Generator().manual_seed(3)
+    k = kernels.get(name)
+    run = k.prepare(lay, torch.randn(32, 64, 1, 1, generator=g), 0.75,
+                    {**k.default_config(lay, 0.75), **cfg})
+    x = torch.randn(2, 64, 7, 5, generator=g)
+    bias = torch.randn(32, generator=g)
+    store = torch.full((2 * 32 * 35 + 64,), 12345.0)
+    out = store[: 2 * 32 * 35].view(2, 32, 7, 5)
+    run.fused(x, bias=bias, relu=relu, out=out)
+    ref = F.conv2d(x.double(), run.masked_weight.double(), bias.double())
+    ref = ref.relu() if relu else ref
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert (store[2 * 32 * 35:] == 12345.0).all()
 
 
 def test_thread_count_does_not_change_results():

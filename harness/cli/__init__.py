@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness {list,bench,verify,export,report,autotune}``."""
+"""Command line: ``python -m harness {list,bench,verify,table,export,report,autotune,e2e,merge,probe}``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 
 from .. import UsageError
 
-COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge")
+COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge", "probe")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -456,6 +456,63 @@ void layout_fill(torch::Tensor x, torch::Tensor buf, int64_t S, int64_t pad, int
   }
 }
 
+// The CS inner loop alone (as in cs_offsets: int32 offset, broadcast weight, T vector loads
+// feeding T FMAs) over a private working set of ws_bytes per thread, random windows, each
+// offset by `shift` floats from a 64-byte boundary (0: every load aligned; else most loads
+// straddle two cache lines). Returns the seconds `threads` threads take for `fmas` vector FMAs
+// each, timed between barriers after a warm-up pass: the machine's ceiling for this loop.
+double loop_probe(int64_t T, int64_t shift, int64_t ws_bytes, int64_t threads, int64_t fmas) {
+  TORCH_CHECK(shift >= 0 && shift < VW && ws_bytes > 0 && threads > 0 && fmas > 0,
+              "bad loop_probe arguments");
+  double elapsed = 0;
+  float sink = 0;
+  dispatch_T(T, [&](auto Tc) {
+    constexpr int TT = decltype(Tc)::value;
+    constexpr int64_t win = (TT + 1) * VW;  // floats per window (room for the shift)
+    // twice as many weights as windows, each at a random window: the loop walks all of them
+    const int64_t nwin = std::max<int64_t>(1, ws_bytes / (4 * win));
+    const int64_t nw = std::max<int64_t>(512, 2 * nwin);
+    const int64_t passes = std::max<int64_t>(1, fmas / (nw * TT));
+    double t0 = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+      std::vector<float> data(nwin * win + VW, 1e-3f), w(nw, 1e-3f);
+      float* x = data.data() + (VW - ((uintptr_t)data.data() / 4) % VW) % VW;
+      std::vector<int32_t> off(nw);
+      uint64_t r = 88172645463325252ull + omp_get_thread_num();
+      for (auto& o : off) {
+        r ^= r << 13; r ^= r >> 7; r ^= r << 17;
+        o = (int32_t)((r % nwin) * win + shift);
+      }
+      const Masks<TT> mk(TT * VW);
+      vec acc[TT];
+      UNROLL for (int t = 0; t < TT; ++t) acc[t] = vzero();
+      auto pass = [&]() {
+        for (int64_t k = 0; k < nw; ++k) {
+          const vec wb = vset(w[k]);
+          const float* p = x + off[k];
+UNROLL
+          for (int u = 0; u < TT; ++u) acc[u] = vfma(wb, vload(p + u * VW, mk.m[u]), acc[u]);
+        }
+      };
+      pass();
+#pragma omp barrier
+#pragma omp master
+      t0 = omp_get_wtime();
+      for (int64_t i = 0; i < passes; ++i) pass();
+#pragma omp barrier
+#pragma omp master
+      elapsed = (omp_get_wtime() - t0) * (double)fmas / (double)(passes * nw * TT);
+      float buf[TT * VW];  // every accumulator is used, so none of the work is dead code
+      UNROLL for (int t = 0; t < TT; ++t) vstore(buf + t * VW, acc[t]);
+      for (float v : buf) sink += v;
+    }
+  });
+  volatile float keep = sink;
+  (void)keep;
+  return elapsed;
+}
+
 std::string isa() { return SC_ISA; }
 int64_t vector_width() { return VW; }
 
@@ -465,6 +522,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bsr_1xn", &bsr_1xn, "1xN block-sparse direct convolution");
   m.def("row_sparse", &row_sparse, "row-sparse direct convolution (CCI, unstructured)");
   m.def("layout_fill", &layout_fill, "NCHW -> the kernels' resident layout");
+  m.def("loop_probe", &loop_probe, "the CS inner loop alone, for its ceiling on this machine");
   m.def("isa", &isa);
   m.def("vector_width", &vector_width);
 }
