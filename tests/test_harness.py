@@ -323,10 +323,17 @@ def test_probe_sets_the_inner_loop_against_dense_gemm():
     # every working set x tile x alignment, once
     assert sorted((int(a[0]), int(a[1]), a[2]) for a in rows) == sorted(
         (kb, t, al) for kb in (16, 64) for t in (2, 4) for al in ("aligned", "straddling"))
-    for row in rows:  # ceiling = rate against dense / kept fraction
+    import re
+    dense = re.search(r"dense fp32 GEMM in the same run: ([\d.]+) GFLOP/s on (\d+) thread\(s\) = "
+                      r"([\d.]+) ns per vector FMA per thread", r.stdout)
+    gflops, threads, dense_ns = float(dense[1]), int(dense[2]), float(dense[3])
+    # a vector FMA is 2 x 16 lanes (AVX-512) or 2 x 8 FLOP; one thread does 1/threads of them
+    lanes = int(re.search(r"\((\d+) lanes\)", r.stdout)[1])
+    assert dense_ns == pytest.approx(threads * 2 * lanes / gflops, rel=0.02, abs=2e-3)
+    for row in rows:  # against dense = dense ns / loop ns; ceiling = that / kept fraction
         ns, xdense, ceiling = float(row[3]), float(row[-2]), float(row[-1])
-        assert ns > 0 and ceiling == pytest.approx(xdense / 0.25, abs=0.05)
-    assert "dense fp32 GEMM in the same run" in r.stdout
+        assert ns > 0 and xdense == pytest.approx(dense_ns / ns, rel=0.02, abs=0.01)
+        assert ceiling == pytest.approx(xdense / 0.25, abs=0.05)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -335,6 +342,9 @@ def test_probe_sets_the_inner_loop_against_dense_gemm():
     (["--sizes", "big"], "--sizes: a comma list of integers"),
     (["--sparsity", "1"], r"--sparsity must be in \[0, 1\)"),
     (["--rounds", "0"], "--rounds: must be >= 1"),
+    (["--sizes", "4194304"], r"--sizes: at most 1048576 KiB \(1 GiB\) per thread"),
+    (["--threads", "100000"], "--threads: this machine has"),
+    (["--fmas", str(10**30)], "--fmas: at most"),
 ])
 def test_probe_bad_input_exits_2_with_one_line(args, message):
     r = subprocess.run([sys.executable, "-m", "harness", "probe", *args], cwd=ROOT, env=env(),

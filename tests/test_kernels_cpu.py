@@ -175,18 +175,21 @@ def test_kernel_writes_every_output_element():
 
 @pytest.mark.parametrize("name,cfg", [("cs_cpu_direct", {"decode": "offsets", "T": 4}),
                                       ("cs_cpu_direct", {"decode": "inline", "T": 2}),
+                                      # two Cin chunks: the first goes to the tile buffer, the
+                                      # last adds it back and stores to the output
+                                      ("cs_cpu_direct", {"T": 4, "cin_chunk": 64}),
                                       ("bsr_1xn_cpu", {"N": 8, "T": 3}), ("cci_cpu", {"T": 3}),
                                       ("unstructured_cpu", {"T": 1})])
 @pytest.mark.parametrize("relu", [False, True])
 def test_register_epilogue_writes_partial_tiles_and_nothing_past_the_output(name, cfg, relu):
     """1x1 layers store from the accumulators straight into the output: 35 pixels end in a
     partial tile, and the masked store must leave the memory after the last channel alone."""
-    lay = layer(64, 32, 1, h=7, w=5)
+    lay = layer(128, 32, 1, h=7, w=5)
     g = torch.Generator().manual_seed(3)
     k = kernels.get(name)
-    run = k.prepare(lay, torch.randn(32, 64, 1, 1, generator=g), 0.75,
+    run = k.prepare(lay, torch.randn(32, 128, 1, 1, generator=g), 0.75,
                     {**k.default_config(lay, 0.75), **cfg})
-    x = torch.randn(2, 64, 7, 5, generator=g)
+    x = torch.randn(2, 128, 7, 5, generator=g)
     bias = torch.randn(32, generator=g)
     store = torch.full((2 * 32 * 35 + 64,), 12345.0)
     out = store[: 2 * 32 * 35].view(2, 32, 7, 5)
@@ -195,6 +198,22 @@ def test_register_epilogue_writes_partial_tiles_and_nothing_past_the_output(name
     ref = ref.relu() if relu else ref
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
     assert (store[2 * 32 * 35:] == 12345.0).all()
+
+
+@pytest.mark.parametrize("geom", [(64, 32, 1, 1, 0, 7, 5), (64, 32, 3, 1, 1, 7, 5)],
+                         ids=["1x1 stored from registers", "3x3 through the tile buffer"])
+def test_fused_relu_keeps_nan_like_torch(geom):
+    """A NaN in the input stays NaN through the fused ReLU on both output paths (F.relu keeps
+    NaN; a max(x, 0) with the operands the wrong way round turns it into 0)."""
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    run = kernels.get("cs_cpu_direct").prepare(lay, torch.randn(32, 64, lay.kh, lay.kw), 0.75)
+    x = torch.randn(1, 64, lay.h, lay.w)
+    x[0, :, 3, 2] = float("nan")
+    plain = run.fused(x, relu=False)
+    fused = run.fused(x, relu=True)
+    assert plain.isnan().any()
+    assert torch.equal(fused.isnan(), plain.isnan())
+    assert torch.equal(fused.nan_to_num(-1.0), plain.relu().nan_to_num(-1.0))
 
 
 def test_thread_count_does_not_change_results():

@@ -20,6 +20,8 @@ from .. import UsageError, env
 from .common import positive
 
 SIZES_KB = (16, 96, 512, 4096)
+MAX_KB = 1 << 20  # 1 GiB per thread
+MAX_FMAS = 10**11
 
 
 def add_parser(sub):
@@ -58,10 +60,17 @@ def run(args) -> int:
     from kernels.registry import KernelBuildError
 
     sizes = _ints(args.sizes, "--sizes")
+    if max(sizes) > MAX_KB:
+        raise UsageError(f"--sizes: at most {MAX_KB} KiB (1 GiB) per thread, got {max(sizes)}")
+    if args.fmas > MAX_FMAS:
+        raise UsageError(f"--fmas: at most {MAX_FMAS:.0e}, got {args.fmas}")
     tiles = _ints(args.tiles, "--tiles", (1, 2, 3, 4, 6, 8))
     if not 0 <= args.sparsity < 1:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    threads = args.threads or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    if args.threads and args.threads > cores:
+        raise UsageError(f"--threads: this machine has {cores} cores, got {args.threads}")
+    threads = args.threads or cores
     try:
         mod = _ext.load()
     except KernelBuildError as e:
@@ -79,7 +88,10 @@ def run(args) -> int:
     for _ in range(args.rounds):
         dense.append(env.measured_peak_gflops(threads))
         for kb, t, shift in rows:
-            s = mod.loop_probe(t, shift, kb * 1024, threads, args.fmas)
+            try:
+                s = mod.loop_probe(t, shift, kb * 1024, threads, args.fmas)
+            except RuntimeError as e:  # e.g. not enough memory for the working sets
+                raise UsageError(str(e).strip().splitlines()[0]) from None
             loop[(kb, t, shift)].append(s / args.fmas * 1e9)
     gflops = statistics.median(dense)
     flops = 2 * vw  # per vector FMA

@@ -88,7 +88,8 @@ inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline void vstore_m(float* p, vec v, vmask m) { _mm512_mask_storeu_ps(p, m, v); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline vec vrelu(vec a) { return _mm512_max_ps(a, _mm512_setzero_ps()); }
+// max returns its second operand when either is NaN: a NaN stays NaN, as in put and F.relu
+inline vec vrelu(vec a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }
 #else
 typedef float vec __attribute__((vector_size(VW * 4)));
 typedef int64_t vmask;  // number of valid lanes; only those are read (no overrun)
@@ -109,10 +110,11 @@ inline void vstore_m(float* p, vec v, vmask m) {
   for (int64_t i = 0; i < m; ++i) p[i] = v[i];
 }
 inline vec vadd(vec a, vec b) { return a + b; }
-inline vec vrelu(vec a) { for (int i = 0; i < VW; ++i) a[i] = a[i] > 0.f ? a[i] : 0.f; return a; }
+inline vec vrelu(vec a) { for (int i = 0; i < VW; ++i) a[i] = a[i] < 0.f ? 0.f : a[i]; return a; }
 #endif
 
-// Lane masks of a pixel tile's T vectors. FULL (every lane valid, all tiles but a row's last):
+// Lane masks of a pixel tile's T vectors. FULL (every lane valid: all tiles but the last of an
+// image's OH x Wq grid):
 // plain loads and stores, which the compiler folds into the FMAs. A masked load is a separate
 // instruction per FMA: in a loop microbenchmark on AVX-512 (Zen 4) it cost +15% at T=4 and more
 // at T=6; on ResNet50's CS layers the full-tile path gained 0-14%.
@@ -473,8 +475,8 @@ void layout_fill(torch::Tensor x, torch::Tensor buf, int64_t S, int64_t pad, int
 
 // The CS inner loop alone (as in cs_offsets: int32 offset, broadcast weight, T vector loads
 // feeding T FMAs) over a private working set of ws_bytes per thread, random windows, each
-// offset by `shift` floats from a 64-byte boundary (0: every load aligned; else most loads
-// straddle two cache lines). Returns the seconds `threads` threads take for `fmas` vector FMAs
+// offset by `shift` floats from a vector-aligned address (0: every load aligned; with 16 lanes,
+// any other shift makes every 64-byte load straddle two cache lines, with 8 lanes about half). Returns the seconds `threads` threads take for `fmas` vector FMAs
 // each, timed between barriers after a warm-up pass: the machine's ceiling for this loop.
 double loop_probe(int64_t T, int64_t shift, int64_t ws_bytes, int64_t threads, int64_t fmas) {
   TORCH_CHECK(shift >= 0 && shift < VW && ws_bytes > 0 && threads > 0 && fmas > 0,
@@ -488,16 +490,33 @@ double loop_probe(int64_t T, int64_t shift, int64_t ws_bytes, int64_t threads, i
     const int64_t nwin = std::max<int64_t>(1, ws_bytes / (4 * win));
     const int64_t nw = std::max<int64_t>(512, 2 * nwin);
     const int64_t passes = std::max<int64_t>(1, fmas / (nw * TT));
+    TORCH_CHECK(nwin * win + VW < (int64_t(1) << 31), "loop_probe: working set too large for "
+                "int32 offsets");
+    // every thread's data, allocated here so that running out of memory is an error, not an
+    // exception escaping the parallel region
+    std::vector<std::vector<float>> data(threads), wts(threads);
+    std::vector<std::vector<int32_t>> offs(threads);
+    try {
+      for (int64_t i = 0; i < threads; ++i) {
+        data[i].assign(nwin * win + VW, 1e-3f);
+        wts[i].assign(nw, 1e-3f);
+        offs[i].resize(nw);
+      }
+    } catch (const std::bad_alloc&) {
+      TORCH_CHECK(false, "loop_probe: not enough memory for ", threads, " x ", ws_bytes,
+                  " bytes");
+    }
     double t0 = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
     {
-      std::vector<float> data(nwin * win + VW, 1e-3f), w(nw, 1e-3f);
-      float* x = data.data() + (VW - ((uintptr_t)data.data() / 4) % VW) % VW;
-      std::vector<int32_t> off(nw);
-      uint64_t r = 88172645463325252ull + omp_get_thread_num();
-      for (auto& o : off) {
+      const int id = omp_get_thread_num();
+      float* x = data[id].data() + (VW - ((uintptr_t)data[id].data() / 4) % VW) % VW;
+      const float* w = wts[id].data();
+      int32_t* off = offs[id].data();
+      uint64_t r = 88172645463325252ull + id;
+      for (int64_t k = 0; k < nw; ++k) {
         r ^= r << 13; r ^= r >> 7; r ^= r << 17;
-        o = (int32_t)((r % nwin) * win + shift);
+        off[k] = (int32_t)((r % nwin) * win + shift);
       }
       const Masks<TT, true> mk(TT * VW);  // the kernels' full-tile path
       vec acc[TT];
