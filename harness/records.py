@@ -374,6 +374,9 @@ class RaceRequest:
 class RaceReply:
     medians: tuple  # seconds or None per candidate
     reasons: tuple  # None or why the candidate was not timed
+    # per candidate: the fraction of interleaved rounds in which it was faster than the first
+    # candidate (None where either was not timed)
+    win_rates: tuple = ()
 
 
 @dataclass(frozen=True)

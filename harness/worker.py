@@ -261,9 +261,18 @@ def race(req: RaceRequest) -> RaceReply:
         reasons.append(why)
         if why is None:
             variants[i] = (run, x)
-    st, _ = timed(device, variants, req.timing)
+    st, samples = timed(device, variants, req.timing)
     return RaceReply(medians=tuple(st[i].median if i in st else None
-                                   for i in range(len(reasons))), reasons=tuple(reasons))
+                                   for i in range(len(reasons))), reasons=tuple(reasons),
+                     win_rates=tuple(win_rate(samples.get(i), samples.get(0))
+                                     for i in range(len(reasons))))
+
+
+def win_rate(mine, first) -> float | None:
+    """The fraction of interleaved rounds (round r timed every variant once) in which ``mine``
+    took less time than ``first``."""
+    n = min(len(mine or ()), len(first or ()))
+    return sum(a < b for a, b in zip(mine[:n], first[:n])) / n if n else None
 
 
 def init(req: InitRequest) -> InitReply:

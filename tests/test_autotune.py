@@ -177,3 +177,47 @@ def test_candidates_are_hashable_values():
     assert a.config == {"M": 2, "T": 4}
     with pytest.raises(AttributeError):
         a.config.x = 1
+
+
+class _StubEvaluator:
+    """tune_layer's view of an Evaluator: every sparse candidate 1% faster than dense by its
+    median, beating dense in ``wins`` of the confirmation race's rounds."""
+
+    def __init__(self, wins):
+        from harness.records import Device
+        from shapes import ConvLayer
+
+        self.layer = ConvLayer(net="t", name="t", index=0, cin=64, cout=64, kh=3, kw=3,
+                               stride=1, padding=1, h=14, w=14)
+        self.S, self.device, self.dtype, self.measured = 0.5, Device.CPU, "float32", 0
+        self.wins, self.last_win_rates = wins, []
+
+    def dense(self):
+        return 1.0, "nchw"
+
+    def dense_candidate(self, layout=None):
+        return Candidate("dense_cpu", Config({"layout": layout or "nchw"}))
+
+    def cost(self, cand):
+        return 0.99
+
+    def race(self, cands):
+        self.last_win_rates = [None] + [self.wins] * (len(cands) - 1)
+        return [1.0] + [0.99] * (len(cands) - 1)
+
+
+@pytest.mark.parametrize("wins,sparse", [(0.5, False), (0.72, False), (0.8, True), (1.0, True)])
+def test_a_kernel_replaces_dense_only_where_it_won_most_race_rounds(wins, sparse):
+    from harness.autotune.tuner import tune_layer
+
+    res = tune_layer(_StubEvaluator(wins), ["cs"], "random", budget=3)
+    assert (res.best.kernel != "dense_cpu") is sparse
+    assert res.best_s == (0.99 if sparse else 1.0)
+
+
+def test_win_rate_pairs_the_interleaved_rounds():
+    from harness.worker import win_rate
+
+    assert win_rate([1, 2, 3, 4], [2, 1, 4, 5]) == 0.75
+    assert win_rate([1, 1, 9], [2, 2]) == 1.0  # rounds both were timed in
+    assert win_rate(None, [1.0]) is None and win_rate([1.0], []) is None

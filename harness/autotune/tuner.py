@@ -23,6 +23,10 @@ from . import strategy as get_strategy
 TIMING = TimingOptions(rounds=5, min_sample=1e-3, warmup=0.02, resident=False)
 RACE = TimingOptions(rounds=25, min_sample=2e-3, warmup=0.05)
 CONFIRM_TOP = 3  # a single timing can be a lucky outlier: the top picks race each other
+# a kernel replaces dense only where it beat dense in this share of the race's interleaved
+# rounds: a median that is faster by a hair is a coin flip, and a plan must not be slower than
+# dense when re-measured
+WIN_RATE = 0.75
 
 
 def candidates(layer, patterns, sparsity, device, dtype, skip=()) -> list[Candidate]:
@@ -71,6 +75,7 @@ class Evaluator:
         self.dense_layout = None
         self.measured = 0  # new candidate measurements (each also stored in the tuning table)
         self.raced = 0  # confirmation timings of already-measured candidates
+        self.last_win_rates: list = []
         self._warned = set()
 
     def dense_candidate(self, layout=None) -> Candidate:
@@ -139,7 +144,9 @@ class Evaluator:
         return med
 
     def race(self, cands: list[Candidate]) -> list[float]:
-        """Seconds per candidate, measured interleaved in one worker call (inf on failure)."""
+        """Seconds per candidate, measured interleaved in one worker call (inf on failure);
+        ``last_win_rates``: each one's share of rounds faster than the first."""
+        self.last_win_rates = [None] * len(cands)
         req = RaceRequest(layer=self.layer, batch=self.batch, dtype=self.dtype,
                           device=self.device, threads=self.threads, sparsity=self.S,
                           cands=tuple(cands), timing=RACE)
@@ -150,6 +157,7 @@ class Evaluator:
         if not isinstance(res, RaceReply):
             return [math.inf] * len(cands)
         self.raced += len(cands)
+        self.last_win_rates = list(res.win_rates) or [None] * len(cands)
         return [m if m is not None else math.inf for m in res.medians] or \
             [math.inf] * len(cands)
 
@@ -188,11 +196,13 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
         top = [c for c in top if math.isfinite(strat.history[c])]
         if top:  # confirm: the top picks and dense race each other interleaved
             times = ev.race([ev.dense_candidate(layout)] + top)
+            wins = ev.last_win_rates
             if math.isfinite(times[0]):
                 i = min(range(len(top)), key=lambda j: times[j + 1])
                 if math.isfinite(times[i + 1]):
                     cost = dense_s * times[i + 1] / times[0]
-                    if cost < best_s:  # dense is always a candidate
+                    clear = wins[i + 1] is None or wins[i + 1] >= WIN_RATE
+                    if cost < best_s and clear:  # dense is always a candidate
                         best, best_s = top[i], cost
     return LayerResult(layer=ev.layer, dense_s=dense_s, dense_layout=layout, best=best,
                        best_s=best_s, defaults=defaults,
