@@ -190,7 +190,7 @@ class _StubEvaluator:
         self.layer = ConvLayer(net="t", name="t", index=0, cin=64, cout=64, kh=3, kw=3,
                                stride=1, padding=1, h=14, w=14)
         self.S, self.device, self.dtype, self.measured = 0.5, Device.CPU, "float32", 0
-        self.wins, self.last_win_rates = wins, []
+        self.wins = wins
 
     def dense(self):
         return 1.0, "nchw"
@@ -202,8 +202,7 @@ class _StubEvaluator:
         return 0.99
 
     def race(self, cands):
-        self.last_win_rates = [None] + [self.wins] * (len(cands) - 1)
-        return [1.0] + [0.99] * (len(cands) - 1)
+        return [1.0] + [0.99] * (len(cands) - 1), [None] + [self.wins] * (len(cands) - 1)
 
 
 @pytest.mark.parametrize("wins,sparse", [(0.5, False), (0.72, False), (0.8, True), (1.0, True)])

@@ -75,7 +75,6 @@ class Evaluator:
         self.dense_layout = None
         self.measured = 0  # new candidate measurements (each also stored in the tuning table)
         self.raced = 0  # confirmation timings of already-measured candidates
-        self.last_win_rates: list = []
         self._warned = set()
 
     def dense_candidate(self, layout=None) -> Candidate:
@@ -143,23 +142,22 @@ class Evaluator:
             return self.dense_s * med / float(dm)
         return med
 
-    def race(self, cands: list[Candidate]) -> list[float]:
-        """Seconds per candidate, measured interleaved in one worker call (inf on failure);
-        ``last_win_rates``: each one's share of rounds faster than the first."""
-        self.last_win_rates = [None] * len(cands)
+    def race(self, cands: list[Candidate]) -> tuple[list[float], list]:
+        """Seconds per candidate, measured interleaved in one worker call (inf on failure), and
+        each one's share of the rounds in which it was faster than the first (None: unknown)."""
+        unknown = [None] * len(cands)
         req = RaceRequest(layer=self.layer, batch=self.batch, dtype=self.dtype,
                           device=self.device, threads=self.threads, sparsity=self.S,
                           cands=tuple(cands), timing=RACE)
         try:
             res = self.worker.call(req, self.timeout * 2)
         except (WorkerTimeout, WorkerDied):
-            return [math.inf] * len(cands)
+            return [math.inf] * len(cands), unknown
         if not isinstance(res, RaceReply):
-            return [math.inf] * len(cands)
+            return [math.inf] * len(cands), unknown
         self.raced += len(cands)
-        self.last_win_rates = list(res.win_rates) or [None] * len(cands)
-        return [m if m is not None else math.inf for m in res.medians] or \
-            [math.inf] * len(cands)
+        times = [m if m is not None else math.inf for m in res.medians] or [math.inf] * len(cands)
+        return times, list(res.win_rates) or unknown
 
     def dense(self):
         """The layer's dense baseline time and layout (the faster layout, measured)."""
@@ -195,8 +193,7 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
         top = sorted(strat.history, key=strat.history.get)[:CONFIRM_TOP]
         top = [c for c in top if math.isfinite(strat.history[c])]
         if top:  # confirm: the top picks and dense race each other interleaved
-            times = ev.race([ev.dense_candidate(layout)] + top)
-            wins = ev.last_win_rates
+            times, wins = ev.race([ev.dense_candidate(layout)] + top)
             if math.isfinite(times[0]):
                 i = min(range(len(top)), key=lambda j: times[j + 1])
                 if math.isfinite(times[i + 1]):

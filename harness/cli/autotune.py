@@ -130,7 +130,7 @@ def run(args) -> int:
                 picks[name], evals[name] = r2.best, r2.evaluations
             if compare:  # regret from one interleaved race of the confirmed picks
                 names = list(picks)
-                times = dict(zip(names, ev.race([picks[n] for n in names])))
+                times = dict(zip(names, ev.race([picks[n] for n in names])[0]))
                 for name in compare:
                     compare_rows.append({
                         "layer": lay.name, "strategy": name, "evals": evals[name],

@@ -54,8 +54,6 @@ def _ints(text: str, what: str, allowed=None) -> list[int]:
 
 
 def run(args) -> int:
-    import torch
-
     from kernels import _ext
     from kernels.registry import KernelBuildError
 
@@ -81,7 +79,6 @@ def run(args) -> int:
     print(f"probe: the CS inner loop on {fp['cpu']}, {threads} thread(s), {mod.isa()} "
           f"({vw} lanes), {args.rounds} interleaved rounds, {args.fmas:,} vector FMAs per "
           f"thread per measurement", flush=True)
-    torch.set_num_threads(threads)
     rows = [(kb, t, shift) for kb in sizes for t in tiles for shift in (0, 1)]
     loop = {r: [] for r in rows}
     dense = []

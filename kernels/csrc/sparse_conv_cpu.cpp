@@ -114,8 +114,8 @@ inline vec vrelu(vec a) { for (int i = 0; i < VW; ++i) a[i] = a[i] < 0.f ? 0.f :
 #endif
 
 // Lane masks of a pixel tile's T vectors. FULL (every lane valid: all tiles but the last of an
-// image's OH x Wq grid):
-// plain loads and stores, which the compiler folds into the FMAs. A masked load is a separate
+// image's OH x Wq grid): plain loads and stores, which the compiler folds into the FMAs. A
+// masked load is a separate
 // instruction per FMA: in a loop microbenchmark on AVX-512 (Zen 4) it cost +15% at T=4 and more
 // at T=6; on ResNet50's CS layers the full-tile path gained 0-14%.
 template <int T, bool FULL = false>
@@ -161,12 +161,16 @@ inline void put(float* dst, const float* src, int64_t len, float b, bool relu) {
   }
 }
 
+// A tile's pixels are contiguous in the output (grid rows have no discarded columns and the
+// output rows no gaps): accumulators can be stored from registers, no tile buffer.
+inline bool contiguous_out(const Geo& g) { return g.Wq == g.OW && g.out_row == g.OW; }
+
 // Write the valid pixels of a grid tile [q0, q0+n) of one output channel to its plane
 // (g.plane(y, n, o)), through the epilogue.
 inline void write_tile(const float* tb, float* yplane, const Geo& g, int64_t q0, int64_t n,
                        float b) {
   const bool relu = g.relu != 0;
-  if (g.Wq == g.OW && g.out_row == g.OW) { put(yplane + q0, tb, n, b, relu); return; }
+  if (contiguous_out(g)) { put(yplane + q0, tb, n, b, relu); return; }
   int64_t q = q0, end = q0 + n;
   while (q < end) {
     int64_t oh = q / g.Wq, ow = q % g.Wq;
@@ -185,10 +189,6 @@ inline void item_coords(int64_t it, int64_t nT, int64_t nB, int64_t split, int64
   int64_t r = it % (nT * nB);
   if (split == 0) { tile = r / nB; blk = r % nB; } else { blk = r / nT; tile = r % nT; }
 }
-
-// A tile's pixels are contiguous in the output (grid rows have no discarded columns and the
-// output rows no gaps): accumulators can be stored from registers, no tile buffer.
-inline bool contiguous_out(const Geo& g) { return g.Wq == g.OW && g.out_row == g.OW; }
 
 // Drive a row kernel over (image, pixel tile, block of OB output channels) work items.
 // body(tile_buf, dst, first, masks, x_tile, o, c_lo, c_hi, bias, relu) accumulates output
