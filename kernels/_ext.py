@@ -1,20 +1,37 @@
-"""Build (first use) and load the C++ CPU kernels; builds are cached by torch under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the source hash."""
+"""Build (first use) and load the C++ CPU kernels: one shared library per kernel family.
+
+Each family is one source file in ``csrc/`` (plus the headers it includes), built by
+``torch.utils.cpp_extension`` into its own library and called through ``ctypes``: entry points
+are ``extern "C"``, take raw pointers and a named ``sc_geometry`` struct (``Geometry`` in
+``cpu_layout.py``), and return 0, or 1 with the reason in ``sc_last_error()``. A library's name
+carries a tag hashed from its source, the headers it includes, the compiler flags and this
+CPU's feature flags, so an edit rebuilds that family only, and a build cache shared between
+machines (a cluster's common home folder) never hands one CPU's build to another.
+
+Builds go under ``SPARSECONV_BUILD_DIR`` when it is set, else ``TORCH_EXTENSIONS_DIR``, else
+``~/.cache/sparseconv`` (cpp_extension's file lock makes concurrent first builds safe).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
+import re
 import threading
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .registry import KernelBuildError
 
-CSRC = Path(__file__).parent / "csrc"
+HERE = Path(__file__).parent
+CSRC = HERE / "csrc"
 _lock = threading.Lock()
-_mod = None
-_err: str | None = None
+
+P = ctypes.c_void_p  # a tensor's data pointer (passed as an int) or None
+I64 = ctypes.c_int64
 
 
 def cflags() -> list[str]:
@@ -40,31 +57,182 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def load():
-    """The compiled extension module (raises RuntimeError with the compiler's reason)."""
-    global _mod, _err
-    with _lock:
-        if _mod is not None:
-            return _mod
-        if _err is not None:
-            raise KernelBuildError(_err)
-        from torch.utils import cpp_extension
+def build_dir() -> Path:
+    d = os.environ.get("SPARSECONV_BUILD_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "sparseconv"
 
-        src = CSRC / "sparse_conv_cpu.cpp"
-        # keyed by the source, the flags and this CPU's feature flags: -march=native means
-        # another ISA on another CPU, so a shared home folder cannot hand one node's build to
-        # another
-        tag = hashlib.sha256(src.read_bytes() + " ".join(cflags()).encode()
-                             + _cpu_flags().encode()).hexdigest()[:10]
-        try:
-            _mod = cpp_extension.load(
-                name=f"sparseconv_cpu_{tag}", sources=[str(src)], extra_cflags=cflags(),
-                extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("SPARSECONV_VERBOSE")))
-        except Exception as e:  # compiler missing, flags unsupported, ...
-            _err = f"C++ CPU kernels failed to build: {str(e).strip().splitlines()[-1][:300]}"
-            raise KernelBuildError(_err) from e
-        return _mod
+
+def _includes(src: Path) -> list[Path]:
+    """The project headers ``src`` includes, recursively (``#include "name"``)."""
+    seen: list[Path] = []
+    todo = [src]
+    while todo:
+        f = todo.pop()
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read_text(), re.M):
+            h = (f.parent / name).resolve()
+            if h not in seen:
+                seen.append(h)
+                todo.append(h)
+    return seen
+
+
+class Family:
+    """One kernel family's C++ library: ``source`` (relative to ``csrc/``) and its entry points
+    with their ctypes argument types. ``sources`` are the files it is built from (relative to
+    ``kernels/``, as ``Kernel.sources`` names them); ``load()`` builds on first use."""
+
+    def __init__(self, name: str, source: str, entries: dict[str, list]):
+        self.name, self.source, self.entries = name, CSRC / source, entries
+        self._lib: ctypes.CDLL | None = None
+        self._err: str | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        files = [self.source, *_includes(self.source)]
+        return tuple(str(f.relative_to(HERE)) for f in files)
+
+    def tag(self) -> str:
+        h = hashlib.sha256()
+        for f in [self.source, *_includes(self.source)]:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        h.update(" ".join(cflags()).encode() + _cpu_flags().encode())
+        return h.hexdigest()[:10]
+
+    def load(self) -> ctypes.CDLL:
+        """The loaded library (raises KernelBuildError with the compiler's reason)."""
+        with _lock:
+            if self._lib is not None:
+                return self._lib
+            if self._err is not None:
+                raise KernelBuildError(self._err)
+            from torch.utils import cpp_extension
+
+            name = f"sparseconv_{self.name}_{self.tag()}"
+            where = build_dir() / name
+            try:
+                where.mkdir(parents=True, exist_ok=True)
+                path = cpp_extension.load(
+                    name=name, sources=[str(self.source)], extra_cflags=cflags(),
+                    extra_ldflags=["-fopenmp"], build_directory=str(where),
+                    is_python_module=False, verbose=bool(os.environ.get("SPARSECONV_VERBOSE")))
+                lib = ctypes.CDLL(path)
+            except Exception as e:  # compiler missing, flags unsupported, unwritable cache, ...
+                lines = str(e).strip().splitlines() or [type(e).__name__]
+                self._err = f"C++ CPU kernels ({self.name}) failed to build: {lines[-1][:300]}"
+                raise KernelBuildError(self._err) from e
+            lib.sc_last_error.restype = ctypes.c_char_p
+            lib.sc_isa.restype = ctypes.c_char_p
+            lib.sc_vector_width.restype = I64
+            lib.sc_geometry_size.restype = I64
+            if lib.sc_geometry_size() != ctypes.sizeof(GeometryC):
+                self._err = (f"C++ CPU kernels ({self.name}): sc_geometry has "
+                             f"{lib.sc_geometry_size()} bytes in common.h, "
+                             f"{ctypes.sizeof(GeometryC)} in cpu_layout.Geometry")
+                raise KernelBuildError(self._err)
+            for fn, argtypes in self.entries.items():
+                f = getattr(lib, fn)
+                f.argtypes, f.restype = argtypes, ctypes.c_int
+            self._lib = lib
+            return lib
+
+    def call(self, fn: str, *args) -> None:
+        """Run entry point ``fn``; its refusal becomes a RuntimeError with the C++ reason."""
+        lib = self.load()
+        if getattr(lib, fn)(*args):
+            raise RuntimeError(f"{fn}: {lib.sc_last_error().decode()}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What one kernel call computes, by name: the C++ ``sc_geometry`` in ``csrc/common.h``
+    (same fields, same order, all int64). Output pixel (oh, ow) of channel c of image i goes to
+    ``out_img*i + out_chan*c + out_base + out_row*oh + ow``."""
+    n: int             # images
+    cin: int           # input channels
+    cout: int          # output channels
+    chan_stride: int   # floats between input channels in the resident layout
+    img_stride: int    # floats between input images
+    oh: int            # output rows
+    ow: int            # output columns
+    wq: int            # grid row width (columns >= ow are computed and discarded)
+    tile: int          # vectors per pixel tile (T)
+    ob: int            # output channels per work item
+    chunk: int         # input channels a tile accumulates at once (0: all)
+    split: int         # 0: threads own pixel tiles, 1: threads own output channels
+    threads: int       # OpenMP threads
+    out_img: int
+    out_chan: int
+    out_base: int
+    out_row: int
+    relu: int          # 1: ReLU in the epilogue
+
+    @cached_property
+    def c(self) -> ctypes.Structure:
+        """The ctypes struct handed to the C++ entry points (built once per geometry)."""
+        return GeometryC(*(getattr(self, f) for f, _ in GeometryC._fields_))
+
+    def output_extent(self) -> int:
+        """One past the last output element a call writes."""
+        return ((self.n - 1) * self.out_img + (self.cout - 1) * self.out_chan + self.out_base
+                + (self.oh - 1) * self.out_row + self.ow)
+
+
+class GeometryC(ctypes.Structure):
+    _fields_ = [(name, I64) for name in Geometry.__dataclass_fields__]
+
+
+GEO = ctypes.POINTER(GeometryC)
+
+
+def check_io(x, y, geo: Geometry, name: str) -> None:
+    """The buffers a call reads and writes are float32, contiguous and large enough."""
+    import torch
+
+    for t, what in ((x, "input"), (y, "output")):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name}: the {what} must be a contiguous float32 CPU tensor")
+    if y.numel() < geo.output_extent():
+        raise ValueError(f"{name}: output buffer of {y.numel()} floats is smaller than its "
+                         f"geometry ({geo.output_extent()})")
+    if x.numel() < geo.n * geo.img_stride:
+        raise ValueError(f"{name}: input buffer of {x.numel()} floats is smaller than its "
+                         f"geometry ({geo.n * geo.img_stride})")
+
+
+def bias_ptr(bias, geo: Geometry, name: str):
+    """The bias' data pointer (None when empty), checked against the geometry."""
+    import torch
+
+    if bias is None or bias.numel() == 0:
+        return None
+    if bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != geo.cout:
+        raise ValueError(f"{name}: bias must be a contiguous float32 [{geo.cout}] tensor")
+    return bias.data_ptr()
+
+
+def need(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+LAYOUT = Family("layout", "layout.cpp", {
+    "sc_layout_fill": [P, I64, I64, I64, I64, P, I64, I64, I64, I64, I64, I64, I64, I64]})
+PROBE = Family("probe", "probe.cpp", {
+    "sc_loop_probe": [I64, I64, I64, I64, I64, ctypes.POINTER(ctypes.c_double)]})
 
 
 def isa() -> str:
-    return load().isa()
+    """The vector path the kernels are built with on this machine (builds the layout library,
+    the smallest, on first use)."""
+    return LAYOUT.load().sc_isa().decode()
+
+
+def vector_width() -> int:
+    return int(LAYOUT.load().sc_vector_width())
+
+
+def loop_probe(T: int, shift: int, ws_bytes: int, threads: int, fmas: int) -> float:
+    """Seconds ``threads`` threads take for ``fmas`` vector FMAs each of the CS inner loop."""
+    out = ctypes.c_double()
+    PROBE.call("sc_loop_probe", T, shift, ws_bytes, threads, fmas, ctypes.byref(out))
+    return out.value

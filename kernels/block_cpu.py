@@ -8,6 +8,8 @@ channel. Tunables: N, rearrange, pixel tile T (N*T accumulators must fit the reg
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import _ext
@@ -18,6 +20,28 @@ from .registry import pick_divisor, register
 
 MAX_T = {4: 6, 8: 3, 16: 1, 32: 1}
 TILES_1XN = (1, 2, 3, 4, 6)
+_P = _ext.P
+BSR = _ext.Family("bsr_1xn", "bsr_1xn.cpp", {
+    # x, crow, col offsets, vals, rowmap, N, geometry, y, bias
+    "sc_bsr_1xn": [_P, _P, _P, _P, _P, _ext.I64, _ext.GEO, _P, _P]})
+
+
+def bsr_1xn(crow, col_off, vals, rowmap, N, cout):
+    """Entry over BSR blocks: ``entry(x, geometry, y, bias)``."""
+    name, nnzb = "bsr_1xn", col_off.numel()
+    _ext.need(crow.dtype == torch.int32 and col_off.dtype == torch.int64
+              and rowmap.dtype == torch.int64 and vals.dtype == torch.float32
+              and all(t.is_contiguous() for t in (crow, col_off, vals, rowmap))
+              and cout % N == 0 and crow.numel() == cout // N + 1 and int(crow[-1]) == nnzb
+              and vals.numel() == nnzb * N and rowmap.numel() == cout,
+              f"{name}: bad BSR encoding")
+
+    def entry(x, geo, y, bias):
+        _ext.check_io(x, y, geo, name)
+        BSR.call("sc_bsr_1xn", x.data_ptr(), crow.data_ptr(), col_off.data_ptr(),
+                 vals.data_ptr(), rowmap.data_ptr(), N, ctypes.byref(geo.c), y.data_ptr(),
+                 _ext.bias_ptr(bias, geo, name))
+    return entry
 
 
 @register
@@ -26,6 +50,7 @@ class Bsr1xNCpu(CppKernel):
     pattern = "1xn"
     space = {"N": P.BLOCK_N, "rearrange": (False, True), "T": TILES_1XN, "split": SPLITS}
     pattern_params = ("N", "rearrange")
+    family = BSR
 
     def _default(self, layer, sparsity, pinned):
         N = pinned.get("N", pick_divisor(P.BLOCK_N, layer.cout, 16))
@@ -48,11 +73,10 @@ class Bsr1xNCpu(CppKernel):
         crow = enc.crow.to(torch.int32).contiguous()
         vals = enc.values.float().contiguous()
         rowmap = enc.perm.to(torch.int64).contiguous()
-        mod = _ext.load()
-
-        def entry(xl, geo, y, bias):
-            mod.bsr_1xn(xl, crow, col_off, vals, rowmap, enc.N, geo, y, bias)
+        col_off = col_off.contiguous()
+        self.build()
+        entry = bsr_1xn(crow, col_off, vals, rowmap, enc.N, layer.cout)
 
         return make_run(layer, wm, entry, config["T"], config["split"],
-                        info={"kernel": self.name, "nnzb": enc.nnzb, "isa": mod.isa()},
+                        info={"kernel": self.name, "nnzb": enc.nnzb, "isa": _ext.isa()},
                         perm=enc.perm)

@@ -8,6 +8,8 @@ group's input window stays in L1 across its rows.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import _ext
@@ -15,6 +17,27 @@ from . import patterns as P
 from .cpu_common import SPLITS, TILES, CppKernel, default_tile, make_run
 from .cpu_layout import CpuLayout
 from .registry import register
+
+_P = _ext.P
+ROW_SPARSE = _ext.Family("row_sparse", "row_sparse.cpp", {
+    # x, row pointer, offsets, vals, geometry, y, bias
+    "sc_row_sparse": [_P, _P, _P, _P, _ext.GEO, _P, _P]})
+
+
+def row_sparse(rptr, off, vals, cout):
+    """Entry over per-output-channel lists: ``entry(x, geometry, y, bias)``."""
+    name = "row_sparse"
+    _ext.need(rptr.dtype == off.dtype == torch.int64 and vals.dtype == torch.float32
+              and all(t.is_contiguous() for t in (rptr, off, vals))
+              and rptr.numel() == cout + 1 and off.numel() == vals.numel() == int(rptr[-1]),
+              f"{name}: bad row lists")
+
+    def entry(x, geo, y, bias):
+        _ext.check_io(x, y, geo, name)
+        ROW_SPARSE.call("sc_row_sparse", x.data_ptr(), rptr.data_ptr(), off.data_ptr(),
+                        vals.data_ptr(), ctypes.byref(geo.c), y.data_ptr(),
+                        _ext.bias_ptr(bias, geo, name))
+    return entry
 
 
 def _row_lists(layer, rows_o, cols, vals):
@@ -30,20 +53,20 @@ def _row_lists(layer, rows_o, cols, vals):
 
 
 class _RowSparse(CppKernel):
+    family = ROW_SPARSE
+
     def _default(self, layer, sparsity, pinned):
         return {**{k: v[0] for k, v in self.space.items()}, "T": default_tile(layer),
                 "split": "pixels"}
 
     def _run(self, layer, wm, rows_o, cols, vals, info):
         rptr, off, v = _row_lists(layer, rows_o, cols, vals)
-        mod = _ext.load()
+        self.build()
         T, split = info.pop("T"), info.pop("split")
-
-        def entry(xl, geo, y, bias):
-            mod.row_sparse(xl, rptr, off, v, geo, y, bias)
+        entry = row_sparse(rptr, off, v, layer.cout)
 
         return make_run(layer, wm, entry, T, split, info={"kernel": self.name, **info,
-                                                          "isa": mod.isa()})
+                                                          "isa": _ext.isa()})
 
 
 @register

@@ -14,11 +14,21 @@ SPLITS = ("pixels", "channels")
 
 
 class CppKernel(Kernel):
+    """A kernel whose entry points live in one C++ family (``family``, an ``_ext.Family``): its
+    identity covers that family's source and headers, the layout pass, and the Python glue,
+    not the other families' sources."""
     device = "cpu"
-    sources = ("csrc/sparse_conv_cpu.cpp", "cpu_layout.py", "cpu_common.py", "_ext.py")
+    family: _ext.Family
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "family" in cls.__dict__:
+            cls.sources = (*cls.family.sources, *_ext.LAYOUT.sources, "cpu_layout.py",
+                           "cpu_common.py", "_ext.py")
 
     def build(self):
-        _ext.load()  # raises KernelBuildError with the compiler's reason
+        self.family.load()  # raises KernelBuildError with the compiler's reason
+        _ext.LAYOUT.load()
 
 
 def default_tile(layer, allowed=TILES) -> int:
@@ -49,8 +59,16 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
     names another destination; ``bias`` may be empty)."""
     lay = CpuLayout.of(layer)
     bufs: dict[int, torch.Tensor] = {}
+    geos: dict[tuple, _ext.Geometry] = {}
     cout = layer.cout
     name = (info or {}).get("kernel", "cpu kernel")
+
+    def geometry(n, where=None, relu=False):
+        """One Geometry (and its C struct) per batch, thread count and destination."""
+        key = (n, torch.get_num_threads(), None if where is None else tuple(where), relu)
+        if key not in geos:
+            geos[key] = lay.geometry(n, cout, T, ob, chunk, split, key[1], where, relu)
+        return geos[key]
 
     def resident(xl, out=None):
         n = xl.shape[0]
@@ -60,8 +78,7 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
                 or out.dtype != torch.float32:
             raise ValueError(f"{name}: out must be a contiguous float32 "
                              f"[{n}, {cout}, {layer.oh}, {layer.ow}] tensor")
-        entry(xl, lay.geometry(n, cout, T, ob, chunk, split, torch.get_num_threads()), out,
-              NO_BIAS)
+        entry(xl, geometry(n), out, NO_BIAS)
         return out
 
     def fused(x, laid_out=False, bias=None, relu=False, dest: CpuLayout | None = None,
@@ -83,8 +100,7 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
             out = dest.empty(n) if out is None else out
             where = dest.destination()
         b = NO_BIAS if bias is None else bias.detach().float().contiguous()
-        entry(xl, lay.geometry(n, cout, T, ob, chunk, split, torch.get_num_threads(), where,
-                               relu), out, b)
+        entry(xl, geometry(n, where, relu), out, b)
         return out
 
     def layout(x):

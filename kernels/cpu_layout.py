@@ -1,4 +1,4 @@
-"""The CPU kernels' input layout (see kernels/csrc/sparse_conv_cpu.cpp).
+"""The CPU kernels' input layout (see kernels/csrc/common.h).
 
 Per image and input channel: the zero-padded input split into stride-phase planes; plane
 (a, b) is the ``Hq x Wq`` grid of padded pixels ``(S*i + a, S*j + b)``. Output pixel
@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from shapes import ConvLayer
+
+from . import _ext
+from ._ext import Geometry
 
 ALIGN = 16
 
@@ -67,11 +70,15 @@ class CpuLayout:
         pass in the C++ extension."""
         if self.direct:
             return x.contiguous()
-        from . import _ext
-
-        _ext.load().layout_fill(x.contiguous(), buf, self.S, self.layer.padding, self.na,
-                                self.nb, self.Hq, self.Wq, self.chan_stride,
-                                torch.get_num_threads())
+        x = x.contiguous()
+        n, c, h, w = x.shape
+        if x.dtype != torch.float32 or buf.dtype != torch.float32 or not buf.is_contiguous() \
+                or buf.numel() < n * c * self.chan_stride:
+            raise ValueError(f"layout of {self.layer.shape_str}: float32 input and a contiguous "
+                             f"float32 buffer of at least {n * c * self.chan_stride} floats")
+        _ext.LAYOUT.call("sc_layout_fill", x.data_ptr(), n, c, h, w, buf.data_ptr(), self.S,
+                         self.layer.padding, self.na, self.nb, self.Hq, self.Wq,
+                         self.chan_stride, torch.get_num_threads())
         return buf
 
     def fill_reference(self, x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -116,13 +123,16 @@ class CpuLayout:
         return [self.img_stride, self.chan_stride, p * self.Wq + p, self.Wq]
 
     def geometry(self, n: int, cout: int, T: int, OB: int, chunk: int, split: str,
-                 threads: int, out: list[int] | None = None, relu: bool = False) -> list[int]:
-        """The kernel's geometry vector; ``out`` (a consumer's ``destination()``) redirects
-        the output from NCHW."""
+                 threads: int, out: list[int] | None = None, relu: bool = False) -> Geometry:
+        """The kernel's geometry; ``out`` (a consumer's ``destination()``) redirects the output
+        from NCHW."""
         L = self.layer
-        out = out or [cout * L.oh * L.ow, L.oh * L.ow, 0, L.ow]
-        return [n, L.cin, cout, self.chan_stride, self.img_stride, L.oh, L.ow, self.Wq, T, OB,
-                chunk, 0 if split == "pixels" else 1, threads, *out, int(relu)]
+        out_img, out_chan, out_base, out_row = out or [cout * L.oh * L.ow, L.oh * L.ow, 0, L.ow]
+        return Geometry(n=n, cin=L.cin, cout=cout, chan_stride=self.chan_stride,
+                        img_stride=self.img_stride, oh=L.oh, ow=L.ow, wq=self.Wq, tile=T, ob=OB,
+                        chunk=chunk, split=0 if split == "pixels" else 1, threads=threads,
+                        out_img=out_img, out_chan=out_chan, out_base=out_base, out_row=out_row,
+                        relu=int(relu))
 
 
 def check_input(layer: ConvLayer, x: torch.Tensor, name: str) -> None:

@@ -12,6 +12,8 @@ expands them once at prepare time into int32 input offsets, segment-major.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import _ext
@@ -19,6 +21,46 @@ from . import patterns as P
 from .cpu_common import SPLITS, CppKernel, default_schedule, make_run
 from .cpu_layout import CpuLayout
 from .registry import register
+
+_P, _I = _ext.P, _ext.I64
+CS = _ext.Family("cs", "cs.cpp", {
+    # x, vals, idx, tap offsets, taps, K, M, geometry, y, bias
+    "sc_cs_direct": [_P, _P, _P, _P, _I, _I, _I, _ext.GEO, _P, _P],
+    # x, vals, offsets, K, M, taps, geometry, y, bias
+    "sc_cs_offsets": [_P, _P, _P, _I, _I, _I, _ext.GEO, _P, _P],
+})
+
+
+def cs_direct(vals, idx, tap_off, K, M, cout, cin):
+    """Entry over compressed values and 1-byte indices [Cout, taps, Cin/K], decoded in the
+    inner loop: ``entry(x, geometry, y, bias)``."""
+    name, taps = "cs_direct", tap_off.numel()
+    _ext.need(vals.dtype == torch.float32 and idx.dtype == torch.uint8
+              and tap_off.dtype == torch.int64 and vals.is_contiguous() and idx.is_contiguous()
+              and tap_off.is_contiguous() and vals.numel() == idx.numel() == cout * taps * (cin // K),
+              f"{name}: bad CS encoding")
+
+    def entry(x, geo, y, bias):
+        _ext.check_io(x, y, geo, name)
+        CS.call("sc_cs_direct", x.data_ptr(), vals.data_ptr(), idx.data_ptr(),
+                tap_off.data_ptr(), taps, K, M, ctypes.byref(geo.c), y.data_ptr(),
+                _ext.bias_ptr(bias, geo, name))
+    return entry
+
+
+def cs_offsets(vals, off, K, M, taps, cout, cin):
+    """Entry over compressed values with int32 input offsets [Cout, Cin/(K*M), taps*M]
+    (segment-major): ``entry(x, geometry, y, bias)``."""
+    name = "cs_offsets"
+    _ext.need(vals.dtype == torch.float32 and off.dtype == torch.int32 and vals.is_contiguous()
+              and off.is_contiguous() and vals.numel() == off.numel() == cout * taps * cin // K,
+              f"{name}: bad CS offsets")
+
+    def entry(x, geo, y, bias):
+        _ext.check_io(x, y, geo, name)
+        CS.call("sc_cs_offsets", x.data_ptr(), vals.data_ptr(), off.data_ptr(), K, M, taps,
+                ctypes.byref(geo.c), y.data_ptr(), _ext.bias_ptr(bias, geo, name))
+    return entry
 
 
 @register
@@ -29,6 +71,7 @@ class CSCpuDirect(CppKernel):
     space = {"M": P.CPU_M, "T": (1, 2, 4, 6, 8), "split": SPLITS, "cin_chunk": (0, 64, 256),
              "ob": (8, 128), "decode": ("offsets", "inline")}
     pattern_params = ("M",)
+    family = CS
 
     def make_pattern(self, sparsity, config):
         return P.make("cs", sparsity, form="cin", M=config["M"])
@@ -58,10 +101,9 @@ class CSCpuDirect(CppKernel):
         vals = enc.values.float().contiguous()
         idx = enc.idx.contiguous()
         taps = CpuLayout.of(layer).tap_offsets()
-        mod = _ext.load()
+        self.build()
         if config["decode"] == "inline":
-            def entry(xl, geo, y, bias):
-                mod.cs_direct(xl, vals, idx, taps, enc.K, enc.M, geo, y, bias)
+            entry = cs_direct(vals, idx, taps, enc.K, enc.M, layer.cout, layer.cin)
         else:
             cs = CpuLayout.of(layer).chan_stride
             ntap, nseg = layer.kh * layer.kw, layer.cin // (enc.K * enc.M)
@@ -74,9 +116,7 @@ class CSCpuDirect(CppKernel):
                 raise ValueError(f"{self.name}: input too large for int32 offsets; use "
                                  f"decode='inline'")
             off32, v2 = off.to(torch.int32).contiguous(), v2.contiguous()
-
-            def entry(xl, geo, y, bias):
-                mod.cs_offsets(xl, v2, off32, enc.K, enc.M, ntap, geo, y, bias)
+            entry = cs_offsets(v2, off32, enc.K, enc.M, ntap, layer.cout, layer.cin)
 
         return make_run(layer, wm, entry, config["T"], config["split"], config["cin_chunk"],
-                        config["ob"], info={"kernel": self.name, "K": enc.K, "M": enc.M, "isa": mod.isa()})
+                        config["ob"], info={"kernel": self.name, "K": enc.K, "M": enc.M, "isa": _ext.isa()})

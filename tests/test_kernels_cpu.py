@@ -255,3 +255,49 @@ def test_portable_build_without_avx512_is_correct():
                        text=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ISA portable" in r.stdout
+
+
+# ---- the named C++ interface ------------------------------------------------------------------
+def test_geometry_dataclass_names_the_cpp_struct_fields_in_order():
+    """cpu_layout.Geometry is the C++ sc_geometry (csrc/common.h) by name and order: a field
+    added on one side only would shift every later field."""
+    import re
+    from dataclasses import fields
+
+    from kernels import _ext
+    text = (_ext.CSRC / "common.h").read_text()
+    body = re.search(r"struct sc_geometry \{(.*?)\};", text, re.S).group(1)
+    body = re.sub(r"//[^\n]*", "", body)
+    cpp = [n.strip() for decl in body.split(";") if decl.strip()
+           for n in decl.replace("int64_t", "").split(",")]
+    assert cpp == [f.name for f in fields(_ext.Geometry)]
+    assert _ext.LAYOUT.load().sc_geometry_size() == 8 * len(cpp)
+
+
+def _cs_entry_and_buffers(T):
+    from kernels.cpu_layout import CpuLayout
+    from kernels.cs_cpu import cs_offsets
+    lay = layer(32, 16, 3, 1, 1, h=9)
+    lo = CpuLayout.of(lay)
+    K, M, taps = 2, 2, 9
+    n_vals = 16 * taps * 32 // K
+    entry = cs_offsets(torch.zeros(n_vals), torch.zeros(n_vals, dtype=torch.int32), K, M, taps,
+                       16, 32)
+    return entry, lo.layout(torch.randn(1, 32, 9, 9)), lo.geometry(1, 16, T, 8, 0, "pixels", 1)
+
+
+def test_a_refusal_in_cpp_is_a_runtime_error_with_its_reason():
+    entry, xl, geo = _cs_entry_and_buffers(T=5)  # T=5 is not compiled
+    with pytest.raises(RuntimeError, match="pixel tile T must be one of 1, 2, 3, 4, 6, 8; got 5"):
+        entry(xl, geo, torch.empty(1, 16, 9, 9), None)
+
+
+def test_a_buffer_smaller_than_its_geometry_is_refused_before_cpp_runs():
+    entry, xl, geo = _cs_entry_and_buffers(T=4)
+    y = torch.full((1, 16, 9, 9), 7.0)
+    entry(xl, geo, y, None)  # the right size runs (zero weights: zero output)
+    assert torch.equal(y, torch.zeros_like(y))
+    with pytest.raises(ValueError, match="output buffer of 1200 floats is smaller"):
+        entry(xl, geo, torch.empty(1200), None)
+    with pytest.raises(ValueError, match="input buffer of"):
+        entry(xl[:, :100].contiguous(), geo, y, None)

@@ -141,8 +141,28 @@ def _run(root, tmp, *args):
                           capture_output=True, text=True, timeout=900)
 
 
+def test_editing_the_1xn_cpp_source_re_measures_only_the_1xn_kernel(tmp_path):
+    """Each C++ kernel family is its own source file and library: an edit of the 1xN source
+    rebuilds that library only and re-measures only ``bsr_1xn_cpu`` (CS, dense reused)."""
+    root = _copy_project(tmp_path / "project")
+    cpu = ["--kernels", "cs_cpu_direct,bsr_1xn_cpu", "--quick"]
+    r = _run(root, tmp_path, *cpu)
+    assert r.returncode == 0, r.stderr
+    first = rows(tmp_path / "r.sqlite")
+    with open(root / "kernels" / "csrc" / "bsr_1xn.cpp", "a") as f:
+        f.write("\n// an edit\n")
+    r = _run(root, tmp_path, *cpu)
+    assert r.returncode == 0, r.stderr
+    df = rows(tmp_path / "r.sqlite")
+    new = df[~df.id.isin(first.id)]
+    assert set(new.kernel) == {"bsr_1xn_cpu"} and (new.status == "ok").all()
+    # the two dense layouts and every CS case were already measured
+    n_cs = int((first.kernel == "cs_cpu_direct").sum())
+    assert f"skipped (already measured) {2 + n_cs}" in r.stdout
+
+
 @pytest.mark.slow
-def test_editing_the_cpp_source_re_measures_exactly_the_cpp_kernels(tmp_path):
+def test_editing_the_shared_cpp_header_re_measures_every_cpp_kernel_and_nothing_else(tmp_path):
     root = _copy_project(tmp_path / "project")
     cpu = ["--kernels", "cs_cpu_direct,bsr_1xn_cpu", "--quick"]
     gpu = ["--device", "cuda", "--interpret", "--kernels", "cs_triton_weight_reuse", "--quick"]
@@ -150,7 +170,7 @@ def test_editing_the_cpp_source_re_measures_exactly_the_cpp_kernels(tmp_path):
         r = _run(root, tmp_path, *args)
         assert r.returncode == 0, r.stderr
     first = rows(tmp_path / "r.sqlite")
-    with open(root / "kernels" / "csrc" / "sparse_conv_cpu.cpp", "a") as f:
+    with open(root / "kernels" / "csrc" / "common.h", "a") as f:
         f.write("\n// an edit\n")
     r_cpu, r_gpu = _run(root, tmp_path, *cpu), _run(root, tmp_path, *gpu)
     assert r_cpu.returncode == 0 and r_gpu.returncode == 0, r_cpu.stderr + r_gpu.stderr
@@ -226,11 +246,18 @@ def test_retry_failed_measures_again_only_what_failed(tmp_path):
 def test_the_source_hash_follows_file_contents(tmp_path):
     k = kernels.get("cs_cpu_direct")
     files = {f.name for f in k.source_files()}
-    assert {"cs_cpu.py", "sparse_conv_cpu.cpp", "cpu_layout.py", "cs.py", "base.py"} <= files
-    assert "dense.py" not in files and "triton_kernels.py" not in files
-    assert "sparse_conv_cpu.cpp" not in {f.name for f in kernels.get("dense_cpu").source_files()}
+    assert {"cs_cpu.py", "cs.cpp", "common.h", "layout.cpp", "cpu_layout.py", "cs.py",
+            "base.py"} <= files
+    assert not files & {"dense.py", "triton_kernels.py", "bsr_1xn.cpp", "row_sparse.cpp",
+                        "probe.cpp"}
+    bsr = {f.name for f in kernels.get("bsr_1xn_cpu").source_files()}
+    assert {"bsr_1xn.cpp", "common.h"} <= bsr and "cs.cpp" not in bsr
+    for name in ("cci_cpu", "unstructured_cpu"):
+        rs = {f.name for f in kernels.get(name).source_files()}
+        assert "row_sparse.cpp" in rs and not rs & {"cs.cpp", "bsr_1xn.cpp"}
+    assert not {f.name for f in kernels.get("dense_cpu").source_files()} & {"common.h", "cs.cpp"}
     t = {f.name for f in kernels.get("cs_triton_weight_reuse").source_files()}
-    assert "triton_kernels.py" in t and "sparse_conv_cpu.cpp" not in t
+    assert "triton_kernels.py" in t and "common.h" not in t
 
 
 def test_a_portable_build_is_another_machine(monkeypatch):

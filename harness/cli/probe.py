@@ -70,13 +70,13 @@ def run(args) -> int:
         raise UsageError(f"--threads: this machine has {cores} cores, got {args.threads}")
     threads = args.threads or cores
     try:
-        mod = _ext.load()
+        _ext.PROBE.load()
+        vw, isa = _ext.vector_width(), _ext.isa()
     except KernelBuildError as e:
         raise UsageError(str(e)) from None
-    vw = mod.vector_width()
     fp = env.fingerprint()
     hz = _hz(fp.get("cpu_hz", ""))
-    print(f"probe: the CS inner loop on {fp['cpu']}, {threads} thread(s), {mod.isa()} "
+    print(f"probe: the CS inner loop on {fp['cpu']}, {threads} thread(s), {isa} "
           f"({vw} lanes), {args.rounds} interleaved rounds, {args.fmas:,} vector FMAs per "
           f"thread per measurement", flush=True)
     rows = [(kb, t, shift) for kb in sizes for t in tiles for shift in (0, 1)]
@@ -86,7 +86,7 @@ def run(args) -> int:
         dense.append(env.measured_peak_gflops(threads))
         for kb, t, shift in rows:
             try:
-                s = mod.loop_probe(t, shift, kb * 1024, threads, args.fmas)
+                s = _ext.loop_probe(t, shift, kb * 1024, threads, args.fmas)
             except RuntimeError as e:  # e.g. not enough memory for the working sets
                 raise UsageError(str(e).strip().splitlines()[0]) from None
             loop[(kb, t, shift)].append(s / args.fmas * 1e9)
