@@ -8,8 +8,6 @@ channel. Tunables: N, rearrange, pixel tile T (N*T accumulators must fit the reg
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from . import _ext
@@ -36,11 +34,15 @@ def bsr_1xn(crow, col_off, vals, rowmap, N, cout):
               and vals.numel() == nnzb * N and rowmap.numel() == cout,
               f"{name}: bad BSR encoding")
 
+    c_fn = BSR.entry("sc_bsr_1xn")
+    pc, po, pv, pr = crow.data_ptr(), col_off.data_ptr(), vals.data_ptr(), rowmap.data_ptr()
+
     def entry(x, geo, y, bias):
         _ext.check_io(x, y, geo, name)
-        BSR.call("sc_bsr_1xn", x.data_ptr(), crow.data_ptr(), col_off.data_ptr(),
-                 vals.data_ptr(), rowmap.data_ptr(), N, ctypes.byref(geo.c), y.data_ptr(),
-                 _ext.bias_ptr(bias, geo, name))
+        if c_fn(x.data_ptr(), pc, po, pv, pr, N, geo.ref, y.data_ptr(),
+                _ext.bias_ptr(bias, geo, name)):
+            BSR.fail("sc_bsr_1xn")
+    entry.keep = (crow, col_off, vals, rowmap)  # the tensors behind the pointers
     return entry
 
 

@@ -8,8 +8,6 @@ group's input window stays in L1 across its rows.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from . import _ext
@@ -32,11 +30,14 @@ def row_sparse(rptr, off, vals, cout):
               and rptr.numel() == cout + 1 and off.numel() == vals.numel() == int(rptr[-1]),
               f"{name}: bad row lists")
 
+    c_fn = ROW_SPARSE.entry("sc_row_sparse")
+    pr, po, pv = rptr.data_ptr(), off.data_ptr(), vals.data_ptr()
+
     def entry(x, geo, y, bias):
         _ext.check_io(x, y, geo, name)
-        ROW_SPARSE.call("sc_row_sparse", x.data_ptr(), rptr.data_ptr(), off.data_ptr(),
-                        vals.data_ptr(), ctypes.byref(geo.c), y.data_ptr(),
-                        _ext.bias_ptr(bias, geo, name))
+        if c_fn(x.data_ptr(), pr, po, pv, geo.ref, y.data_ptr(), _ext.bias_ptr(bias, geo, name)):
+            ROW_SPARSE.fail("sc_row_sparse")
+    entry.keep = (rptr, off, vals)  # the tensors behind the pointers
     return entry
 
 

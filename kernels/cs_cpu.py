@@ -12,8 +12,6 @@ expands them once at prepare time into int32 input offsets, segment-major.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from . import _ext
@@ -40,11 +38,15 @@ def cs_direct(vals, idx, tap_off, K, M, cout, cin):
               and tap_off.is_contiguous() and vals.numel() == idx.numel() == cout * taps * (cin // K),
               f"{name}: bad CS encoding")
 
+    c_fn = CS.entry("sc_cs_direct")
+    pv, pi, pt = vals.data_ptr(), idx.data_ptr(), tap_off.data_ptr()
+
     def entry(x, geo, y, bias):
         _ext.check_io(x, y, geo, name)
-        CS.call("sc_cs_direct", x.data_ptr(), vals.data_ptr(), idx.data_ptr(),
-                tap_off.data_ptr(), taps, K, M, ctypes.byref(geo.c), y.data_ptr(),
-                _ext.bias_ptr(bias, geo, name))
+        if c_fn(x.data_ptr(), pv, pi, pt, taps, K, M, geo.ref, y.data_ptr(),
+                _ext.bias_ptr(bias, geo, name)):
+            CS.fail("sc_cs_direct")
+    entry.keep = (vals, idx, tap_off)  # the tensors behind the pointers live as long as it does
     return entry
 
 
@@ -56,10 +58,15 @@ def cs_offsets(vals, off, K, M, taps, cout, cin):
               and off.is_contiguous() and vals.numel() == off.numel() == cout * taps * cin // K,
               f"{name}: bad CS offsets")
 
+    c_fn = CS.entry("sc_cs_offsets")
+    pv, po = vals.data_ptr(), off.data_ptr()
+
     def entry(x, geo, y, bias):
         _ext.check_io(x, y, geo, name)
-        CS.call("sc_cs_offsets", x.data_ptr(), vals.data_ptr(), off.data_ptr(), K, M, taps,
-                ctypes.byref(geo.c), y.data_ptr(), _ext.bias_ptr(bias, geo, name))
+        if c_fn(x.data_ptr(), pv, po, K, M, taps, geo.ref, y.data_ptr(),
+                _ext.bias_ptr(bias, geo, name)):
+            CS.fail("sc_cs_offsets")
+    entry.keep = (vals, off)  # the tensors behind the pointers live as long as it does
     return entry
 
 

@@ -301,3 +301,23 @@ def test_a_buffer_smaller_than_its_geometry_is_refused_before_cpp_runs():
         entry(xl, geo, torch.empty(1200), None)
     with pytest.raises(ValueError, match="input buffer of"):
         entry(xl[:, :100].contiguous(), geo, y, None)
+
+
+@pytest.mark.parametrize("name,cfg", [("cs_cpu_direct", {"decode": "offsets"}),
+                                      ("cs_cpu_direct", {"decode": "inline"}),
+                                      ("bsr_1xn_cpu", {}), ("cci_cpu", {}),
+                                      ("unstructured_cpu", {})])
+def test_a_prepared_kernel_keeps_its_encoding_alive(name, cfg):
+    """The C++ entry points take raw pointers: the encoded weights must live as long as the
+    prepared run, whatever the garbage collector and the allocator do meanwhile."""
+    import gc
+    lay = layer(32, 16, 3, 1, 1, h=9)
+    S = 0.75
+    run = kernels.get(name).prepare(lay, torch.randn(16, 32, 3, 3), S,
+                                    kernels.get(name).full_config(lay, S, cfg))
+    gc.collect()
+    junk = [torch.full((4096,), float("nan")) for _ in range(256)]  # reuse freed blocks
+    x = torch.randn(2, 32, 9, 9)
+    ref = F.conv2d(x.double(), run.masked_weight.double(), padding=1)
+    assert torch.allclose(run(x).double(), ref, rtol=1e-5, atol=1e-5)
+    del junk
