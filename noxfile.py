@@ -66,10 +66,15 @@ def ensure_browser(session) -> None:
 
 @nox.session(venv_params=VENV)
 def tests(session):
-    """The test suite (correctness of every kernel, patterns, harness, reports)."""
+    """The test suite (correctness of every kernel, patterns, harness, reports), without the
+    tests marked slow (the full kernel grids, the Ray cluster, the source-edit runs): those run
+    with `nox -s tests -- -m slow`, as CI does. Any pytest arguments may follow `--`."""
     install(session, "test,report-test,ray")
     ensure_browser(session)
-    session.run("python", "-m", "pytest", *session.posargs)
+    args = list(session.posargs)
+    if not any(a == "-m" or a.startswith("-m") and not a.startswith("--") for a in args):
+        args = ["-m", "not slow and not perf", *args]
+    session.run("python", "-m", "pytest", *args)
 
 
 @nox.session(venv_params=VENV)

@@ -34,3 +34,37 @@ def check(kernel_name, lay, sparsity, config=None, batch=2, seed=0):
     if run.has_resident:
         errs.append(rel_err(run.resident(run.layout(x)), ref))
     return max(errs), run
+
+
+def grid(**axes):
+    """Parameters over the product of ``axes`` (name -> values) for ``parametrize``: a core
+    that every ``nox -s tests`` runs, where each value of every axis appears at least once (the
+    i-th value of the first axis with value (i + k) of the k-th axis, wrapping), and the rest of
+    the product marked slow (CI runs it all). Returns (argnames, params)."""
+    import itertools
+
+    import pytest
+
+    names = list(axes)
+    values = [list(v) for v in axes.values()]
+    first = len(values[0])
+    span = max(len(v) for v in values)
+    core = set()
+    for i in range(span):  # enough rows that the longest axis is covered too
+        core.add(tuple((i + k) % len(v) for k, v in enumerate(values)))
+    params = []
+    for idx in itertools.product(*(range(len(v)) for v in values)):
+        combo = tuple(v[j] for v, j in zip(values, idx))
+        marks = () if idx in core else (pytest.mark.slow,)
+        params.append(pytest.param(*combo, marks=marks, id="-".join(map(_pid, combo))))
+    assert first
+    return ",".join(names), params
+
+
+def _pid(v) -> str:
+    if isinstance(v, tuple):
+        return "{}->{} {}x{} s{} p{} {}x{}".format(v[0], v[1], v[2], v[2], *v[3:]) \
+            if len(v) == 7 else "x".join(map(str, v))
+    if isinstance(v, dict):
+        return ",".join(f"{k}={x}" for k, x in v.items())
+    return str(v)

@@ -76,11 +76,21 @@ def node_home(tmp_path_factory):
 
 @pytest.fixture
 def cluster(node_home, request):
+    """A head and a worker node (another HOME). The worker shares this machine's C++ build
+    cache (keyed by CPU flags and sources, so sharing is safe), except with the parameter
+    "own-build", which proves a node builds its own kernels; any other parameter labels the
+    worker as another kind of machine."""
     from ray.cluster_utils import Cluster
 
-    label = getattr(request, "param", None)
+    from kernels import _ext
+
+    param = getattr(request, "param", None)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    extra = {"SPARSECONV_MACHINE_LABEL": label} if label else {}
+    extra = {"SPARSECONV_MACHINE_LABEL": param} if param and param != "own-build" else {}
+    if param == "own-build":  # the default cache, under the node's own HOME
+        extra.update(SPARSECONV_BUILD_DIR="", TORCH_EXTENSIONS_DIR="")
+    else:
+        extra["SPARSECONV_BUILD_DIR"] = str(_ext.build_dir())
     worker = c.add_node(num_cpus=1, env_vars={"HOME": str(node_home), **extra})
     c.wait_for_nodes()
     yield c, worker
@@ -93,6 +103,7 @@ def ray_bench(tmp_path, address, *args, plugins="faulty_kernels", **kw):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["own-build"], indirect=True)
 def test_a_cluster_sweep_equals_the_local_one_and_uses_both_nodes(tmp_path, cluster, node_home):
     c, _ = cluster
     local = bench(tmp_path, *LAYERS, db=tmp_path / "local.sqlite")
@@ -106,7 +117,7 @@ def test_a_cluster_sweep_equals_the_local_one_and_uses_both_nodes(tmp_path, clus
     # each layer's group ran on one node: its ratios are measured interleaved there
     assert (b.groupby("layer").node.nunique() == 1).all()
     # the worker node built its own C++ kernels under its own HOME
-    assert list(node_home.glob(".cache/torch_extensions/*/sparseconv_cpu_*"))
+    assert list(node_home.glob(".cache/sparseconv/sparseconv_cs_*/sparseconv_cs_*.so"))
     again = ray_bench(tmp_path, c.address, db=tmp_path / "ray.sqlite")
     assert again.returncode == 0 and len(rows(tmp_path / "ray.sqlite")) == len(b)
 

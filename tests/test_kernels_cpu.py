@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_check import check, layer
+from kernel_check import check, grid, layer
 
 import kernels
 import shapes
@@ -38,10 +38,8 @@ def test_cpu_kernels_are_registered_with_pattern_device_and_space():
         kernels.get("nope")
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("S", [0.5, 0.75, 0.875, 0.9375])
-@pytest.mark.parametrize("M", P.CPU_M)
+@pytest.mark.parametrize(*grid(geom=GEOMETRIES, batch=[1, 3], S=[0.5, 0.75, 0.875, 0.9375],
+                              M=P.CPU_M))
 def test_cs_cpu_direct_matches_reference(geom, batch, S, M):
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
     k = kernels.get("cs_cpu_direct")
@@ -54,13 +52,12 @@ def test_cs_cpu_direct_matches_reference(geom, batch, S, M):
     assert P.make("cs", S, form="cin", M=M).conforms(run.masked_weight)
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize(*grid(geom=GEOMETRIES, cfg=[
     {"T": 2, "split": "channels", "cin_chunk": 0, "ob": 8, "decode": "inline"},
     {"T": 4, "split": "pixels", "cin_chunk": 64, "ob": 128, "decode": "offsets"},
     {"T": 8, "split": "pixels", "cin_chunk": 0, "ob": 128, "decode": "inline"},
     {"T": 6, "split": "channels", "cin_chunk": 64, "ob": 8, "decode": "inline"},
-    {"T": 2, "split": "pixels", "cin_chunk": 64, "ob": 8, "decode": "offsets"}])
+    {"T": 2, "split": "pixels", "cin_chunk": 64, "ob": 8, "decode": "offsets"}]))
 def test_cs_cpu_direct_configs_match_reference(geom, cfg):
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
     cfg = {**cfg, "M": 2}
@@ -71,10 +68,8 @@ def test_cs_cpu_direct_configs_match_reference(geom, cfg):
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
-@pytest.mark.parametrize("S", [0.5, 0.75, 0.9375])
-@pytest.mark.parametrize("N", P.BLOCK_N)
-@pytest.mark.parametrize("rearrange", [False, True])
+@pytest.mark.parametrize(*grid(geom=GEOMETRIES, S=[0.5, 0.75, 0.9375], N=P.BLOCK_N,
+                              rearrange=[False, True]))
 def test_bsr_1xn_cpu_matches_reference(geom, S, N, rearrange):
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
     k = kernels.get("bsr_1xn_cpu")
@@ -85,10 +80,10 @@ def test_bsr_1xn_cpu_matches_reference(geom, S, N, rearrange):
         assert "divisible by N" in k.supports(lay, S, {"N": N})
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
-@pytest.mark.parametrize("G,S", [(2, 0.5), (4, 0.75), (4, 0.5), (8, 0.875), (16, 0.9375),
-                                 (8, 0.625)])
-def test_cci_cpu_matches_reference(geom, G, S):
+@pytest.mark.parametrize(*grid(geom=GEOMETRIES, GS=[(2, 0.5), (4, 0.75), (4, 0.5), (8, 0.875),
+                                                    (16, 0.9375), (8, 0.625)]))
+def test_cci_cpu_matches_reference(geom, GS):
+    G, S = GS
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
     for split in ("pixels", "channels"):
         err, run = check("cci_cpu", lay, S, {"G": G, "split": split, "T": 3}, batch=3)
@@ -96,16 +91,14 @@ def test_cci_cpu_matches_reference(geom, G, S):
         assert P.make("cci", S, G=G).conforms(run.masked_weight)
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
-@pytest.mark.parametrize("S", [0.5, 0.9])
+@pytest.mark.parametrize(*grid(geom=GEOMETRIES, S=[0.5, 0.9]))
 def test_unstructured_cpu_matches_reference(geom, S):
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
     err, _ = check("unstructured_cpu", lay, S, {"T": 4}, batch=1)
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(*grid(geom=GEOMETRIES, layout=["nchw", "channels_last"]))
 def test_dense_cpu_matches_reference_in_both_layouts(geom, layout):
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
     err, run = check("dense_cpu", lay, 0.5, {"layout": layout})
@@ -113,17 +106,22 @@ def test_dense_cpu_matches_reference_in_both_layouts(geom, layout):
 
 
 def _net_shapes():
-    out = []
+    """Every unique ResNet50 and VGG19 layer with every CPU kernel (at a reduced spatial size,
+    which keeps every kernel/stride/padding combination); each kernel meets every fourth layer
+    in `nox -s tests`, and CI runs the whole product."""
+    lays = []
     for net in ("resnet50", "vgg19"):
         for lay in shapes.unique(shapes.load(net)):
-            # reduced spatial size keeps every kernel/stride/padding combination
-            out.append(pytest.param(lay.scaled(min(lay.h, 11), min(lay.w, 13)),
-                                    id=f"{net}:{lay.name}"))
+            lays.append((net, lay.scaled(min(lay.h, 11), min(lay.w, 13))))
+    out = []
+    for i, (net, lay) in enumerate(lays):
+        for j, kernel in enumerate(CPU_SPARSE):
+            marks = () if i % len(CPU_SPARSE) == j else (pytest.mark.slow,)
+            out.append(pytest.param(lay, kernel, marks=marks, id=f"{net}:{lay.name}-{kernel}"))
     return out
 
 
-@pytest.mark.parametrize("lay", _net_shapes())
-@pytest.mark.parametrize("kernel", CPU_SPARSE)
+@pytest.mark.parametrize("lay,kernel", _net_shapes())
 def test_every_resnet50_and_vgg19_shape(lay, kernel):
     k = kernels.get(kernel)
     checked = 0
@@ -233,7 +231,7 @@ def test_thread_count_does_not_change_results():
 
 PORTABLE_SCRIPT = """
 import sys; sys.path.insert(0, 'tests')
-from kernel_check import check, layer
+from kernel_check import check, grid, layer
 from kernels import _ext
 assert _ext.isa().startswith('portable'), _ext.isa()
 worst = 0.0
