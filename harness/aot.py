@@ -68,7 +68,8 @@ def specializations(kern, nets=("resnet50", "vgg19")) -> list[dict]:
     taps = sorted({(lay.kh, lay.kw) for n in nets for lay in shapes.unique(shapes.load(n))})
     args = jit_function(kern).arg_names
     specs = [{k: v for k, v in {"KH": kh, "KW": kw, **e}.items() if k in args}
-             for (kh, kw) in taps for e in kern.aot_specializations()]
+             for (kh, kw) in taps for e in kern.aot_specializations()
+             if kern.aot_keep({"KH": kh, "KW": kw, **e})]
     return [dict(t) for t in dict.fromkeys(tuple(sp.items()) for sp in specs)]  # unique, in order
 
 
