@@ -14,7 +14,7 @@ import json
 import torch
 from torch import nn
 
-from . import sparse_model, timing
+from . import gpu, sparse_model, timing
 from .records import Device, E2ERequest, E2EResult, Status
 from .worker import TOLERANCE, _err_text, gpu_settings, status_of, timed
 
@@ -183,6 +183,7 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         with torch.inference_mode():
             graphs, graph_note = _graph_variants(variants, x, tol)
         variants.update(graphs)
+    watch = gpu.Watch() if case.device is Device.CUDA else None  # clocks, other processes
     with torch.inference_mode():
         # eager as deployed; the *_graph variants are the CUDA-graph figures
         st, samples = timed(case.device, variants, opts, graphs=False)
@@ -202,4 +203,5 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         if "sparse_graph" in st else None,
         sparse_graph_s=st["sparse_graph"].median if "sparse_graph" in st else None,
         graph_note=graph_note,
-        noisy=any(s.noisy for s in st.values()), samples=json.dumps(samples), **info)
+        noisy=any(s.noisy for s in st.values()), samples=json.dumps(samples),
+        **(watch.finish() if watch else {}), **info)

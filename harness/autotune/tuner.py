@@ -91,7 +91,8 @@ class Evaluator:
         ident = {"identity": self.identity, "kernel": case.kernel, "source": case.source_hash,
                  "shape": list(self.layer.shape_key), "batch": self.batch, "dtype": self.dtype,
                  "device": case.device.value, "threads": self.threads, "pattern": case.pattern,
-                 "sparsity": case.sparsity, "config": dict(case.config)}
+                 "sparsity": case.sparsity, "config": dict(case.config),
+                 **({"cudnn": case.cudnn} if case.cudnn is not None else {})}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
     def _shape(self):

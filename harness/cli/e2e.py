@@ -15,7 +15,7 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import cluster, env, plan
+from .. import cluster, env, gpu, plan
 from ..records import (
     Device,
     E2ECase,
@@ -143,7 +143,8 @@ def run(args) -> int:
         case = E2ECase(net=net, pattern=pattern, sparsity=S, batch=args.batch, dtype="float32",
                        device=device, threads=threads, size=size, plan=p, plan_file=pfile,
                        source_hash=_source_hash(pattern, device),
-                       classifier=args.classifier)
+                       classifier=args.classifier,
+                       cudnn=gpu.cudnn_version() if device is Device.CUDA else None)
         return E2ERequest(case, opts, args.dense_compile), said
 
     try:
