@@ -80,6 +80,8 @@ def _time_reps(fn, arg, reps: int) -> float:
 
 def calibrate(fn, arg, min_sample: float, max_reps: int = 10000) -> int:
     """Repetitions per sample so one sample lasts at least ``min_sample`` seconds."""
+    if max_reps <= 1:  # nothing to calibrate (the interpreter's single-call rounds)
+        return 1
     reps = 1
     while True:
         t = _time_reps(fn, arg, reps) * reps

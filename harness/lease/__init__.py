@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -76,6 +77,8 @@ class Lease:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = device
+        # working files (the store, the Triton cache, the steps' logs) live outside the output
+        # folder, which gets consistent copies; removed at the end
         self.work = Path(tempfile.mkdtemp(prefix="sparseconv-lease-"))
         self.db_path = Path(db) if db else self.work / "lease-work.sqlite"
         self.workers = workers or os.cpu_count() or 1
@@ -109,9 +112,12 @@ class Lease:
     def left(self) -> float:
         return self.deadline - FINAL_RESERVE_S - time.monotonic()
 
+    def weight(self, step: Step) -> float:
+        return self.prog.weights.get(step.number, step.weight)
+
     def share(self, step: Step) -> float:
-        later = sum(s.weight for s in STEPS if s.number >= step.number)
-        return max(0.0, self.left()) * step.weight / later
+        later = sum(self.weight(s) for s in STEPS if s.number >= step.number)
+        return max(0.0, self.left()) * self.weight(step) / later
 
     # ---- the programme -----------------------------------------------------------------------
     def plan_text(self) -> str:
@@ -159,8 +165,8 @@ class Lease:
         left = max(0.0, self.deadline_s - FINAL_RESERVE_S)
         out = {}
         for s in STEPS:
-            later = sum(t.weight for t in STEPS if t.number >= s.number)
-            out[s.number] = left * s.weight / later
+            later = sum(self.weight(t) for t in STEPS if t.number >= s.number)
+            out[s.number] = left * self.weight(s) / later
             left -= out[s.number]
         return out
 
@@ -199,6 +205,8 @@ class Lease:
         self.say(f"lease finished in {total:.0f} s: " + ", ".join(
             f"{s['step']} {s['status']}" for s in self.steps) + f"; outputs in {self.out}")
         self.flush(final=True)
+        self.store.close()
+        shutil.rmtree(self.work, ignore_errors=True)
         return 1 if any(s["status"] == "failed" for s in bad) else 0
 
     def _step(self, step: Step, body) -> None:

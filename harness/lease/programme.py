@@ -65,7 +65,8 @@ class Programme:
     e2e_patterns: tuple = (("cs", 0.9375),)
     tests: tuple = ()  # pytest arguments after the test file
     threads: int = 1
-    notes: dict = field(default_factory=dict)
+    # step number -> weight, where this programme's steps cost otherwise than a GPU lease's
+    weights: dict = field(default_factory=dict)
 
     @property
     def interpreted(self) -> bool:
@@ -80,7 +81,10 @@ def programme(device: Device, threads: int) -> Programme:
                          tune_batch=2, tune_budget=1, e2e_net="resnet50_tiny", e2e_size=32,
                          e2e_batches=(2,), e2e_patterns=(("ovw", 0.9),),
                          tests=("-k", "channels_last or unpadded or registered"),
-                         threads=threads)
+                         threads=threads,
+                         # what each step costs on two CI cores: the compiles start processes
+                         # that import torch and Triton; the interpreter's kernels are slow
+                         weights={1: 5, 2: 30, 3: 50, 4: 90, 5: 60, 6: 65, 7: 5})
     by_name = {lay.name: lay for lay in shapes.unique(shapes.load("resnet50"))}
     return Programme(device=device, layers=tuple(by_name[n] for n in PAPER_LAYERS),
                      groups=(("float32", 64), ("float32", 1), ("float16", 64),
