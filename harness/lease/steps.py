@@ -91,6 +91,8 @@ def compile_all(lease, step, until):
     arch = lease._arch()
     cmd = [sys.executable, "-m", "harness.capture", "--arch", str(arch), "--jobs",
            str(max(1, min(lease.workers, len(jobs)))), "--in", str(src), "--out", str(sink)]
+    if not lease.prog.interpreted:  # ptxas -v would build every kernel twice: the lease's
+        cmd.append("--no-stats")    # minutes go to timing (verify --compile --stats has them)
     lease.say(f"  {len(jobs)} of {planned} planned launches for sm_{arch}, "
               f"{lease.workers} processes, cache {lease.triton_cache()}")
     # the interpreter has nothing to compile: the compile processes run without it
