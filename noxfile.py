@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, bench (the main job), e2e, gpu, autotune, report, perf, verify.
+"""Sessions: tests, lint, bench (the main job), e2e, gpu (the GPU lease), autotune, report, perf, verify.
 
 Virtualenvs see the system site-packages so a CUDA machine's own torch is kept; where no torch is
 importable, the CPU build (torch==2.13.0) is installed first unless an NVIDIA driver is present.
@@ -155,18 +155,24 @@ def e2e(session):
 
 @nox.session(venv_params=VENV)
 def gpu(session):
-    """On a machine with an NVIDIA GPU: the Triton kernels compiled and run for real against the
-    float64 reference, the quick sweep on the GPU (fp32 with TF32 off, and fp16) against cuDNN,
-    and ResNet50 end to end on the GPU; then the report. Extra arguments go to the sweeps."""
+    """On a machine with an NVIDIA GPU: the GPU lease programme, `python -m harness lease`
+    (versions and measured ceilings, the Triton tests on the GPU, every launch compiled, the
+    paper's layers against cuDNN and the Triton control in fp32 and fp16, a batch-64 tuning,
+    ResNet50 end to end eager and in CUDA graphs) into results/lease/, then the report from its
+    database. Extra arguments go to the lease (e.g. `-- --deadline 900`). A bare lease machine
+    without nox runs the same command: `PYTHONPATH=. python3 -m harness lease --out DIR`."""
     install(session, "test")
-    session.run("python", "-m", "pytest", "tests/test_kernels_triton.py", "-q",
-                env={"SPARSECONV_TEST_DEVICE": "cuda"})
-    for dtype in ("float32", "float16"):
-        session.run("python", "-m", "harness", "bench", "--device", "cuda", "--quick",
-                    "--dtype", dtype, *session.posargs)
-    session.run("python", "-m", "harness", "e2e", "--device", "cuda", "--nets", "resnet50",
-                "--patterns", ",".join(E2E_PATTERNS), "--sparsities", "0.9375")
-    session.run("python", "-m", "harness", "report")
+    args = list(session.posargs)
+    out = "results/lease"
+    for i, a in enumerate(args):
+        if a == "--out" and i + 1 < len(args):
+            out = args[i + 1]
+        elif a.startswith("--out="):
+            out = a.split("=", 1)[1]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args = ["--out", out, *args]
+    session.run("python", "-m", "harness", "lease", *args)
+    session.run("python", "-m", "harness", "report", "--db", f"{out}/lease.sqlite")
 
 
 @nox.session(venv_params=VENV)

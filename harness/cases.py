@@ -7,7 +7,7 @@ from __future__ import annotations
 import kernels
 import shapes
 
-from . import baseline
+from . import baseline, gpu
 from .records import Case, Config, Device
 
 SPARSITIES = (0.5, 0.75, 0.875, 0.9375)
@@ -17,10 +17,12 @@ QUICK_LAYERS = ("layer1.0.conv3", "layer2.0.conv2", "layer4.0.conv2")
 
 def make_case(layer, kernel, sparsity, config, batch, dtype, device, threads, param=None,
               reason=None) -> Case:
+    device = Device(device)
     return Case(layer=layer, kernel=kernel.name, pattern=kernel.pattern, sparsity=sparsity,
-                config=Config(config), batch=batch, dtype=dtype, device=Device(device),
+                config=Config(config), batch=batch, dtype=dtype, device=device,
                 threads=threads, source_hash=kernel.source_hash(), param=Config(param or {}),
-                unsupported=reason)
+                unsupported=reason,
+                cudnn=gpu.cudnn_version() if device is Device.CUDA else None)
 
 
 def select_layers(nets, layer_names=None, quick=False, shapes_csv=None):

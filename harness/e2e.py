@@ -9,14 +9,34 @@ figure. Runs inside the runner's worker process (``E2ERequest`` -> ``E2EResult``
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import sparse_model, timing
+import kernels
+
+from . import gpu, sparse_model, timing
 from .records import Device, E2ERequest, E2EResult, Status
 from .worker import TOLERANCE, _err_text, gpu_settings, status_of, timed
+
+
+@functools.cache  # pure per process: asked for every network and retry
+def source_hash(pattern: str, device) -> str:
+    """Every kernel the network may run (the pattern's, and the dense ones), and the code that
+    builds and fuses the sparse network and measures it: part of an e2e case's key."""
+    h = hashlib.sha256()
+    for name in kernels.names(device=device.kernel_device):
+        k = kernels.get(name)
+        if k.pattern in (pattern, "dense"):
+            h.update(f"{name}:{k.source_hash()};".encode())
+    here = Path(__file__).resolve().parent
+    for f in ("sparse_model.py", "e2e.py"):
+        h.update((here / f).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _input(batch: int, size: int, device: str):
@@ -183,6 +203,7 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         with torch.inference_mode():
             graphs, graph_note = _graph_variants(variants, x, tol)
         variants.update(graphs)
+    watch = gpu.Watch() if case.device is Device.CUDA else None  # clocks, other processes
     with torch.inference_mode():
         # eager as deployed; the *_graph variants are the CUDA-graph figures
         st, samples = timed(case.device, variants, opts, graphs=False)
@@ -202,4 +223,5 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         if "sparse_graph" in st else None,
         sparse_graph_s=st["sparse_graph"].median if "sparse_graph" in st else None,
         graph_note=graph_note,
-        noisy=any(s.noisy for s in st.values()), samples=json.dumps(samples), **info)
+        noisy=any(s.noisy for s in st.values()), samples=json.dumps(samples),
+        **(watch.finish() if watch else {}), **info)

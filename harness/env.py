@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -88,12 +89,29 @@ def _version(mod: str) -> str | None:
 
 
 def _kernel_isa() -> str | None:
+    """The ISA the C++ CPU kernels use, without building them (a build takes a minute, and a
+    GPU lease has no minute to spare): the loaded extension's own answer where it is already
+    built in this process, else what the compiler predefines under the kernels' flags
+    (``c++ -dM -E``: the macros the kernel source tests), else None."""
     try:
         from kernels import _ext
-
-        return _ext.isa()
     except Exception:
         return None
+    if _ext._mod is not None:
+        return _ext.isa()
+    try:
+        cxx = os.environ.get("CXX", "c++")
+        r = subprocess.run([cxx, *_ext.cflags(), "-dM", "-E", "-x", "c++", "-"], input="",
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    macros = set(re.findall(r"#define (\w+)", r.stdout))
+    # the same choice as kernels/csrc/sparse_conv_cpu.cpp's SC_ISA
+    if "__AVX512F__" in macros:
+        return "avx512"
+    return "portable(avx2)" if "__AVX2__" in macros else "portable"
 
 
 @functools.lru_cache(maxsize=1)

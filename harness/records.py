@@ -78,6 +78,19 @@ class Device(str, Enum):
         return self.value
 
 
+class TimingMode(str, Enum):
+    """What clock timed a row: CUDA events around CUDA-graph replays (``graph``) or around eager
+    launches (``eager``, where a variant could not be captured or its replay was not faithful),
+    or the host clock (``host``: CPU kernels, and the interpreter's pipeline check)."""
+
+    GRAPH = "graph"
+    EAGER = "eager"
+    HOST = "host"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Config(Mapping):
     """A kernel configuration: an immutable, hashable mapping of parameter -> value, compared
     equal to a plain dict with the same items."""
@@ -180,6 +193,8 @@ class Case:
     source_hash: str
     param: Config = field(default_factory=Config)  # the pattern parameter(s) the sweep fixed
     unsupported: str | None = None
+    # cuDNN's version on a GPU: a key of GPU rows only (CPU rows and plans do not change)
+    cudnn: str | None = None
 
     def __post_init__(self):
         for name in ("config", "param"):
@@ -196,7 +211,8 @@ class Case:
             "net": lay.net, "layer": lay.name, "shape": list(lay.shape_key),
             "batch": self.batch, "dtype": self.dtype, "device": self.device.value,
             "threads": self.threads, "kernel": self.kernel, "source": self.source_hash,
-            "sparsity": self.sparsity, "config": dict(self.config)}, sort_keys=True)
+            "sparsity": self.sparsity, "config": dict(self.config),
+            **({"cudnn": self.cudnn} if self.cudnn is not None else {})}, sort_keys=True)
 
     @property
     def group(self) -> tuple:
@@ -242,6 +258,9 @@ class CaseResult:
     dense_kernel_median_s: float | None = None
     dense_layout: str | None = None
     dense_samples: tuple = ()
+    timing_mode: str | None = None  # TimingMode's value
+    gpu_clocks: str | None = None  # JSON (harness.gpu.Watch): clocks at the timing's start, end
+    gpu_others: str | None = None  # JSON: other processes NVML listed on the device meanwhile
 
     def __post_init__(self):
         object.__setattr__(self, "status", Status(self.status))
@@ -301,6 +320,11 @@ class Measurement:
     flops: float | None = None
     node: str | None = None  # where it was measured (host name or cluster node id)
     created: float | None = None
+    # added in place as nullable columns (the store adds a field's column to an older file)
+    timing_mode: str | None = None  # TimingMode: graph, eager or host
+    gpu_clocks: str | None = None  # JSON: SM and memory clocks at the timing's start and end
+    gpu_others: str | None = None  # JSON: other processes on the GPU while the case ran
+    cudnn: str | None = None  # cuDNN version (GPU rows; part of their case key)
 
     @classmethod
     def of(cls, case: Case, result: CaseResult, run_id: int, fp_hash: str, machine_hash: str,
@@ -318,7 +342,7 @@ class Measurement:
                    device=case.device.value, threads=case.threads, pattern=case.pattern,
                    sparsity=case.sparsity, param=case.param.to_json(), kernel=case.kernel,
                    config=case.config.to_json(), flops=float(lay.flops(case.batch)), node=node,
-                   created=created, **res)
+                   created=created, cudnn=case.cudnn, **res)
 
     def row(self) -> dict:
         """Column -> SQL value."""
@@ -410,6 +434,7 @@ class E2ECase:
     plan_file: str | None = None
     source_hash: str = ""  # of every kernel the network may use
     classifier: bool = False  # sparsify the Linear layers too
+    cudnn: str | None = None  # GPU: cuDNN's version, part of the key (as Case's)
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device(self.device))
@@ -421,7 +446,8 @@ class E2ECase:
                            "batch": self.batch, "dtype": self.dtype, "device": self.device.value,
                            "threads": self.threads, "size": self.size, "plan": plan,
                            "source": self.source_hash,
-                           **({"classifier": True} if self.classifier else {})},
+                           **({"classifier": True} if self.classifier else {}),
+                           **({"cudnn": self.cudnn} if self.cudnn is not None else {})},
                           sort_keys=True)
 
 
@@ -460,6 +486,8 @@ class E2EResult:
     graph_note: str | None = None  # why no graph was captured
     noisy: bool | None = None
     samples: str | None = None  # JSON: variant -> samples
+    gpu_clocks: str | None = None  # as CaseResult's, over the whole network's timing
+    gpu_others: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "status", Status(self.status))
@@ -521,6 +549,9 @@ class E2EMeasurement:
     samples: str | None = None
     node: str | None = None
     created: float | None = None
+    gpu_clocks: str | None = None  # added in place as nullable columns, as Measurement's
+    gpu_others: str | None = None
+    cudnn: str | None = None
 
     @classmethod
     def of(cls, case: E2ECase, res: E2EResult, run_id: int, fp_hash: str, machine_hash: str,
@@ -553,7 +584,8 @@ class E2EMeasurement:
                    graph_speedup=res.dense_graph_s / res.sparse_graph_s
                    if ok and res.dense_graph_s and res.sparse_graph_s else None,
                    graph_note=res.graph_note,
-                   noisy=res.noisy, samples=res.samples, node=node)
+                   noisy=res.noisy, samples=res.samples, node=node,
+                   gpu_clocks=res.gpu_clocks, gpu_others=res.gpu_others, cudnn=case.cudnn)
 
     def row(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

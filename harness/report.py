@@ -16,6 +16,7 @@ from .records import Device, Status, handover_saved_s
 from .store import Store
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
+PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "published"
 PAPER = Path(__file__).resolve().parent / "data" / "paper_results.csv"
 # each pattern's swept parameter, from the pattern registry
 PARAM = {name: param for name, (param, _) in P.SWEEP_PARAMS.items() if param}
@@ -140,7 +141,40 @@ def _tuning(store: Store) -> pd.DataFrame:
     return t.sort_values("id").groupby("tune_key").last().reset_index()
 
 
-def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) -> Path:
+def published(folder: str | Path | None = PUBLISHED) -> list[dict]:
+    """The GPU leases' summaries committed under ``results/published/<date>_<gpu>/`` (each a
+    ``summary.csv`` written by ``python -m harness lease``): per folder, where and when it was
+    measured and its figures. Interpreter dry runs are never published and are left out."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    out = []
+    for f in sorted(Path(folder).glob("*/summary.csv")):
+        try:
+            df = pd.read_csv(f)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            continue
+        if df.empty or "device" not in df or (df.device != Device.CUDA.value).any():
+            continue
+        first = df.iloc[0]
+        figures = df[df.what.isin(["layer", "tuned", "network eager", "network graph"])
+                     & (df.status == Status.OK.value)]
+        cols = [c for c in ("what", "layer", "net", "batch", "dtype", "sparsity", "kernel",
+                            "us", "cudnn_nchw_us", "cudnn_nhwc_us", "x_cudnn", "frac_ceiling",
+                            "frac_bandwidth", "timing_mode") if c in figures]
+        ceil = df[df.what == "ceiling"]
+        out.append({"folder": f.parent.name, "gpu": first.get("gpu"),
+                    "driver": first.get("driver"), "date": first.get("date"),
+                    "commit": str(first.get("commit"))[:10], "torch": first.get("torch"),
+                    "triton": first.get("triton"), "cudnn": first.get("cudnn"),
+                    "ceilings": ", ".join(f"{r.kernel} {r.value:.4g} {r.unit}"
+                                          for r in ceil.itertuples()),
+                    "table": figures[cols].round(3).to_html(index=False, classes="tbl",
+                                                            na_rep="-")})
+    return out
+
+
+def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None,
+          published_dir: str | Path | None = PUBLISHED) -> Path:
     path = Path(db)
     if not path.exists():
         raise UsageError(f"no results database at {path}; run `nox -s bench` (or "
@@ -191,6 +225,7 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None) 
     ctx.update(_e2e(e2e_rows, net))
     ctx["gpu_rows"] = int((df.device == Device.CUDA.value).sum())
     ctx["interpreted"] = _interpreted(everything[interp])
+    ctx["published"] = published(published_dir)
     if len(machines) > 1 and not best.empty:
         cmp_ = best.assign(machine=best.fp_hash.str[:6]).pivot_table(
             index=["net", "layer", "pattern", "sparsity"], columns="machine", values="speedup",

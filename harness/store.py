@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS e2e (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     {", ".join(f"{k} {v}" for k, v in E2E_COLUMNS.items())});
 CREATE INDEX IF NOT EXISTS e_case ON e2e (fp_hash, case_key);
+CREATE TABLE IF NOT EXISTS lease (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER, step INTEGER, step_name TEXT,
+    kind TEXT, name TEXT, status TEXT, value REAL, unit TEXT, detail TEXT, created REAL);
 """
 
 
@@ -219,6 +222,19 @@ class Store:
             return pd.read_sql_query("SELECT * FROM tuning ORDER BY id", self.db)
         return pd.read_sql_query("SELECT * FROM tuning WHERE tune_key = ? ORDER BY id", self.db,
                                  params=(tune_key,))
+
+    # ---- GPU leases (harness.lease): versions, ceilings, tests, compiles, step outcomes -------
+    def add_lease(self, rows: list[dict]) -> None:
+        with self._tx():
+            for row in rows:
+                row = {**row, "created": row.get("created") or time.time()}
+                self.db.execute(f"INSERT INTO lease ({', '.join(row)}) VALUES "
+                                f"({', '.join('?' * len(row))})", list(row.values()))
+
+    def lease(self, run_id: int | None = None) -> pd.DataFrame:
+        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+        return pd.read_sql_query(f"SELECT * FROM lease {where} ORDER BY id", self.db,
+                                 params=params)
 
     def close(self):
         self.db.close()

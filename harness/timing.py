@@ -17,6 +17,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from .records import TimingMode
+
 NOISY_IQR = 0.10  # IQR / median above this flags a measurement as noisy
 
 
@@ -33,6 +35,21 @@ class Stats:
 
     def as_dict(self):
         return asdict(self)
+
+
+@dataclass
+class Timings:
+    """What an interleaved timing returns: per variant its ``Stats`` and raw samples, the clock
+    that took them (``TimingMode``) and, where graphs were asked for and not used, why. It
+    unpacks as ``stats, samples``."""
+
+    stats: dict
+    samples: dict
+    mode: TimingMode
+    note: str | None = None
+
+    def __iter__(self):
+        return iter((self.stats, self.samples))
 
 
 def stats(samples: list[float], reps: int = 1) -> Stats:
@@ -63,6 +80,8 @@ def _time_reps(fn, arg, reps: int) -> float:
 
 def calibrate(fn, arg, min_sample: float, max_reps: int = 10000) -> int:
     """Repetitions per sample so one sample lasts at least ``min_sample`` seconds."""
+    if max_reps <= 1:  # nothing to calibrate (the interpreter's single-call rounds)
+        return 1
     reps = 1
     while True:
         t = _time_reps(fn, arg, reps) * reps
@@ -73,7 +92,8 @@ def calibrate(fn, arg, min_sample: float, max_reps: int = 10000) -> int:
 
 def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
                     warmup: float = 0.05, deadline: float | None = None, max_reps: int = 10000):
-    """Time ``{name: (fn, arg)}`` in interleaved rounds: ``({name: Stats}, {name: samples})``."""
+    """Time ``{name: (fn, arg)}`` in interleaved rounds on the host clock: ``Timings``
+    (unpacks as ``({name: Stats}, {name: samples})``)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     reps = {}
@@ -89,7 +109,7 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
             samples[name].append(_time_reps(fn, arg, reps[name]))
         if deadline is not None and done >= min(3, rounds) and time.perf_counter() > deadline:
             break
-    return {k: stats(v, reps[k]) for k, v in samples.items()}, samples
+    return Timings({k: stats(v, reps[k]) for k, v in samples.items()}, samples, TimingMode.HOST)
 
 
 def relative_error(got, want) -> float:
@@ -142,7 +162,7 @@ def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
     import torch
 
     flush = torch.empty(flush_bytes // 4, dtype=torch.float32, device="cuda")
-    eager = {}
+    eager, note = {}, None
     for k, (fn, arg) in variants.items():  # first calls: compiles, cuDNN's algorithm search
         out = fn(arg)
         eager[k] = out.clone() if graphs and isinstance(out, torch.Tensor) else None
@@ -152,9 +172,8 @@ def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
         try:
             captured = {k: checked_graph(fn, arg, eager[k]) for k, (fn, arg) in variants.items()}
         except Exception as e:  # noqa: BLE001 - not capturable or not faithful: all timed eagerly
-            print(f"timing: no CUDA graph ({type(e).__name__}: "
-                  f"{str(e).strip()[:120]}): {', '.join(variants)} timed eagerly",
-                  file=sys.stderr)
+            note = f"no CUDA graph ({type(e).__name__}: {str(e).strip()[:120]})"
+            print(f"timing: {note}: {', '.join(variants)} timed eagerly", file=sys.stderr)
             torch.cuda.synchronize()
         else:
             calls = {k: (replay, variants[k][1]) for k, replay in captured.items()}
@@ -181,4 +200,5 @@ def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
             end.record()
             torch.cuda.synchronize()
             samples[name].append(start.elapsed_time(end) / 1e3)
-    return {k: stats(v) for k, v in samples.items()}, samples
+    mode = TimingMode.GRAPH if graphs and note is None else TimingMode.EAGER
+    return Timings({k: stats(v) for k, v in samples.items()}, samples, mode, note)

@@ -58,3 +58,37 @@ class DenseCudnn(_Dense):
     name = "dense_cudnn"
     device = "cuda"
     dtypes = ("float32", "float16", "bfloat16")
+
+
+def _with_tf32(fn):
+    """``fn`` with cuDNN's TF32 on for the call (and for a CUDA graph captured around it)."""
+    if fn is None:
+        return None
+
+    def call(x, out=None):
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+        try:
+            return fn(x, out)
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+
+    return call
+
+
+@register
+class DenseCudnnTF32(_Dense):
+    """cuDNN in fp32 with TF32 on, PyTorch's default for convolutions: a column beside the fp32
+    rows, never the baseline (the papers, and the harness, compare with TF32 off). TF32 rounds
+    the operands to a 10-bit mantissa, so its gate has fp16's tolerance."""
+
+    name = "dense_cudnn_tf32"
+    device = "cuda"
+    dtypes = ("float32",)
+    baseline = False
+    tolerance = {"float32": 5e-3}
+
+    def _prepare(self, layer, weight, sparsity, config):
+        run = _conv_run(layer, weight, config["layout"])
+        return Run(weight, _with_tf32(run), layout=run.layout,
+                   resident=_with_tf32(run.resident), info={**run.info, "tf32": True})

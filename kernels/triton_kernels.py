@@ -1,11 +1,14 @@
-"""Triton GPU kernels: CS weight-reuse, OVW feature-reuse, 1xN BSR, and a dense implicit GEMM.
+"""Triton GPU kernels: CS weight-reuse and direct, OVW feature-reuse, 1xN BSR, and a dense control.
 
-All are implicit-GEMM convolutions over NCHW input (weights are encoded in ``prepare`` in the
-weight's dtype, which is the input's; nothing is converted inside the timed call): a program
-owns a tile of output pixels (flattened ``p = (n*OH + oh)*OW + ow``) and output channels; the
-reduction runs over the im2col column ``r = (c*KH + kr)*KW + ks`` (OIHW order), whose input element is
-``x[n, c, oh*S - P + kr, ow*S - P + ks]`` (zero outside the image). fp32 or fp16 inputs, fp32
-accumulation; fp32 dots use IEEE precision (no TF32) so comparisons with cuDNN are fair.
+The sparse kernels are implicit-GEMM convolutions over NCHW input (weights are encoded in
+``prepare`` in the weight's dtype, which is the input's; nothing is converted inside the timed
+call): a program owns a tile of output pixels (flattened ``p = (n*OH + oh)*OW + ow``) and output
+channels; the reduction runs over the im2col column ``r = (c*KH + kr)*KW + ks`` (OIHW order), whose
+input element is ``x[n, c, oh*S - P + kr, ow*S - P + ks]`` (zero outside the image). The dense
+control is torch inductor's convolution template: channels_last input, the reduction over
+(tap, channel block) with contiguous channel loads, and a 1x1 stride-1 layer as a plain matrix
+product. fp32 or fp16 inputs, fp32 accumulation; fp32 dots use IEEE precision (no TF32) so
+comparisons with cuDNN (TF32 off) are fair.
 
 Without a GPU, ``TRITON_INTERPRET=1`` runs them on CPU tensors (tests), and
 ``python -m harness verify --compile`` builds every configuration for sm_80/sm_90.
@@ -62,23 +65,56 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
-    def dense_igemm_kernel(x, wt, y, NB, C, H, W, COUT, OH, OW, R, STRIDE, PAD,
-                           KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr,
-                           BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-        """Dense implicit GEMM (after torch inductor's conv template); wt is [R, COUT]."""
-        p = tl.program_id(0) * BM + tl.arange(0, BM)
-        co = tl.program_id(1) * BN + tl.arange(0, BN)
-        pmask, cmask = p < NB * OH * OW, co < COUT
-        n, q = p // (OH * OW), p % (OH * OW)
-        oh, ow = q // OW, q % OW
+    def dense_conv_nhwc_kernel(
+            # pointers: x channels_last (channels innermost), w [KH, KW, C, COUT], y any
+            # layout whose (oh, ow) pixels are evenly strided (NCHW or channels_last)
+            x, w, y,
+            # sizes
+            NB, C, H, W, COUT, OH, OW, STRIDE, PAD,
+            # strides of y in elements: batch, channel, pixel
+            stride_yn, stride_yc, stride_yp,
+            # meta-parameters
+            KH: tl.constexpr, KW: tl.constexpr, MATMUL: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        """Dense convolution as torch inductor's template writes it (the Triton control
+        against cuDNN): channels_last input, one loop over (tap, channel block) with the
+        channel block contiguous in memory; ``MATMUL`` (1x1, stride 1, no padding): the input
+        is the [NB*H*W, C] matrix and the layer a plain matrix product."""
+        # ---- map program ids: BM output pixels x BN output channels
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask_m, mask_n = offs_m < NB * OH * OW, offs_n < COUT
+        n, q = offs_m // (OH * OW), offs_m % (OH * OW)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for r0 in range(0, R, BK):
-            r = r0 + tl.arange(0, BK)
-            a = _im2col_load(x, r, r < R, n, oh, ow, pmask, C, H, W, STRIDE, PAD, KH, KW)
-            b = tl.load(wt + r[:, None] * COUT + co[None, :],
-                        mask=(r < R)[:, None] & cmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, IEEE)
-        _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW)
+        # ---- loop: the reduction
+        if MATMUL:
+            for k in range(0, C, BK):
+                offs_k = k + tl.arange(0, BK)
+                mask_k = offs_k < C
+                a = tl.load(x + offs_m[:, None] * C + offs_k[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w + offs_k[:, None] * COUT + offs_n[None, :],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = _dot(a, b, acc, IEEE)
+        else:
+            oh, ow = q // OW, q % OW
+            k_blocks = tl.cdiv(C, BK)
+            for ijk in range(0, KH * KW * k_blocks):
+                k = (ijk % k_blocks) * BK
+                tap = ijk // k_blocks
+                ih = oh * STRIDE - PAD + tap // KW
+                iw = ow * STRIDE - PAD + tap % KW
+                offs_k = k + tl.arange(0, BK)
+                mask_k = offs_k < C
+                inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x + ((n * H + ih) * W + iw)[:, None] * C + offs_k[None, :],
+                            mask=inside[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w + (tap * C + offs_k)[:, None] * COUT + offs_n[None, :],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = _dot(a, b, acc, IEEE)
+        # ---- write back
+        y_ptrs = y + (n * stride_yn + q * stride_yp)[:, None] + (offs_n * stride_yc)[None, :]
+        tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def cs_weight_reuse_kernel(x, ws, idx, y, NB, C, H, W, COUT, OH, OW, MM, STRIDE, PAD,
@@ -109,22 +145,27 @@ if HAVE_TRITON:
         _store_out(y, acc, n, co, oh, ow, pmask, cmask, COUT, OH, OW)
 
     @triton.jit
-    def cs_direct_kernel(xp, offs, ws, y, NB, CHWP, WP, COUT, OH, OW, MM, STRIDE,
-                         BM: tl.constexpr, BN: tl.constexpr, UNROLL: tl.constexpr,
-                         SPLIT: tl.constexpr):
-        """CS as an ELL gather: every output channel keeps MM weights, each with the offset of
-        its input element in the zero-padded input ``xp`` (no bounds checks). The tile is
-        [BN channels, BM pixels] so a warp's lanes read neighbouring pixels of one channel's
-        kept element (coalesced), and no register gather is needed. UNROLL slots are read per
-        step (independent loads in flight); SPLIT > 1 splits the MM slots over that many
-        programs, which add their partial sums into the zeroed fp32 ``y`` (layers with few
-        pixels and long rows would otherwise run on a handful of programs)."""
+    def cs_direct_kernel(x, taps, ws, y, NB, CHW, H, W, COUT, OH, OW, MM, STRIDE, PAD,
+                         KW: tl.constexpr, HAS_PAD: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, UNROLL: tl.constexpr, SPLIT: tl.constexpr):
+        """CS as an ELL gather: every output channel keeps MM weights; ``taps`` holds, per
+        weight, the offset of its input element from the pixel's window origin
+        ``x[n, 0, oh*S - P, ow*S - P]`` (``c*H*W + kr*W + ks``, low 25 bits) and its tap
+        ``kr*KW + ks`` (the bits above), so a padded layer reads the unpadded input and masks
+        what falls outside the image (``HAS_PAD``; a layer without padding has no bounds
+        checks). The tile is [BN channels, BM pixels] so a warp's lanes read neighbouring
+        pixels of one channel's kept element (coalesced), and no register gather is needed.
+        UNROLL slots are read per step (independent loads in flight); SPLIT > 1 splits the MM
+        slots over that many programs, which add their partial sums into the zeroed fp32 ``y``
+        (layers with few pixels and long rows would otherwise run on a handful of
+        programs)."""
         p = tl.program_id(0) * BM + tl.arange(0, BM)
         co = tl.program_id(1) * BN + tl.arange(0, BN)
         pmask, cmask = p < NB * OH * OW, co < COUT
         n, q = p // (OH * OW), p % (OH * OW)
         oh, ow = q // OW, q % OW
-        base = n * CHWP + (oh * STRIDE) * WP + ow * STRIDE
+        ih0, iw0 = oh * STRIDE - PAD, ow * STRIDE - PAD
+        base = n * CHW + ih0 * W + iw0
         both = cmask[:, None] & pmask[None, :]
         per = tl.cdiv(tl.cdiv(MM, SPLIT), UNROLL) * UNROLL
         m_lo = tl.program_id(2) * per
@@ -134,10 +175,16 @@ if HAVE_TRITON:
             for u in tl.static_range(UNROLL):
                 m = m0 + u
                 cm = cmask & (m + 0 * co < m_hi)
-                off = tl.load(offs + m * COUT + co, mask=cm, other=0)
+                word = tl.load(taps + m * COUT + co, mask=cm, other=0)
                 wv = tl.load(ws + m * COUT + co, mask=cm, other=0.0).to(tl.float32)
-                xv = tl.load(xp + off[:, None] + base[None, :],
-                             mask=cm[:, None] & pmask[None, :], other=0.0)
+                mask_x = cm[:, None] & pmask[None, :]
+                if HAS_PAD:
+                    tap = word >> 25
+                    ih = ih0[None, :] + (tap // KW)[:, None]
+                    iw = iw0[None, :] + (tap % KW)[:, None]
+                    mask_x = mask_x & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                xv = tl.load(x + (word & 0x1FFFFFF)[:, None] + base[None, :], mask=mask_x,
+                             other=0.0)
                 acc += xv.to(tl.float32) * wv[:, None]
         ptr = y + (n[None, :] * COUT + co[:, None]) * (OH * OW) + q[None, :]
         if SPLIT == 1:
@@ -239,6 +286,10 @@ class TritonKernel(Kernel):
         """Constants beyond the tap size (KH, KW) that a compile is specialized on."""
         return [{}]
 
+    def aot_keep(self, spec: dict) -> bool:
+        """Whether a specialization (tap size included) is one a layer can launch."""
+        return True
+
     def aot_pointer_type(self, name: str, dtype: str, tunable: dict) -> str | None:
         """The element type of pointer ``name`` where a configuration changes it, else None."""
         return None
@@ -273,29 +324,65 @@ class TritonKernel(Kernel):
         return Run(masked_weight, call, info={"kernel": self.name, **(info or {})}, perm=perm)
 
 
+def _matmul_layer(layer) -> bool:
+    """A 1x1, stride-1, unpadded layer is a matrix product over channels_last pixels."""
+    return (layer.kh, layer.kw, layer.stride, layer.padding) == (1, 1, 1, 0)
+
+
 @register
 class DenseTritonImplicitGemm(TritonKernel):
+    """The Triton control against cuDNN, as torch inductor generates it for a convolution:
+    channels_last in and out on the kernel-only path (NCHW end to end, converted around it,
+    like cuDNN's channels_last layout), a 1x1 stride-1 layer as a matrix product."""
+
     name = "dense_triton_implicit_gemm"
     pattern = "dense"
     tunables = TC.DENSE
     space = dict(TC.DENSE)
-    kernel_fn = "dense_igemm_kernel"
-    aot_pointers = {"x": "D", "wt": "D", "y": "D"}
+    kernel_fn = "dense_conv_nhwc_kernel"
+    aot_pointers = {"x": "D", "w": "D", "y": "D"}
+
+    def aot_specializations(self):
+        return [{"MATMUL": False}, {"MATMUL": True}]
+
+    def aot_keep(self, spec):
+        return not spec["MATMUL"] or (spec["KH"], spec["KW"]) == (1, 1)
 
     def _prepare(self, layer, weight, sparsity, config):
-        R = layer.cin * layer.kh * layer.kw
-        wt = weight.reshape(layer.cout, R).t().contiguous()
+        w = weight.permute(2, 3, 1, 0).contiguous()  # [KH, KW, C, COUT]
         BM, BN, BK = config["BM"], config["BN"], config["BK"]
+        matmul = _matmul_layer(layer)
 
-        def launch(x, y):
-            NB, C, H, W, CO, OH, OW = _geom(layer, x)
+        def to_layout(x):
+            return x.contiguous(memory_format=torch.channels_last)
+
+        def resident(xl, out=None):
+            NB, C, H, W, CO, OH, OW = _geom(layer, xl)
+            y = out if out is not None else torch.empty(
+                NB, CO, OH, OW, device=xl.device, dtype=xl.dtype,
+                memory_format=torch.channels_last)
+            if y.stride(2) != OW * y.stride(3):
+                raise ValueError(f"{self.name}: output strides {y.stride()} do not step evenly "
+                                 f"over pixels (NCHW or channels_last)")
             grid = (triton.cdiv(NB * OH * OW, BM), triton.cdiv(CO, BN))
-            dense_igemm_kernel[grid](x, wt, y, NB, C, H, W, CO, OH, OW, R,
-                                     layer.stride, layer.padding, KH=layer.kh, KW=layer.kw,
-                                     BM=BM, BN=BN, BK=BK, IEEE=x.dtype == torch.float32,
-                                     **_launch_opts(config))
+            dense_conv_nhwc_kernel[grid](xl, w, y, NB, C, H, W, CO, OH, OW, layer.stride,
+                                         layer.padding, y.stride(0), y.stride(1), y.stride(3),
+                                         KH=layer.kh, KW=layer.kw, MATMUL=matmul, BM=BM, BN=BN,
+                                         BK=BK, IEEE=xl.dtype == torch.float32,
+                                         **_launch_opts(config))
+            return y
 
-        return self._wrap(layer, weight, launch)
+        def call(x, out=None):
+            if x.shape[1:] != (layer.cin, layer.h, layer.w):
+                raise ValueError(f"{self.name}: input {tuple(x.shape)} does not match "
+                                 f"{layer.shape_str}")
+            if out is None:
+                out = torch.empty(x.shape[0], layer.cout, layer.oh, layer.ow, device=x.device,
+                                  dtype=x.dtype)
+            return resident(to_layout(x), out)
+
+        return Run(weight, call, layout=to_layout, resident=resident,
+                   info={"kernel": self.name, "matmul": matmul})
 
 
 class _CSRowTriton(TritonKernel):
@@ -341,11 +428,23 @@ class CSTritonDirect(_CSRowTriton):
     tunables = TC.CS_DIRECT
     space = dict(TC.CS_DIRECT)
     kernel_fn = "cs_direct_kernel"
-    aot_pointers = {"xp": "D", "offs": "i32", "ws": "D", "y": "D"}
+    aot_pointers = {"x": "D", "taps": "i32", "ws": "D", "y": "D"}
 
     def aot_pointer_type(self, name, dtype, tunable):
         """Split programs add into an fp32 output, whatever the data type."""
         return "fp32" if name == "y" and tunable.get("SPLIT", 1) > 1 else None
+
+    def aot_specializations(self):
+        return [{"HAS_PAD": True}, {"HAS_PAD": False}]
+
+    def aot_keep(self, spec):
+        return spec["KW"] > 1 or not spec["HAS_PAD"]
+
+    def _reason(self, layer, sparsity, config):
+        if layer.cin * layer.h * layer.w >= 1 << 25:
+            return (f"{self.name}: an input of {layer.cin}x{layer.h}x{layer.w} elements per "
+                    f"image does not fit its 25-bit offsets (< {1 << 25})")
+        return super()._reason(layer, sparsity, config)
 
     def _default(self, layer, sparsity, pinned):
         return {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1, "UNROLL": 4,
@@ -353,23 +452,23 @@ class CSTritonDirect(_CSRowTriton):
 
     def _prepare(self, layer, weight, sparsity, config):
         wm, enc = self.make_pattern(sparsity, config).prune(weight)
-        pad, taps = layer.padding, layer.kh * layer.kw
-        hp, wp = layer.h + 2 * pad, layer.w + 2 * pad
+        ntaps = layer.kh * layer.kw
         r = enc.positions()  # [COUT, MM]: the kept im2col column of each weight
-        c, t = r // taps, r % taps
-        offs = (c * hp * wp + (t // layer.kw) * wp + t % layer.kw).to(torch.int32).t().contiguous()
-        ws = enc.values.t().contiguous()  # [MM, COUT], like offs
+        c, t = r // ntaps, r % ntaps
+        off = c * layer.h * layer.w + (t // layer.kw) * layer.w + t % layer.kw
+        taps = (off | (t << 25)).to(torch.int32).t().contiguous()  # [MM, COUT]
+        ws = enc.values.t().contiguous()  # [MM, COUT], like taps
         BM, BN, U, SPLIT = config["BM"], config["BN"], config["UNROLL"], config["SPLIT"]
 
         def launch(x, y):
             NB, C, H, W, CO, OH, OW = _geom(layer, x)
-            xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
             grid = (triton.cdiv(NB * OH * OW, BM), triton.cdiv(CO, BN), SPLIT)
             # split rows add into fp32 zeros (a workspace when y is fp16)
             dst = y if SPLIT == 1 else (y.zero_() if y.dtype == torch.float32 else
                                         torch.zeros(y.shape, device=y.device))
-            cs_direct_kernel[grid](xp, offs, ws, dst, NB, C * hp * wp, wp, CO, OH, OW,
-                                   ws.shape[0], layer.stride, BM=BM, BN=BN, UNROLL=U,
+            cs_direct_kernel[grid](x, taps, ws, dst, NB, C * H * W, H, W, CO, OH, OW,
+                                   ws.shape[0], layer.stride, layer.padding, KW=layer.kw,
+                                   HAS_PAD=layer.padding > 0, BM=BM, BN=BN, UNROLL=U,
                                    SPLIT=SPLIT, **_launch_opts(config))
             if dst is not y:
                 y.copy_(dst)

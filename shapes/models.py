@@ -51,19 +51,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000):
+    def __init__(self, block, layers, num_classes=1000, width=64):
         super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.layer1 = self._make(block, 64, layers[0], 1)
-        self.layer2 = self._make(block, 128, layers[1], 2)
-        self.layer3 = self._make(block, 256, layers[2], 2)
-        self.layer4 = self._make(block, 512, layers[3], 2)
+        self.layer1 = self._make(block, width, layers[0], 1)
+        self.layer2 = self._make(block, 2 * width, layers[1], 2)
+        self.layer3 = self._make(block, 4 * width, layers[2], 2)
+        self.layer4 = self._make(block, 8 * width, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
 
     def _make(self, block, planes, blocks, stride):
         down = None
@@ -88,6 +88,13 @@ def resnet50():
 
 def resnet18():
     return ResNet(BasicBlock, [2, 2, 2, 2])
+
+
+def resnet50_tiny():
+    """ResNet50's blocks, stem and strides at a quarter of its width with one block per stage:
+    not a catalogued network, the stand-in the interpreter's dry run of a GPU lease can afford
+    (``python -m harness lease --interpret``)."""
+    return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width=16)
 
 
 class VGG(nn.Module):
@@ -146,7 +153,7 @@ def squeezenet1_1():
 
 
 MODELS = {"resnet50": resnet50, "vgg19": vgg19, "resnet18": resnet18,
-          "squeezenet1_1": squeezenet1_1}
+          "squeezenet1_1": squeezenet1_1, "resnet50_tiny": resnet50_tiny}
 
 
 def build(net: str, seed: int = 0) -> nn.Module:

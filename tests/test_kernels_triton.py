@@ -133,3 +133,36 @@ def test_ahead_of_time_compile_sample_for_sm80_and_sm90():
     dots = df[~df.kernel.str.startswith("cs_triton")]
     assert (dots.shared > 0).all()  # tl.dot operands staged in shared memory
     assert set(df.arch) == {80, 90}
+
+
+def test_dense_triton_control_is_channels_last_and_1x1_is_a_matrix_product():
+    """inductor's template: channels_last in (and out on the kernel-only path), a 1x1
+    stride-1 layer as a plain matrix product; both paths match the reference."""
+    for geom, matmul in (((32, 32, 1, 1, 0, 7, 5), True), ((16, 32, 3, 2, 1, 9, 11), False),
+                         ((32, 16, 1, 2, 0, 8, 8), False)):
+        lay = layer(*geom[:5], h=geom[5], w=geom[6])
+        k = kernels.get("dense_triton_implicit_gemm")
+        g = torch.Generator().manual_seed(2)
+        w = torch.randn(lay.cout, lay.cin, lay.kh, lay.kw, generator=g).to(TEST_DEVICE)
+        x = torch.randn(2, lay.cin, lay.h, lay.w, generator=g).to(TEST_DEVICE)
+        run = k.prepare(lay, w, 0.0, {"BM": 64, "BN": 64, "BK": 32})
+        assert run.info["matmul"] is matmul
+        xl = run.layout(x)
+        assert xl.is_contiguous(memory_format=torch.channels_last)
+        y = run.resident(xl)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        ref = F.conv2d(x.cpu().double(), w.cpu().double(), stride=lay.stride,
+                       padding=lay.padding)
+        for got in (y, run(x)):
+            assert ((got.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
+
+
+def test_cs_triton_direct_reads_the_unpadded_input(monkeypatch):
+    """No per-call F.pad: a padded layer masks the taps outside the image in the kernel."""
+    def no_pad(*a, **k):
+        raise AssertionError("cs_triton_direct padded its input inside the timed call")
+
+    monkeypatch.setattr(F, "pad", no_pad)
+    for cfg in ({"SPLIT": 1}, {"SPLIT": 4, "BM": 16, "BN": 16, "num_warps": 2}):
+        assert run_check("cs_triton_direct", (16, 32, 3, 1, 1, 6, 7), 0.9375,
+                         {"UNROLL": 4, **cfg}, torch.float32, batch=2) is None

@@ -91,7 +91,8 @@ class Evaluator:
         ident = {"identity": self.identity, "kernel": case.kernel, "source": case.source_hash,
                  "shape": list(self.layer.shape_key), "batch": self.batch, "dtype": self.dtype,
                  "device": case.device.value, "threads": self.threads, "pattern": case.pattern,
-                 "sparsity": case.sparsity, "config": dict(case.config)}
+                 "sparsity": case.sparsity, "config": dict(case.config),
+                 **({"cudnn": case.cudnn} if case.cudnn is not None else {})}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
     def _shape(self):
@@ -171,6 +172,26 @@ class Evaluator:
         return self.dense_s, self.dense_layout
 
 
+def confirm(ev: Evaluator, history: dict, dense_s: float, layout: str):
+    """(best candidate, its cost): the top picks of a screen (``history``: candidate -> cost)
+    race each other and dense interleaved; a kernel replaces dense only where it is faster in
+    the race's median and in at least ``WIN_RATE`` of its rounds (dense is always a
+    candidate)."""
+    best, best_s = ev.dense_candidate(layout), dense_s
+    top = sorted(history, key=history.get)[:CONFIRM_TOP]
+    top = [c for c in top if math.isfinite(history[c])]
+    if top:
+        times, wins = ev.race([ev.dense_candidate(layout)] + top)
+        if math.isfinite(times[0]):
+            i = min(range(len(top)), key=lambda j: times[j + 1])
+            if math.isfinite(times[i + 1]):
+                cost = dense_s * times[i + 1] / times[0]
+                clear = wins[i + 1] is None or wins[i + 1] >= WIN_RATE
+                if cost < best_s and clear:
+                    best, best_s = top[i], cost
+    return best, best_s
+
+
 def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, deadline=None,
                skip=()):
     cands = candidates(ev.layer, patterns, ev.S, ev.device, ev.dtype, skip)
@@ -190,21 +211,11 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
             if deadline is not None and time.monotonic() > deadline and strat.evaluations:
                 break
             strat.tell(cand, ev.cost(cand))
-        top = sorted(strat.history, key=strat.history.get)[:CONFIRM_TOP]
-        top = [c for c in top if math.isfinite(strat.history[c])]
-        if top:  # confirm: the top picks and dense race each other interleaved
-            times, wins = ev.race([ev.dense_candidate(layout)] + top)
-            if math.isfinite(times[0]):
-                i = min(range(len(top)), key=lambda j: times[j + 1])
-                if math.isfinite(times[i + 1]):
-                    cost = dense_s * times[i + 1] / times[0]
-                    clear = wins[i + 1] is None or wins[i + 1] >= WIN_RATE
-                    if cost < best_s and clear:  # dense is always a candidate
-                        best, best_s = top[i], cost
+        best, best_s = confirm(ev, strat.history, dense_s, layout)
     return LayerResult(layer=ev.layer, dense_s=dense_s, dense_layout=layout, best=best,
                        best_s=best_s, defaults=defaults,
                        evaluations=strat.evaluations if strat else 0, measured=ev.measured,
                        candidates=len(cands), history=dict(strat.history) if strat else {})
 
 
-__all__ = ["tune_layer", "candidates", "Evaluator", "LayerResult", "shape_key"]
+__all__ = ["tune_layer", "confirm", "candidates", "Evaluator", "LayerResult", "shape_key"]

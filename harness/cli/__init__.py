@@ -1,4 +1,5 @@
-"""Command line: ``python -m harness {list,bench,verify,table,export,report,autotune,e2e,merge,probe}``."""
+"""Command line: ``python -m harness {list,bench,verify,table,export,report,autotune,e2e,merge,probe,
+lease}``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pandas as pd
 
 from .. import UsageError
 
-COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge", "probe")
+COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge", "probe",
+            "lease")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import time
@@ -11,11 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
-import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import cluster, env, plan
+from .. import cluster, env, gpu, plan
+from ..e2e import source_hash as e2e_source_hash
 from ..records import (
     Device,
     E2ECase,
@@ -62,21 +60,6 @@ def add_parser(sub):
     p.add_argument("--db", default=str(DEFAULT_DB))
     add_executor(p)
     p.set_defaults(func=run)
-
-
-@functools.cache  # pure per process: asked for every network and retry
-def _source_hash(pattern: str, device) -> str:
-    """Every kernel the network may run (the pattern's, and the dense baseline's), and the code
-    that builds and fuses the sparse network and measures it."""
-    h = hashlib.sha256()
-    for name in kernels.names(device=device.kernel_device):
-        k = kernels.get(name)
-        if k.pattern in (pattern, "dense"):
-            h.update(f"{name}:{k.source_hash()};".encode())
-    here = Path(__file__).resolve().parent.parent
-    for f in ("sparse_model.py", "e2e.py"):
-        h.update((here / f).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def choose_plan(folder: Path, net, pattern, S, batch, identity, device):
@@ -142,8 +125,9 @@ def run(args) -> int:
                                      device)
         case = E2ECase(net=net, pattern=pattern, sparsity=S, batch=args.batch, dtype="float32",
                        device=device, threads=threads, size=size, plan=p, plan_file=pfile,
-                       source_hash=_source_hash(pattern, device),
-                       classifier=args.classifier)
+                       source_hash=e2e_source_hash(pattern, device),
+                       classifier=args.classifier,
+                       cudnn=gpu.cudnn_version() if device is Device.CUDA else None)
         return E2ERequest(case, opts, args.dense_compile), said
 
     try:

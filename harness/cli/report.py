@@ -11,10 +11,12 @@ def add_parser(sub):
     p.add_argument("--db", default=str(DEFAULT_DB))
     p.add_argument("--out", default="reports/index.html")
     p.add_argument("--plans", default="results/plans", help="autotuner plans to show")
+    p.add_argument("--published", default="results/published",
+                   help="committed GPU lease summaries shown beside this database's rows")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    out = build(args.db, args.out, args.plans)
+    out = build(args.db, args.out, args.plans, args.published)
     print(f"report written to {out.resolve()}")
     return 0

@@ -33,11 +33,17 @@ def add_parser(sub):
     p.add_argument("--arch", default="80,90", help="compute capabilities for --compile")
     p.add_argument("--sample", action="store_true",
                    help="with --compile: a representative sample instead of every configuration")
+    p.add_argument("--stats", action="store_true",
+                   help="with --compile: per kernel and configuration the GPU lease launches "
+                        "(paper layers, batch 64), compiled as its launch would: registers, "
+                        "shared memory, spills, PTX global loads per FMA or per mma")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     t0 = time.time()
+    if args.stats and not args.compile:
+        raise UsageError("--stats reports on the ahead-of-time compile: add --compile")
     nets = name_list(args.nets, shapes.NETS, "net")
     sparsities = sparsity_list(args.sparsities)
     if args.size < 3:
@@ -62,6 +68,6 @@ def run(args) -> int:
     if args.compile:
         from .. import aot
 
-        rc = max(rc, aot.run_cli(args.arch, nets, sample=args.sample))
+        rc = max(rc, aot.run_cli(args.arch, nets, sample=args.sample, stats=args.stats))
     print(f"\nverify finished in {time.time() - t0:.0f} s")
     return rc
