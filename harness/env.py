@@ -97,7 +97,7 @@ def _kernel_isa() -> str | None:
         from kernels import _ext
     except Exception:
         return None
-    if _ext._mod is not None:
+    if _ext.LAYOUT.loaded:
         return _ext.isa()
     try:
         cxx = os.environ.get("CXX", "c++")
@@ -108,7 +108,7 @@ def _kernel_isa() -> str | None:
     if r.returncode != 0:
         return None
     macros = set(re.findall(r"#define (\w+)", r.stdout))
-    # the same choice as kernels/csrc/sparse_conv_cpu.cpp's SC_ISA
+    # the same choice as kernels/csrc/common.h's SC_ISA
     if "__AVX512F__" in macros:
         return "avx512"
     return "portable(avx2)" if "__AVX2__" in macros else "portable"

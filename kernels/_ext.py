@@ -79,6 +79,9 @@ def _includes(src: Path) -> list[Path]:
     return seen
 
 
+FAMILIES: list[Family] = []  # every family defined so far (the kernel modules define theirs)
+
+
 class Family:
     """One kernel family's C++ library: ``source`` (relative to ``csrc/``) and its entry points
     with their ctypes argument types. ``sources`` are the files it is built from (relative to
@@ -88,11 +91,16 @@ class Family:
         self.name, self.source, self.entries = name, CSRC / source, entries
         self._lib: ctypes.CDLL | None = None
         self._err: str | None = None
+        FAMILIES.append(self)
 
     @property
     def sources(self) -> tuple[str, ...]:
         files = [self.source, *_includes(self.source)]
         return tuple(str(f.relative_to(HERE)) for f in files)
+
+    @property
+    def loaded(self) -> bool:
+        return self._lib is not None
 
     def tag(self) -> str:
         h = hashlib.sha256()
