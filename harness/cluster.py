@@ -38,11 +38,10 @@ def runtime_env() -> dict:
     import harness
     import kernels
     import shapes
+    from kernels.registry import import_plugin, plugin_modules
 
     mods = [harness, kernels, shapes]
-    for name in filter(None, (m.strip() for m in
-                              os.environ.get("HARNESS_PLUGINS", "").split(","))):
-        mods.append(sys.modules.get(name) or __import__(name))
+    mods += [sys.modules.get(name) or import_plugin(name) for name in plugin_modules()]
     # the driver's harness settings travel too (plugins, interpreter, SPARSECONV_*), except the
     # machine label: that one belongs to each node
     env = {k: v for k, v in os.environ.items()

@@ -23,7 +23,7 @@ def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def merge(inputs: list[Path], output: Path) -> dict:
     """Merge ``inputs`` into ``output`` (created, or extended when it exists); returns how many
     rows of each kind the output holds afterwards."""
-    stores = [Store(p, create=False) for p in inputs]  # refuses foreign files before writing
+    stores = [Store(p, readonly=True) for p in inputs]  # refuses foreign files before writing
     out = Store(output)
     frames = {"measurements": [], "e2e": [], "tuning": []}
     sources = [out] + stores

@@ -8,6 +8,8 @@ import sys
 
 import pandas as pd
 
+from kernels.registry import PluginError
+
 from .. import UsageError
 
 COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge", "probe")
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except UsageError as e:
+    except (UsageError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

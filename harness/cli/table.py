@@ -40,7 +40,7 @@ def run(args) -> int:
     if args.plan:
         return run_plan(args)
     args.net = args.net or "resnet50"
-    store = Store(args.db, create=False)
+    store = Store(args.db, readonly=True)
     df = analysis.with_speedups(store.measurements())
     df = df[(df.net == args.net) & (df.status == Status.OK) & (df.pattern != "dense")]
     if args.patterns:
