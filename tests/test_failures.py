@@ -264,7 +264,7 @@ def test_out_in_a_read_only_place_is_one_error_line(tmp_path, cli, tmpfs, comman
     one_error_line(err, "cannot write --out .*x.out: (Read-only file system|Permission denied)")
 
 
-@pytest.mark.parametrize("command", ["report", "export", "table", "bench"])
+@pytest.mark.parametrize("command", ["report", "export", "table", "bench", "merge"])
 def test_a_corrupt_page_is_one_error_line_that_points_at_recovery(tmp_path, cli, command):
     db = corrupt_page(rollback_journal(results_db(tmp_path / "r.sqlite", rows=40)))
     argv = {"report": ["report", "--db", db, "--out", tmp_path / "x.html"],
@@ -347,3 +347,24 @@ def test_a_layer_name_in_tex_syntax_is_drawn_as_plain_text(tmp_path, cli):
     code, _, err = cli("report", "--db", db, "--out", tmp_path / "x.html")
     assert code == 0, err
     assert "$\\undefined{$" in (tmp_path / "x.html").read_text()
+
+
+# ---- 4. merge changes its output all at once or not at all -----------------------------------
+def test_a_failed_merge_leaves_an_existing_output_as_it_was_and_creates_no_new_one(tmp_path,
+                                                                                  cli):
+    good = rollback_journal(results_db(tmp_path / "good.sqlite"))
+    bad = corrupt_page(rollback_journal(results_db(tmp_path / "bad.sqlite", rows=40)))
+    out = rollback_journal(results_db(tmp_path / "out.sqlite", layer_name="z"))
+    before = digest(out)
+    code, _, err = cli("merge", good, bad, "-o", out)
+    assert code == 2
+    one_error_line(err, r"bad\.sqlite is corrupt")
+    assert digest(out) == before
+    assert len(Store(out, readonly=True).runs()) == 1  # no orphan runs of good.sqlite
+    code, _, err = cli("merge", good, bad, "-o", tmp_path / "new.sqlite")
+    assert code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.sqlite", "good.sqlite",
+                                                          "out.sqlite"]
+    code, out_text, err = cli("merge", good, "-o", tmp_path / "new.sqlite")
+    assert code == 0, err
+    assert len(Store(tmp_path / "new.sqlite", readonly=True).measurements()) == 2
