@@ -196,7 +196,8 @@ def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
 def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False,
           case_timeout=300.0, timing=None, progress=True):
     """Run the sweep's layer groups on the cluster; returns counts by status for this call."""
-    from .runner import _Stop, progress_bar
+    from .interrupts import Stop
+    from .runner import progress_bar
 
     ray = connect(address)
     timing = timing or TimingOptions()
@@ -247,7 +248,7 @@ def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False
             bar.update(1)
 
     try:
-        with _Stop() as stop:
+        with Stop() as stop:
             unrun = dispatch(ray, runners, groups_of(cases), submit, finished, lost,
                              stop=lambda: stop.requested)
         if unrun:

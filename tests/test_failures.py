@@ -5,13 +5,15 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from test_harness import ROOT, SHAPES, env
+from test_harness import ROOT, SHAPES, env, start_bench, wait_rows
 
 import kernels
 import shapes
@@ -347,6 +349,116 @@ def test_a_layer_name_in_tex_syntax_is_drawn_as_plain_text(tmp_path, cli):
     code, _, err = cli("report", "--db", db, "--out", tmp_path / "x.html")
     assert code == 0, err
     assert "$\\undefined{$" in (tmp_path / "x.html").read_text()
+
+
+# ---- 3. SIGTERM is Ctrl-C that abandons the case in flight; workers follow their parent ------
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids, limit=15.0) -> list[int]:
+    t_end = time.time() + limit
+    while time.time() < t_end and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+def start_hanging_bench(tmp_path):
+    """A sweep whose third case (after layer a's two dense baselines) never ends."""
+    db = tmp_path / "r.sqlite"
+    proc = start_bench(tmp_path, "--kernels", "faulty_hang", "--sparsities", "0.5", "--layers",
+                       "a", "--case-timeout", "600", db=db)
+    wait_rows(db, 2, proc, limit=240)
+    time.sleep(1.0)  # the hanging case is in the worker now
+    workers = descendants(proc.pid)
+    assert workers, "no worker process"
+    return proc, db, workers
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_abandons_the_case_records_the_run_stopped_and_exits_143(tmp_path):
+    proc, db, workers = start_hanging_bench(tmp_path)
+    try:
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert time.time() - t0 < 15
+    assert "Traceback" not in err and "terminated (SIGTERM)" in err
+    assert wait_gone(workers) == []
+    assert list(Store(db).runs().status) == ["stopped"]
+    assert len(Store(db).measurements()) == 2  # the case in flight was abandoned, not stored
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("command", ["e2e", "autotune"])
+def test_sigterm_ends_e2e_and_autotune_and_their_workers_with_143(tmp_path, command):
+    db = tmp_path / "r.sqlite"
+    argv = {"e2e": ["e2e", "--nets", "resnet18", "--patterns", "cs", "--size", "32",
+                    "--rounds", "3", "--threads", "1", "--plans", tmp_path, "--db", db],
+            "autotune": ["autotune", "--net", "resnet50", "--layers", "layer4.1.conv2",
+                         "--threads", "1", "--budget", "50", "--db", db, "--out-dir",
+                         tmp_path / "plans"]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *map(str, argv)], cwd=ROOT,
+                            env=env(HARNESS_PLUGINS=""), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        t_end = time.time() + 240
+        while not descendants(proc.pid):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < t_end, "no worker process started"
+            time.sleep(0.2)
+        time.sleep(2.0)  # the worker is importing, building or measuring
+        workers = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err and "terminated (SIGTERM)" in err
+    assert wait_gone(workers) == []
+    if command == "e2e":
+        assert list(Store(db).runs().status) == ["stopped"] and Store(db).e2e().empty
+    else:
+        assert not (tmp_path / "plans").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_worker_ends_itself_when_its_parent_is_killed(tmp_path):
+    proc, db, workers = start_hanging_bench(tmp_path)
+    try:
+        proc.kill()  # SIGKILL: the driver cannot clean up anything
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert wait_gone(workers, limit=10) == []
 
 
 # ---- 4. merge changes its output all at once or not at all -----------------------------------

@@ -10,7 +10,7 @@ import pandas as pd
 
 from kernels.registry import PluginError
 
-from .. import UsageError
+from .. import UsageError, interrupts
 
 COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge", "probe")
 
@@ -99,11 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with interrupts.handled():
+            args = build_parser().parse_args(argv)
+            return int(args.func(args) or 0)
     except (UsageError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except interrupts.Terminated as e:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -141,6 +141,9 @@ def run(args) -> int:
                         "pick ms": times[name] * 1e3,
                         "exhaustive pick ms": times["exhaustive"] * 1e3,
                         "regret %": 100 * (times[name] / times["exhaustive"] - 1)})
+    except BaseException:  # SIGTERM, Ctrl-C: the candidate in flight is abandoned
+        worker.kill()
+        raise
     finally:
         worker.close()
     return _finish(args, pats, S, device, threads, store, (fp, ident, results), compare_rows, t0)

@@ -11,6 +11,7 @@ import kernels
 import shapes
 
 from .. import UsageError, cases
+from ..interrupts import Terminated
 from ..records import Device, RunStatus
 
 DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
@@ -18,12 +19,15 @@ DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite")
 
 def recorded_sweep(store, run_id: int, sweep) -> dict:
     """Run ``sweep()`` (returns counts by status) and record how the run ended: finished,
-    stopped (Ctrl-C between cases), aborted (interrupted) or failed."""
+    stopped (Ctrl-C between cases, or SIGTERM), aborted (a second Ctrl-C) or failed."""
     status = RunStatus.FAILED
     try:
         counts = sweep()
         status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
         return counts
+    except Terminated:
+        status = RunStatus.STOPPED
+        raise
     except KeyboardInterrupt:
         status = RunStatus.ABORTED
         raise

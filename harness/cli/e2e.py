@@ -16,6 +16,7 @@ import shapes
 from kernels import patterns as P
 
 from .. import cluster, env, plan
+from ..interrupts import Terminated
 from ..records import (
     Device,
     E2ECase,
@@ -155,6 +156,9 @@ def run(args) -> int:
         else:
             keys = _local(store, run_id, jobs, make_request, args, fph, mh, fp)
         store.finish_run(run_id)
+    except Terminated:
+        store.finish_run(run_id, RunStatus.STOPPED)
+        raise
     except KeyboardInterrupt:
         store.finish_run(run_id, RunStatus.ABORTED)
         raise
@@ -221,6 +225,9 @@ def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
                         print(f"      ... {len(pairs) - 4} more (the e2e table's handover column)")
             else:
                 print(f"    {m.status}: {m.reason}", flush=True)
+    except BaseException:  # SIGTERM, Ctrl-C: the network in flight is abandoned
+        wk.kill()
+        raise
     finally:
         wk.close()
     return keys
