@@ -461,6 +461,27 @@ def test_a_worker_ends_itself_when_its_parent_is_killed(tmp_path):
     assert wait_gone(workers, limit=10) == []
 
 
+# ---- 5. a stopped sweep says so ------------------------------------------------------------
+def test_a_stopped_sweep_says_it_stopped_counts_requested_layers_and_exits_130(tmp_path):
+    db = tmp_path / "r.sqlite"
+    proc = start_bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", "--quick",
+                       db=db)  # 4 layers x (2 dense layouts + 1 CS case)
+    try:
+        wait_rows(db, 4, proc, limit=240)  # layer a done, layer b begun
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "bench stopped (Ctrl-C)" in out and "bench finished" not in out
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["tiny"])
+    covered = row.split()[3]
+    assert covered.endswith("/4") and covered != "4/4", row  # against the 4 layers asked for
+    assert row.split()[4] == "-", row  # no network-level figure from part of the network
+    assert list(Store(db).runs().status) == ["stopped"]
+
+
 # ---- 4. merge changes its output all at once or not at all -----------------------------------
 def test_a_failed_merge_leaves_an_existing_output_as_it_was_and_creates_no_new_one(tmp_path,
                                                                                   cli):

@@ -81,13 +81,20 @@ def plan(args):
                        quick=getattr(args, "quick", False), patterns=pats), device, threads
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
+def summary(df: pd.DataFrame, requested: dict[str, int]) -> pd.DataFrame:
+    """Network-level speedups, layers covered out of the ``requested`` layers of each net; a
+    net some of whose layers have no dense baseline (a stopped sweep) gets no network
+    figure."""
     net = analysis.network_table(df)
     if net.empty:
         return net
     out = net[["net", "pattern", "sparsity", "covered", "layers", "speedup", "kernel_speedup",
                "dense_ms", "sparse_ms"]].copy()
-    out["covered"] = out["covered"].astype(str) + "/" + out["layers"].astype(str)
+    want = out["net"].map(requested).fillna(out["layers"]).astype(int)
+    partial = out["layers"] < want
+    for col in ("speedup", "kernel_speedup", "dense_ms", "sparse_ms"):
+        out[col] = out[col].astype(object).where(~partial, "-")
+    out["covered"] = out["covered"].astype(str) + "/" + want.astype(str)
     return out.drop(columns="layers").rename(columns={
         "speedup": "net speedup e2e", "kernel_speedup": "net speedup kernel",
         "covered": "layers covered"}).round(3)
@@ -129,7 +136,11 @@ def run(args) -> int:
     df = store.measurements(fp_hash=None if args.executor == "ray" else fph)
     keys = {c.key for c in todo}
     df = df[df.case_key.isin(keys)]
-    s = summary(df) if not device.interpreted else pd.DataFrame()
+    requested = {}
+    for c in todo:
+        requested.setdefault(c.layer.net, set()).add(c.layer.name)
+    requested = {net: len(names) for net, names in requested.items()}
+    s = summary(df, requested) if not device.interpreted else pd.DataFrame()
     if not s.empty:
         print("\nNetwork-level speedup against the best dense layout (batch "
               f"{args.batch}, {args.dtype}, {machine_words(fp, device, threads)}):")
@@ -140,5 +151,12 @@ def run(args) -> int:
         print(f"\n{len(bad)} case(s) failed; see the report or `python -m harness export`:")
         for _, r in bad.head(10).iterrows():
             print(f"  {r.status}: {r.kernel} {r.net}:{r.layer} S={r.sparsity:g}: {r.reason}")
+    stopped = counts.get("not run (stopped)", 0)
+    if stopped:
+        print(f"\nbench stopped (Ctrl-C) after {time.time() - t0:.0f} s: {stopped} of "
+              f"{len(todo)} case(s) not run, so layers without a dense baseline have no network "
+              f"figure; run the same command again (without --fresh) to measure the rest; "
+              f"results in {args.db}")
+        return 130
     print(f"\nbench finished in {time.time() - t0:.0f} s; results in {args.db}")
     return 0
