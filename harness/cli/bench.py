@@ -93,7 +93,7 @@ def summary(df: pd.DataFrame, requested: dict[str, int]) -> pd.DataFrame:
     want = out["net"].map(requested).fillna(out["layers"]).astype(int)
     partial = out["layers"] < want
     for col in ("speedup", "kernel_speedup", "dense_ms", "sparse_ms"):
-        out[col] = out[col].astype(object).where(~partial, "-")
+        out[col] = out[col].round(3).astype(object).where(~partial, "-")
     out["covered"] = out["covered"].astype(str) + "/" + want.astype(str)
     return out.drop(columns="layers").rename(columns={
         "speedup": "net speedup e2e", "kernel_speedup": "net speedup kernel",
