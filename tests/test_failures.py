@@ -482,6 +482,77 @@ def test_a_stopped_sweep_says_it_stopped_counts_requested_layers_and_exits_130(t
     assert list(Store(db).runs().status) == ["stopped"]
 
 
+# ---- 6. inputs that do no work are refused ------------------------------------------------
+HEADER = "name,cin,cout,kh,kw,stride,padding,h,w\n"
+NO_WORK = [
+    ("empty shapes CSV", ["--shapes-csv", "EMPTY"], "holds no layers"),
+    ("header-only shapes CSV", ["--shapes-csv", "HEADER"], "holds no layers"),
+    ("pattern without a kernel", ["--patterns", "nm"],
+     "no cpu kernel implements pattern.s. nm, so only dense would be measured"),
+    ("pattern outside --kernels", ["--patterns", "1xn", "--kernels", "cs_cpu_direct"],
+     "no cpu kernel among --kernels implements pattern.s. 1xn"),
+    ("--retry-failed with --fresh", ["--retry-failed", "--fresh"], "give one of them"),
+    ("more threads than cores", ["--threads", str(max(1000, 2 * (os.cpu_count() or 1)))],
+     r"this machine has \d+ cores; .*--force-threads"),
+]
+
+
+@pytest.mark.parametrize("what,args,message", NO_WORK, ids=[n[0] for n in NO_WORK])
+def test_inputs_that_do_no_work_are_refused_with_one_line(tmp_path, cli, what, args, message):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text(HEADER)
+    args = [{"EMPTY": tmp_path / "empty.csv", "HEADER": tmp_path / "header.csv"}.get(a, a)
+            for a in args]
+    argv = bench_args(tmp_path, "--layers", "a", "--sparsities", "0.5", *args)
+    if "--threads" in args:
+        argv.remove("--threads")
+        argv.remove("1")
+    if "--shapes-csv" in args:  # the empty file instead of the four tiny layers
+        at = argv.index("--shapes-csv")
+        del argv[at:at + 2]
+        argv.remove("--layers")
+        argv.remove("a")
+    code, out, err = cli(*argv)
+    assert code == 2, out
+    one_error_line(err, message)
+    assert not (tmp_path / "r.sqlite").exists()  # no run recorded
+
+
+def test_an_empty_shard_says_so_in_one_line_and_exits_0(tmp_path, cli):
+    code, out, err = cli(*bench_args(tmp_path, "--layers", "a", "--shard", "1/2"))
+    assert code == 0 and err == ""
+    assert out.strip().splitlines() == [
+        "bench: shard 1/2 holds none of the 1 layer(s); nothing to measure"]
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_more_threads_than_cores_are_measured_when_forced(tmp_path):
+    from harness.cli import build_parser
+    from harness.cli.common import threads_of
+
+    many = str(2 * (os.cpu_count() or 1))
+    args = build_parser().parse_args(["bench", "--threads", many, "--force-threads"])
+    assert threads_of(args) == int(many)
+
+
+def test_a_layer_merged_into_an_identical_shape_is_measured_as_that_shape(tmp_path):
+    from harness.cli import bench, build_parser
+
+    notes = []
+    (lay,) = cases.select_layers(["resnet50"], ["layer1.1.conv2"], notes=notes)
+    assert lay.name == "layer1.0.conv2" and lay.count == 3
+    assert notes == ["resnet50:layer1.1.conv2 has the shape of layer1.0.conv2 (64->64 3x3 p1 "
+                     "@56x56); it is measured as layer1.0.conv2"]
+    args = build_parser().parse_args(["bench", "--nets", "resnet50", "--layers",
+                                      "layer1.1.conv2,layer1.0.conv2", "--kernels",
+                                      "cs_cpu_direct", "--sparsities", "0.5", "--quick",
+                                      "--threads", "1"])
+    todo, _, _, said = bench.plan(args)
+    assert {c.layer.name for c in todo} == {"layer1.0.conv2"} and len(said) == 1
+    with pytest.raises(ValueError, match="unknown layer"):
+        cases.select_layers(["resnet50"], ["layer9.9.conv9"])
+
+
 # ---- 4. merge changes its output all at once or not at all -----------------------------------
 def test_a_failed_merge_leaves_an_existing_output_as_it_was_and_creates_no_new_one(tmp_path,
                                                                                   cli):

@@ -88,6 +88,28 @@ def positive(kind, minimum, strict=False):
     return parse
 
 
+def threads_of(args) -> int:
+    """``--threads``, or every core of this machine. More threads than cores measures the
+    contention, not the kernel: refused unless ``--force-threads`` (or on Ray, whose nodes
+    have their own cores)."""
+    cores = os.cpu_count() or 1
+    if args.threads is None:
+        return cores
+    if (args.threads > cores and not getattr(args, "force_threads", False)
+            and getattr(args, "executor", "local") != "ray"):
+        raise UsageError(f"--threads {args.threads}: this machine has {cores} cores; more threads "
+                         f"than cores time the contention, not the kernel (add --force-threads "
+                         f"to measure anyway)")
+    return args.threads
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=positive(int, 1), default=None,
+                   help="CPU threads (default: all cores of this machine)")
+    p.add_argument("--force-threads", action="store_true",
+                   help="allow --threads beyond this machine's cores")
+
+
 def device_of(args) -> Device:
     """The device from ``--device`` and ``--interpret``; a CUDA run needs CUDA or the flag."""
     if args.device == "cpu":
@@ -124,8 +146,7 @@ def add_common(p, defaults_nets="resnet50,vgg19"):
     p.add_argument("--patterns", help="comma list of patterns (default: all)")
     p.add_argument("--batch", type=positive(int, 1), default=1)
     p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
-    p.add_argument("--threads", type=positive(int, 1), default=None,
-                   help="CPU threads (default: all cores of this machine)")
+    add_threads(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--interpret", action="store_true",
                    help="with --device cuda: run the GPU kernels through Triton's interpreter "
