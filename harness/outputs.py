@@ -6,7 +6,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pandas as pd
+
 from . import UsageError
+
+# a cell that begins with one of these is a formula to a spreadsheet (OWASP, CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def output_file(path: str | Path, what: str = "--out") -> Path:
@@ -32,3 +37,16 @@ def writing(path: Path, what: str = "--out"):
         yield path
     except OSError as e:
         raise UsageError(f"cannot write {what} {path}: {e.strerror or e}") from None
+
+
+def without_formulas(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every text cell that a spreadsheet would run as a formula (it begins with
+    = + - @, a tab or a carriage return, as a layer name from a shapes CSV may) prefixed with a
+    single quote, as OWASP's guidance on CSV injection says; numbers stay numbers."""
+    def defuse(v):
+        return f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+
+    out = df.copy()
+    for col in out.select_dtypes(include=["object", "string"]).columns:
+        out[col] = out[col].map(defuse)
+    return out

@@ -572,3 +572,20 @@ def test_a_failed_merge_leaves_an_existing_output_as_it_was_and_creates_no_new_o
     code, out_text, err = cli("merge", good, "-o", tmp_path / "new.sqlite")
     assert code == 0, err
     assert len(Store(tmp_path / "new.sqlite", readonly=True).measurements()) == 2
+
+
+# ---- 7. no spreadsheet formula in an export ---------------------------------------------------
+def test_export_csv_defuses_cells_a_spreadsheet_would_run_as_formulas(tmp_path, cli):
+    import pandas as pd
+
+    name = '=HYPERLINK("http://evil.example","click")'
+    db = results_db(tmp_path / "r.sqlite", layer_name=name)
+    code, _, err = cli("export", "--db", db, "--out", tmp_path / "x.csv")
+    assert code == 0, err
+    df = pd.read_csv(tmp_path / "x.csv")
+    assert set(df.layer) == {"'" + name}  # OWASP: a leading quote makes it text
+    for col in df.select_dtypes(include=["object", "string"]).columns:
+        assert not df[col].dropna().str.match(r"[=+\-@\t\r]").any(), col
+    assert (df.median_s > 0).all()  # numbers stay numbers
+    code, _, err = cli("export", "--db", db, "--format", "parquet", "--out", tmp_path / "x.pq")
+    assert code == 0 and set(pd.read_parquet(tmp_path / "x.pq").layer) == {name}

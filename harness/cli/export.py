@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import UsageError, analysis
-from ..outputs import output_file, writing
+from ..outputs import output_file, without_formulas, writing
 from ..store import Store
 from .common import DEFAULT_DB
 
@@ -24,8 +24,8 @@ def run(args) -> int:
     store = Store(args.db, readonly=True)
     df = analysis.with_speedups(store.measurements(latest=not args.all))
     with writing(out):
-        if args.format == "csv":
-            df.to_csv(out, index=False)
+        if args.format == "csv":  # opened in spreadsheets: no cell may run as a formula
+            without_formulas(df).to_csv(out, index=False)
         else:
             try:
                 df.to_parquet(out, index=False)
