@@ -52,10 +52,13 @@ def runtime_env() -> dict:
 
 def connect(address: str | None):
     """Join the cluster at ``address`` or start a local Ray instance."""
+    from .interrupts import reclaim
+
     ray = require_ray()
     if not ray.is_initialized():
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False,
                  include_dashboard=False, configure_logging=False)
+        reclaim()  # Ray's core worker installs a SIGTERM handler that aborts the process
     return ray
 
 

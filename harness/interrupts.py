@@ -24,12 +24,26 @@ import time
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: stop now, like a second Ctrl-C, but the run counts as stopped."""
 
-    exit_code = 128 + signal.SIGTERM
+
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+
+_active = False  # inside handled(): SIGTERM is ours
+_received = False  # SIGTERM arrived during this command
 
 
 def _on_sigterm(signum, frame):
+    global _received
+    _received = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the cleanup
     raise Terminated()
+
+
+def by_sigterm(exc: BaseException) -> bool:
+    """Whether ``exc`` ends the command because of SIGTERM: ``Terminated`` itself, or the
+    plain KeyboardInterrupt a library raised in its place (Ray turns any exception from a
+    signal handler that runs inside its calls into KeyboardInterrupt)."""
+    return isinstance(exc, Terminated) or (_received and isinstance(exc, KeyboardInterrupt))
 
 
 @contextlib.contextmanager
@@ -43,12 +57,22 @@ def handled():
     wanted = {signal.SIGTERM: _on_sigterm}
     if hasattr(signal, "SIGXFSZ"):
         wanted[signal.SIGXFSZ] = signal.SIG_IGN
+    global _active, _received
     old = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    _active, _received = True, False
     try:
         yield
     finally:
+        _active = False
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def reclaim() -> None:
+    """Take SIGTERM back after a library installed its own handler (Ray's core worker aborts
+    the process on SIGTERM)."""
+    if _active and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class Stop:

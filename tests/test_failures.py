@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import descendants, wait_gone
 from test_harness import ROOT, SHAPES, env, start_bench, wait_rows
 
 import kernels
@@ -352,39 +353,6 @@ def test_a_layer_name_in_tex_syntax_is_drawn_as_plain_text(tmp_path, cli):
 
 
 # ---- 3. SIGTERM is Ctrl-C that abandons the case in flight; workers follow their parent ------
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_gone(pids, limit=15.0) -> list[int]:
-    t_end = time.time() + limit
-    while time.time() < t_end and any(alive(p) for p in pids):
-        time.sleep(0.2)
-    return [p for p in pids if alive(p)]
-
-
 def start_hanging_bench(tmp_path):
     """A sweep whose third case (after layer a's two dense baselines) never ends."""
     db = tmp_path / "r.sqlite"

@@ -105,9 +105,9 @@ def main(argv=None) -> int:
     except (UsageError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except interrupts.Terminated as e:
-        print("terminated (SIGTERM)", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if interrupts.by_sigterm(e):
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return interrupts.EXIT_SIGTERM
         print("interrupted", file=sys.stderr)
         return 130

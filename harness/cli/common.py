@@ -11,7 +11,7 @@ import kernels
 import shapes
 
 from .. import UsageError, cases
-from ..interrupts import Terminated
+from ..interrupts import by_sigterm
 from ..records import Device, RunStatus
 
 DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
@@ -25,11 +25,8 @@ def recorded_sweep(store, run_id: int, sweep) -> dict:
         counts = sweep()
         status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
         return counts
-    except Terminated:
-        status = RunStatus.STOPPED
-        raise
-    except KeyboardInterrupt:
-        status = RunStatus.ABORTED
+    except KeyboardInterrupt as e:  # SIGTERM: stopped; a second Ctrl-C: aborted
+        status = RunStatus.STOPPED if by_sigterm(e) else RunStatus.ABORTED
         raise
     finally:
         store.finish_run(run_id, status)

@@ -15,7 +15,7 @@ import shapes
 from kernels import patterns as P
 
 from .. import cluster, env, plan
-from ..interrupts import Terminated
+from ..interrupts import by_sigterm
 from ..records import (
     Device,
     E2ECase,
@@ -165,11 +165,8 @@ def run(args) -> int:
         else:
             keys = _local(store, run_id, jobs, make_request, args, fph, mh, fp)
         store.finish_run(run_id)
-    except Terminated:
-        store.finish_run(run_id, RunStatus.STOPPED)
-        raise
-    except KeyboardInterrupt:
-        store.finish_run(run_id, RunStatus.ABORTED)
+    except KeyboardInterrupt as e:  # SIGTERM: stopped; Ctrl-C: aborted
+        store.finish_run(run_id, RunStatus.STOPPED if by_sigterm(e) else RunStatus.ABORTED)
         raise
     except BaseException:
         store.finish_run(run_id, RunStatus.FAILED)
