@@ -25,25 +25,43 @@ def make_case(layer, kernel, sparsity, config, batch, dtype, device, threads, pa
                 cudnn=gpu.cudnn_version() if device is Device.CUDA else None)
 
 
-def select_layers(nets, layer_names=None, quick=False, shapes_csv=None):
-    """Unique shapes of the chosen nets (each with its ``count``), optionally filtered."""
-    layers = []
+def select_layers(nets, layer_names=None, quick=False, shapes_csv=None, notes=None):
+    """Unique shapes of the chosen nets (each with its ``count``), optionally filtered by layer
+    name or catalog index. A layer merged into an earlier one of the same shape selects that
+    shape; ``notes`` (a list), when given, receives a sentence saying so for each such name."""
+    every, layers = [], []
     for net in nets:
-        uniq = shapes.unique(shapes.load(net))
+        all_layers = shapes.load(net)
+        uniq = shapes.unique(all_layers)
         if quick and not layer_names:
             uniq = [u for u in uniq if u.name in QUICK_LAYERS] or uniq[:3]
+        every += all_layers
         layers += uniq
     if shapes_csv:
-        layers += shapes.unique(shapes.load_csv(shapes_csv))
-    if layer_names:
-        wanted = set(layer_names)
-        found = {lay.name for lay in layers} | {str(lay.index) for lay in layers}
-        missing = wanted - found
-        if missing:
-            raise ValueError(f"unknown layer(s) {sorted(missing)}; names look like "
-                             f"{', '.join(sorted({lay.name for lay in layers})[:4])}, ...")
-        layers = [lay for lay in layers if lay.name in wanted or str(lay.index) in wanted]
-    return layers
+        all_layers = shapes.load_csv(shapes_csv)
+        every += all_layers
+        layers += shapes.unique(all_layers)
+    if not layer_names:
+        return layers
+    measured_as = {(lay.net, lay.shape_key): lay for lay in layers}
+    by_name: dict[str, list] = {}  # a name or index -> the unique shapes it selects
+    for lay in every:
+        rep = measured_as.get((lay.net, lay.shape_key))
+        for key in (lay.name, str(lay.index)):
+            if rep is not None and rep not in by_name.setdefault(key, []):
+                by_name[key].append(rep)
+    missing = [n for n in dict.fromkeys(layer_names) if n not in by_name]
+    if missing:
+        raise ValueError(f"unknown layer(s) {sorted(missing)}; names look like "
+                         f"{', '.join(sorted({lay.name for lay in layers})[:4])}, ...")
+    chosen = set()
+    for name in dict.fromkeys(layer_names):
+        for rep in by_name[name]:
+            chosen.add((rep.net, rep.shape_key))
+            if rep.name != name and str(rep.index) != name and notes is not None:
+                notes.append(f"{rep.net}:{name} has the shape of {rep.name} ({rep.shape_str}); "
+                             f"it is measured as {rep.name}")
+    return [lay for lay in layers if (lay.net, lay.shape_key) in chosen]
 
 
 def pattern_param_values(kernel, layer, sparsity, quick=False):

@@ -38,11 +38,10 @@ def runtime_env() -> dict:
     import harness
     import kernels
     import shapes
+    from kernels.registry import import_plugin, plugin_modules
 
     mods = [harness, kernels, shapes]
-    for name in filter(None, (m.strip() for m in
-                              os.environ.get("HARNESS_PLUGINS", "").split(","))):
-        mods.append(sys.modules.get(name) or __import__(name))
+    mods += [sys.modules.get(name) or import_plugin(name) for name in plugin_modules()]
     # the driver's harness settings travel too (plugins, interpreter, SPARSECONV_*), except the
     # machine label: that one belongs to each node
     env = {k: v for k, v in os.environ.items()
@@ -53,10 +52,13 @@ def runtime_env() -> dict:
 
 def connect(address: str | None):
     """Join the cluster at ``address`` or start a local Ray instance."""
+    from .interrupts import reclaim
+
     ray = require_ray()
     if not ray.is_initialized():
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False,
                  include_dashboard=False, configure_logging=False)
+        reclaim()  # Ray's core worker installs a SIGTERM handler that aborts the process
     return ray
 
 
@@ -197,7 +199,8 @@ def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
 def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False,
           case_timeout=300.0, timing=None, progress=True):
     """Run the sweep's layer groups on the cluster; returns counts by status for this call."""
-    from .runner import _Stop, progress_bar
+    from .interrupts import Stop
+    from .runner import progress_bar
 
     ray = connect(address)
     timing = timing or TimingOptions()
@@ -248,7 +251,7 @@ def sweep(cases, store, run_id, *, address=None, resume=True, retry_failed=False
             bar.update(1)
 
     try:
-        with _Stop() as stop:
+        with Stop() as stop:
             unrun = dispatch(ray, runners, groups_of(cases), submit, finished, lost,
                              stop=lambda: stop.requested)
         if unrun:

@@ -13,6 +13,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
+# names (layers, kernels) are data, not TeX: `$\undefined{$` is drawn as written, never parsed
+matplotlib.rcParams["text.parse_math"] = False
 
 
 def _png(fig) -> str:

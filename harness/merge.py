@@ -2,16 +2,23 @@
 
 Runs are renumbered; measurements, whole-network rows and tuning records keep their identity
 (the fingerprint hash and case key, or the tuning key). For the same identity and case the most
-recent row wins, so a case is never duplicated. Every input is opened as a results store first:
-a foreign or corrupt file is refused."""
+recent row wins, so a case is never duplicated. Every input is opened read-only as a results
+store and read whole before the output is touched: a foreign or corrupt file is refused. The
+output changes all at once or not at all: an existing one in one transaction, a new one
+written under a temporary name and renamed into place."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from .store import Store
+from .store import Store, StoreError
+
+TABLES = {"measurements": ["fp_hash", "case_key"], "e2e": ["fp_hash", "case_key"],
+          "tuning": ["tune_key"]}
+RUN_COLUMNS = ["started", "finished", "fp_hash", "machine_hash", "fingerprint", "args", "status"]
 
 
 def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -20,46 +27,74 @@ def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return df.sort_values(["created", "_order"]).drop_duplicates(keys, keep="last")
 
 
+def _read(store: Store) -> dict:
+    """Every row of a store: its runs and its tables."""
+    with store.guard():
+        return {"runs": store.runs(), **{t: pd.read_sql_query(f"SELECT * FROM {t}", store.db)
+                                          for t in TABLES}}
+
+
 def merge(inputs: list[Path], output: Path) -> dict:
     """Merge ``inputs`` into ``output`` (created, or extended when it exists); returns how many
     rows of each kind the output holds afterwards."""
-    stores = [Store(p, create=False) for p in inputs]  # refuses foreign files before writing
-    out = Store(output)
-    frames = {"measurements": [], "e2e": [], "tuning": []}
-    sources = [out] + stores
-    for order, st in enumerate(sources):
-        runs = st.runs()
-        remap = {}
-        if st is not out:
-            for r in runs.itertuples():
-                cur = out.db.execute(
-                    "INSERT INTO runs (started, finished, fp_hash, machine_hash, fingerprint, "
-                    "args, status) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (r.started, r.finished, r.fp_hash, r.machine_hash, r.fingerprint, r.args,
-                     r.status))
-                remap[r.run_id] = cur.lastrowid
-        for table in frames:
-            df = pd.read_sql_query(f"SELECT * FROM {table}", st.db)
-            if "run_id" in df and remap:
-                df["run_id"] = df["run_id"].map(remap)
-            frames[table].append(df.assign(_order=order))
-    keys = {"measurements": ["fp_hash", "case_key"], "e2e": ["fp_hash", "case_key"],
-            "tuning": ["tune_key"]}
+    contents = []
+    for p in inputs:  # refuses foreign and corrupt files before anything is written
+        st = Store(p, readonly=True)
+        try:
+            contents.append(_read(st))
+        finally:
+            st.close()
+    output = Path(output)
+    if output.exists():
+        return _merge_into(Store(output), contents)
+    tmp = output.with_name(f".{output.name}.merging-{os.getpid()}")
+    try:
+        try:
+            counts = _merge_into(Store(tmp), contents)
+        except StoreError as e:  # name the file the user asked for, not the temporary one
+            raise StoreError(str(e).replace(str(tmp), str(output))) from None
+        os.replace(tmp, output)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            if leftover.exists():
+                leftover.unlink()
+    return counts
+
+
+def _merge_into(out: Store, contents: list[dict]) -> dict:
+    """One transaction: the output's own rows and every input's, the latest row per case."""
     counts = {}
-    with out._tx():
-        for table, parts in frames.items():
-            df = _latest(pd.concat(parts, ignore_index=True), keys[table])
-            out.db.execute(f"DELETE FROM {table}")
-            df = df.drop(columns=["id", "_order"])
-            if len(df):
-                cols = list(df.columns)
-                out.db.executemany(
-                    f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
-                    f"({', '.join('?' * len(cols))})",
-                    [tuple(None if v != v else v for v in row) for row in
-                     df.astype(object).itertuples(index=False)])
-            counts[table] = len(df)
-    for st in stores:
-        st.close()
-    out.close()
+    try:
+        with out.guard(), out._tx():
+            frames = {t: [] for t in TABLES}
+            mine = _read(out)
+            for table in TABLES:
+                frames[table].append(mine[table].assign(_order=0))
+            for order, part in enumerate(contents, 1):
+                remap = {}
+                for r in part["runs"].itertuples():
+                    cur = out.db.execute(
+                        f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(RUN_COLUMNS))})",
+                        tuple(getattr(r, c) for c in RUN_COLUMNS))
+                    remap[r.run_id] = cur.lastrowid
+                for table in TABLES:
+                    df = part[table]
+                    if "run_id" in df and remap:
+                        df = df.assign(run_id=df["run_id"].map(remap))
+                    frames[table].append(df.assign(_order=order))
+            for table, parts in frames.items():
+                df = _latest(pd.concat(parts, ignore_index=True), TABLES[table])
+                out.db.execute(f"DELETE FROM {table}")
+                df = df.drop(columns=["id", "_order"])
+                if len(df):
+                    cols = list(df.columns)
+                    out.db.executemany(
+                        f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})",
+                        [tuple(None if v != v else v for v in row) for row in
+                         df.astype(object).itertuples(index=False)])
+                counts[table] = len(df)
+    finally:
+        out.close()
     return counts

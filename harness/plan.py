@@ -4,9 +4,12 @@ layer should use, with measured times and the machine fingerprint. ``load`` vali
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import kernels
+
+from .records import Device
 
 SCHEMA = 2  # 2: identity (machine + software) and per-layer kernel source hashes
 LAYER_FIELDS = {"layer": str, "index": int, "count": int, "shape": str, "kernel": str,
@@ -15,40 +18,85 @@ TOP_FIELDS = {"schema": int, "net": str, "pattern": str, "sparsity": float, "dev
               "batch": int, "dtype": str, "threads": int, "strategy": str,
               "fingerprint": dict, "identity": str, "machine_hash": str, "layers": list,
               "network_speedup": float}
+DEVICES = [d.value for d in Device]
 
 
 class PlanError(ValueError):
     pass
 
 
-def validate(plan: dict, check_kernels: bool = True) -> dict:
-    if not isinstance(plan, dict):
-        raise PlanError(f"a plan is a JSON object, got {type(plan).__name__}")
+def _typed(value, t) -> bool:
+    """JSON value of the declared type (an integer is a float; a bool is no number)."""
+    if isinstance(value, bool):
+        return t is bool
+    return isinstance(value, t) or (t is float and isinstance(value, int))
+
+
+def _positive(value) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _check_top(plan: dict) -> None:
     for k, t in TOP_FIELDS.items():
         if k not in plan:
             raise PlanError(f"plan is missing {k!r}")
-        if not isinstance(plan[k], t) and not (t is float and isinstance(plan[k], int)):
+        if not _typed(plan[k], t):
             raise PlanError(f"plan field {k!r} must be {t.__name__}, got {plan[k]!r:.60}")
     if plan["schema"] != SCHEMA:
         raise PlanError(f"plan schema {plan['schema']} is not supported (expected {SCHEMA})")
+    if plan["device"] not in DEVICES:
+        raise PlanError(f"plan device {plan['device']!r:.40} is not one of {', '.join(DEVICES)}")
+    if plan["dtype"] not in kernels.DTYPES:
+        raise PlanError(f"plan dtype {plan['dtype']!r:.40} is not one of "
+                        f"{', '.join(kernels.DTYPES)}")
+    if not (math.isfinite(plan["sparsity"]) and 0 < plan["sparsity"] < 1):
+        raise PlanError(f"plan sparsity {plan['sparsity']!r} is outside (0, 1)")
+    for k in ("batch", "threads"):
+        if plan[k] < 1:
+            raise PlanError(f"plan {k} {plan[k]} must be >= 1")
+    if not _positive(plan["network_speedup"]):
+        raise PlanError(f"plan network_speedup {plan['network_speedup']!r} must be a positive "
+                        f"number")
     if not plan["layers"]:
         raise PlanError("plan has no layers")
+
+
+def _check_layer(i: int, lay, check_kernels: bool) -> None:
+    if not isinstance(lay, dict):
+        raise PlanError(f"plan layer {i} must be an object with {', '.join(LAYER_FIELDS)}; got "
+                        f"{lay!r:.40}")
+    for k, t in LAYER_FIELDS.items():
+        if k not in lay:
+            raise PlanError(f"plan layer {i} is missing {k!r}")
+        if not _typed(lay[k], t):
+            raise PlanError(f"plan layer {i} field {k!r} must be {t.__name__}, got "
+                            f"{lay[k]!r:.40}")
+    name = lay["layer"]
+    if lay["count"] < 1 or lay["index"] < 0:
+        raise PlanError(f"plan layer {i} ({name}): count {lay['count']} must be >= 1 and index "
+                        f"{lay['index']} >= 0")
+    for k in ("time_s", "dense_s", "speedup"):
+        if not _positive(lay[k]):
+            raise PlanError(f"plan layer {i} ({name}): {k} {lay[k]!r} must be a positive number")
+    if check_kernels:
+        try:
+            kern = kernels.get(lay["kernel"])
+        except ValueError as e:
+            raise PlanError(f"plan layer {i}: {e}") from None
+        why = kern._check_config({k: v for k, v in lay["config"].items()})
+        if why:
+            raise PlanError(f"plan layer {i} ({name}): {why}")
+
+
+def validate(plan: dict, check_kernels: bool = True) -> dict:
+    """The plan itself when every field has its type and a value that can be true (finite
+    positive times, counts and threads, a sparsity in (0, 1), a known device and dtype);
+    otherwise ``PlanError`` saying which field is wrong."""
+    if not isinstance(plan, dict):
+        raise PlanError(f"a plan is a JSON object, got {type(plan).__name__}")
+    _check_top(plan)
     for i, lay in enumerate(plan["layers"]):
-        for k, t in LAYER_FIELDS.items():
-            if k not in lay:
-                raise PlanError(f"plan layer {i} is missing {k!r}")
-            if not isinstance(lay[k], t) and not (t is float and isinstance(lay[k], int)):
-                raise PlanError(f"plan layer {i} field {k!r} must be {t.__name__}")
-        if lay["time_s"] <= 0 or lay["dense_s"] <= 0:
-            raise PlanError(f"plan layer {i} ({lay['layer']}) has non-positive times")
-        if check_kernels:
-            try:
-                kern = kernels.get(lay["kernel"])
-            except ValueError as e:
-                raise PlanError(f"plan layer {i}: {e}") from None
-            why = kern._check_config({k: v for k, v in lay["config"].items()})
-            if why:
-                raise PlanError(f"plan layer {i} ({lay['layer']}): {why}")
+        _check_layer(i, lay, check_kernels)
     total_d = sum(lay["count"] * lay["dense_s"] for lay in plan["layers"])
     total_t = sum(lay["count"] * lay["time_s"] for lay in plan["layers"])
     if abs(total_d / total_t - plan["network_speedup"]) > 1e-6 * plan["network_speedup"] + 1e-9:
@@ -64,12 +112,14 @@ def save(plan: dict, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> dict:
+def load(path: str | Path, check_kernels: bool = True) -> dict:
     path = Path(path)
     try:
         plan = json.loads(path.read_text())
     except FileNotFoundError:
         raise PlanError(f"no plan at {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{path} is not JSON: {e}") from None
-    return validate(plan)
+    except OSError as e:
+        raise PlanError(f"cannot read {path}: {e.strerror}") from None
+    return validate(plan, check_kernels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import jinja2
@@ -11,7 +12,8 @@ import pandas as pd
 
 from kernels import patterns as P
 
-from . import UsageError, analysis, figures
+from . import UsageError, analysis, figures, plan
+from .outputs import output_file, writing
 from .records import Device, Status, handover_saved_s
 from .store import Store
 
@@ -176,10 +178,11 @@ def published(folder: str | Path | None = PUBLISHED) -> list[dict]:
 def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None,
           published_dir: str | Path | None = PUBLISHED) -> Path:
     path = Path(db)
+    out = output_file(out)
     if not path.exists():
         raise UsageError(f"no results database at {path}; run `nox -s bench` (or "
                          f"`python -m harness bench --quick`) first")
-    store = Store(path, create=False)
+    store = Store(path, readonly=True)
     everything = store.measurements()
     if everything.empty and store.e2e().empty:
         raise UsageError(f"the results database {path} holds no measurements yet; run "
@@ -242,9 +245,8 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None,
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(**ctx)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html)
+    with writing(out):
+        out.write_text(html)
     return out
 
 
@@ -320,12 +322,14 @@ def _interpreted(d: pd.DataFrame) -> list[dict]:
 
 
 def _plans(plans_dir) -> list[dict]:
+    """The valid plans of the folder; each file that is not one is skipped with a warning that
+    names it."""
     if not plans_dir or not Path(plans_dir).is_dir():
         return []
     plans = []
     for f in sorted(Path(plans_dir).glob("*.json")):
         try:
-            plans.append({"file": f.name, **json.loads(f.read_text())})
-        except (OSError, json.JSONDecodeError):
-            continue
+            plans.append({"file": f.name, **plan.load(f, check_kernels=False)})
+        except plan.PlanError as e:
+            print(f"warning: skipping {f}: {e}", file=sys.stderr)
     return plans

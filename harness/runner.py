@@ -1,12 +1,13 @@
 """Sweep runner: cases go one at a time to a worker process; each result is committed to the
 store as it arrives. A case that passes its time limit is recorded as ``timeout`` and the worker
 is replaced; one that kills the worker is ``runtime_error``. Ctrl-C stops after the case in
-flight (a second Ctrl-C aborts at once); everything finished is already saved."""
+flight (a second Ctrl-C aborts at once), SIGTERM abandons it (see :mod:`harness.interrupts`);
+everything finished is already saved."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import signal
+import os
 import sys
 import time
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from . import baseline
 from . import worker as worker_mod
+from .interrupts import Stop
 from .records import (
     CaseRequest,
     CaseResult,
@@ -43,7 +45,7 @@ class Worker:
     def start(self):
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_mod.serve, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=worker_mod.serve, args=(child, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.conn = parent
@@ -88,31 +90,6 @@ class Worker:
         self.kill()
 
 
-class _Stop:
-    """First Ctrl-C: finish the case in flight, then stop. Second: abort now."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handler(self, *_):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after the case in flight (Ctrl-C again to abort now)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 class CaseRunner:
     """Runs cases one at a time on a worker process of this machine: builds each kernel once,
     turns unsupported combinations and kernels that cannot run here into typed results, and
@@ -149,6 +126,10 @@ class CaseRunner:
     def close(self) -> None:
         self.worker.close()
 
+    def abandon(self) -> None:
+        """Kill the worker and whatever case it is running (SIGTERM, a second Ctrl-C)."""
+        self.worker.kill()
+
 
 def progress_bar(total: int, enabled: bool, desc: str = "bench"):
     return tqdm(total=total, desc=desc, unit="case", disable=not enabled, dynamic_ncols=True,
@@ -168,7 +149,7 @@ def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, retry_fai
         runner.dense.note_rows(store.measurements(fp_hash=fp_hash))
     bar = progress_bar(len(todo), progress)
     try:
-        with _Stop() as stop:
+        with Stop() as stop:
             bar.set_postfix_str("building / loading kernels")
             runner.prepare(todo)
             for case in todo:
@@ -183,6 +164,9 @@ def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, retry_fai
                 store.add(m)
                 counts[m.status.value] = counts.get(m.status.value, 0) + 1
                 bar.update(1)
+    except BaseException:
+        runner.abandon()
+        raise
     finally:
         bar.close()
         runner.close()

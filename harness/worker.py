@@ -306,11 +306,16 @@ HANDLERS = {InitRequest: init, CaseRequest: execute, RaceRequest: race,
             E2ERequest: whole_network}
 
 
-def serve(conn) -> None:
-    """Worker loop: receive a request, reply with its typed result; ``StopRequest`` ends it."""
+def serve(conn, parent_pid: int | None = None) -> None:
+    """Worker loop: receive a request, reply with its typed result; ``StopRequest`` ends it.
+    The process ends itself when ``parent_pid`` (the runner that started it) dies."""
     import signal
 
+    from .interrupts import follow_parent
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
+    if parent_pid is not None:
+        follow_parent(parent_pid)
     while True:
         try:
             msg = conn.recv()

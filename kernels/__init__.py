@@ -5,7 +5,18 @@ there (``@register``): adding a kernel is adding one file. ``HARNESS_PLUGINS`` (
 comma-separated list of importable modules) adds kernels from outside the project.
 """
 
-from .registry import DTYPES, Kernel, KernelBuildError, Run, get, interpreting, names, register, weight_shape
+from .registry import (
+    DTYPES,
+    Kernel,
+    KernelBuildError,
+    PluginError,
+    Run,
+    get,
+    interpreting,
+    names,
+    register,
+    weight_shape,
+)
 
-__all__ = ["Kernel", "KernelBuildError", "Run", "get", "names", "register", "weight_shape",
+__all__ = ["Kernel", "KernelBuildError", "PluginError", "Run", "get", "names", "register", "weight_shape",
            "DTYPES", "interpreting"]

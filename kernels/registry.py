@@ -27,6 +27,32 @@ class KernelBuildError(RuntimeError):
     """A kernel's code could not be built (C++ compiler, Triton compile): ``compile_error``."""
 
 
+class PluginError(RuntimeError):
+    """A module named in ``HARNESS_PLUGINS`` cannot be imported (the message is one line)."""
+
+
+def plugin_modules() -> list[str]:
+    """The modules ``HARNESS_PLUGINS`` names (comma-separated)."""
+    return [m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(",") if m.strip()]
+
+
+def import_plugin(name: str):
+    """Import one plugin module; a missing module, or one that fails as it is imported, is a
+    ``PluginError`` that says which and why."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name or name.startswith(f"{e.name}."):  # the plugin itself is missing
+            raise PluginError(f"HARNESS_PLUGINS names {name!r}, which is not an importable "
+                              f"module (is its folder on PYTHONPATH?)") from None
+        raise PluginError(f"plugin {name!r} (HARNESS_PLUGINS) failed as it was imported: "
+                          f"ModuleNotFoundError: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure of someone else's module
+        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PluginError(f"plugin {name!r} (HARNESS_PLUGINS) failed as it was imported: "
+                          f"{type(e).__name__}: {what}"[:400]) from None
+
+
 def interpreting() -> bool:
     """``TRITON_INTERPRET=1``: GPU kernels run through Triton's interpreter on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -243,11 +269,11 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for mod in builtin_modules():
         importlib.import_module(mod)
-    for mod in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
-        importlib.import_module(mod)
+    for mod in plugin_modules():  # a failing plugin fails every lookup, not only the first
+        import_plugin(mod)
+    _loaded = True
 
 
 def get(name: str) -> Kernel:

@@ -139,6 +139,9 @@ def load_csv(path: str | Path, net: str | None = None) -> list[ConvLayer]:
         raise ValueError(f"shapes file {str(path)!r} does not exist")
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"shapes file {str(path)!r} holds no layers: a header line (e.g. "
+                         f"name,cin,cout,kh,kw,stride,padding,h,w) and one line per layer")
     for i, r in enumerate(rows):
         r.setdefault("net", net or path.stem)
         if not r.get("net"):

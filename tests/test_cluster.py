@@ -3,12 +3,15 @@ and a worker node with 1 CPU each, the worker started with another HOME), and me
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from procs import descendants, wait_gone
 from test_harness import ROOT, SHAPES, bench, env, rows
 
 from harness.store import Store
@@ -239,6 +242,57 @@ def test_e2e_on_the_cluster_stores_each_network_with_its_node(tmp_path, cluster)
     df = Store(tmp_path / "e.sqlite").e2e()
     assert sorted(df.pattern) == ["1xn", "cs"] and (df.status == "ok").all()
     assert df.node.str.startswith("ray:").all() and (df.rel_err < 1e-4).all()
+
+
+# ---- SIGTERM on Ray --------------------------------------------------------------------------
+def start_ray_bench(tmp_path, *args, plugins=""):
+    shapes = tmp_path / "tiny.csv"
+    shapes.write_text(SHAPES)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes), "--nets", "",
+         "--db", str(tmp_path / "r.sqlite"), "--rounds", "3", "--min-sample", "0.0002",
+         "--no-progress", "--threads", "1", "--sparsities", "0.5", "--quick", "--executor",
+         "ray", *args], cwd=ROOT, env=env(HARNESS_PLUGINS=plugins), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def spawned_workers() -> set[int]:
+    """The harness worker processes (multiprocessing spawn) below this test process."""
+    out = set()
+    for pid in descendants(os.getpid()):
+        try:
+            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_on_a_ray_sweep_records_it_stopped_and_ends_the_node_workers(tmp_path, cluster):
+    c, _ = cluster
+    before = spawned_workers()
+    proc = start_ray_bench(tmp_path, "--layers", "a,b", "--kernels", "faulty_hang",
+                           "--case-timeout", "600", "--ray-address", c.address,
+                           plugins="faulty_kernels")
+    try:
+        t_end = time.time() + 300
+        while len(spawned_workers() - before) < 2:  # both nodes are inside a group
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < t_end, "the groups never started"
+            time.sleep(0.5)
+        time.sleep(3.0)  # the hanging cases are in the workers now
+        workers = spawned_workers() - before
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert wait_gone(workers, limit=30) == []
+    runs = Store(tmp_path / "r.sqlite").runs()
+    assert runs.status.iloc[0] == "stopped"  # the sweep's run (node notes follow it)
 
 
 # ---- the dispatch loop every Ray command shares (a stand-in for Ray: nodes die on demand) -----

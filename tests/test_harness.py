@@ -140,7 +140,7 @@ def test_ctrl_c_stops_after_the_case_in_flight_and_keeps_results(tmp_path):
     wait_rows(db, 6, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err
     assert "stopping after the case in flight" in err
     df = rows(db)
     assert 6 <= len(df) < 4 * (2 + 3 * 8)

@@ -9,7 +9,9 @@ import sys
 
 import pandas as pd
 
-from .. import UsageError
+from kernels.registry import PluginError
+
+from .. import UsageError, interrupts
 
 COMMANDS = ("bench", "verify", "table", "export", "report", "autotune", "e2e", "merge", "probe",
             "lease")
@@ -99,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
-    except UsageError as e:
+        with interrupts.handled():
+            args = build_parser().parse_args(argv)
+            return int(args.func(args) or 0)
+    except (UsageError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if interrupts.by_sigterm(e):
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return interrupts.EXIT_SIGTERM
         print("interrupted", file=sys.stderr)
         return 130

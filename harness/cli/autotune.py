@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -13,13 +12,23 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import UsageError, cluster, env, plan
+from .. import UsageError, cases, cluster, env, plan
 from ..autotune import STRATEGIES
 from ..autotune.tuner import RACE, Evaluator, candidates, tune_layer
 from ..records import Status
 from ..runner import Worker, init_kernels
 from ..store import Store
-from .common import DEFAULT_DB, add_executor, device_of, machine_words, name_list, positive, sparsity_list
+from .common import (
+    DEFAULT_DB,
+    add_executor,
+    add_threads,
+    device_of,
+    machine_words,
+    name_list,
+    positive,
+    sparsity_list,
+    threads_of,
+)
 
 
 def add_parser(sub):
@@ -42,7 +51,7 @@ def add_parser(sub):
                         "print the per-layer regret")
     p.add_argument("--batch", type=positive(int, 1), default=1)
     p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
-    p.add_argument("--threads", type=positive(int, 1), default=None)
+    add_threads(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--db", default=str(DEFAULT_DB))
     p.add_argument("--out-dir", default="results/plans")
@@ -66,13 +75,14 @@ def run(args) -> int:
     pats = name_list(args.patterns, P.names(), "pattern")
     compare = name_list(args.compare, list(STRATEGIES), "strategy") if args.compare else []
     device = device_of(args)
-    layers = shapes.unique(shapes.load(args.net))
-    if args.layers:
-        wanted = set(args.layers.split(","))
-        missing = wanted - {lay.name for lay in layers}
-        if missing:
-            raise UsageError(f"unknown layer(s) {sorted(missing)} in {args.net}")
-        layers = [lay for lay in layers if lay.name in wanted]
+    notes: list[str] = []
+    try:
+        layers = cases.select_layers([args.net], args.layers.split(",") if args.layers else None,
+                                     notes=notes)
+    except ValueError as e:
+        raise UsageError(f"{args.net}: {e}") from None
+    for note in notes:
+        print(note)
     if not any(kernels.get(n).pattern in pats for n in kernels.names(device=device.kernel_device)):
         raise UsageError(f"no {args.device} kernel implements pattern(s) {', '.join(pats)}")
     none = [lay.name for lay in layers if not candidates(lay, pats, S, device, args.dtype)]
@@ -80,7 +90,7 @@ def run(args) -> int:
         raise UsageError(f"no sparse candidate for any layer of {args.net} with "
                          f"{'+'.join(pats)} at S={S:g} (e.g. CS needs K=1/(1-S) to be a power "
                          f"of two: 0.5, 0.75, 0.875, 0.9375); nothing to tune")
-    threads = args.threads if args.threads is not None else os.cpu_count() or 1
+    threads = threads_of(args)
     if args.executor == "ray":
         if compare:
             raise UsageError("--compare runs on this machine only; drop --executor ray")
@@ -141,6 +151,9 @@ def run(args) -> int:
                         "pick ms": times[name] * 1e3,
                         "exhaustive pick ms": times["exhaustive"] * 1e3,
                         "regret %": 100 * (times[name] / times["exhaustive"] - 1)})
+    except BaseException:  # SIGTERM, Ctrl-C: the candidate in flight is abandoned
+        worker.kill()
+        raise
     finally:
         worker.close()
     return _finish(args, pats, S, device, threads, store, (fp, ident, results), compare_rows, t0)

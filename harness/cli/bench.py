@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .common import (
     recorded_sweep,
     shard,
     sparsity_list,
+    threads_of,
 )
 
 
@@ -52,11 +52,16 @@ def add_parser(sub):
 
 
 def plan(args):
-    """Validate arguments and build the case list (raises UsageError with one sentence)."""
+    """Validate arguments and build the case list (raises UsageError with one sentence).
+    Returns ``(cases, device, threads, notes)``: ``notes`` are lines to print first; no cases
+    means an empty shard (the one note says so)."""
+    if args.retry_failed and not args.resume:
+        raise UsageError("--retry-failed re-measures the failed cases of a resumed sweep and "
+                         "--fresh measures every case again: give one of them")
     nets = name_list(args.nets, shapes.NETS, "net") if args.nets else []
     sparsities = sparsity_list(args.sparsities)
     device = device_of(args)
-    threads = args.threads if args.threads is not None else os.cpu_count() or 1
+    threads = threads_of(args)
     valid_k = kernels.names(device=device.kernel_device)
     if args.kernels:
         knames = name_list(args.kernels, kernels.names(), "kernel")
@@ -67,27 +72,48 @@ def plan(args):
     else:
         knames = valid_k
     pats = name_list(args.patterns, P.names(), "pattern") if args.patterns else None
+    if pats:
+        have = {kernels.get(k).pattern for k in knames} - {"dense"}
+        lacking = [pat for pat in pats if pat not in have]
+        if lacking:
+            among = "among --kernels " if args.kernels else ""
+            raise UsageError(f"no {device.kernel_device} kernel {among}implements pattern(s) "
+                             f"{', '.join(lacking)}, so only dense would be measured; patterns "
+                             f"with a kernel: {', '.join(sorted(have)) or 'none'}")
     if args.shapes_csv and not Path(args.shapes_csv).is_file():
         raise UsageError(f"--shapes-csv {args.shapes_csv!r} does not exist")
+    notes: list[str] = []
     try:
         layers = cases.select_layers(nets, args.layers.split(",") if args.layers else None,
                                      quick=getattr(args, "quick", False),
-                                     shapes_csv=args.shapes_csv)
+                                     shapes_csv=args.shapes_csv, notes=notes)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if not layers:
+        raise UsageError("no layers to measure: --nets is empty and no --shapes-csv is given")
     i, n = shard(getattr(args, "shard", "0/1"))
-    layers = [lay for j, lay in enumerate(layers) if j % n == i]
-    return cases.build(layers, sparsities, knames, args.batch, args.dtype, device, threads,
-                       quick=getattr(args, "quick", False), patterns=pats), device, threads
+    mine = [lay for j, lay in enumerate(layers) if j % n == i]
+    if not mine:
+        return [], device, threads, [f"bench: shard {i}/{n} holds none of the {len(layers)} "
+                                     f"layer(s); nothing to measure"]
+    return cases.build(mine, sparsities, knames, args.batch, args.dtype, device, threads,
+                       quick=getattr(args, "quick", False), patterns=pats), device, threads, notes
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
+def summary(df: pd.DataFrame, requested: dict[str, int]) -> pd.DataFrame:
+    """Network-level speedups, layers covered out of the ``requested`` layers of each net; a
+    net some of whose layers have no dense baseline (a stopped sweep) gets no network
+    figure."""
     net = analysis.network_table(df)
     if net.empty:
         return net
     out = net[["net", "pattern", "sparsity", "covered", "layers", "speedup", "kernel_speedup",
                "dense_ms", "sparse_ms"]].copy()
-    out["covered"] = out["covered"].astype(str) + "/" + out["layers"].astype(str)
+    want = out["net"].map(requested).fillna(out["layers"]).astype(int)
+    partial = out["layers"] < want
+    for col in ("speedup", "kernel_speedup", "dense_ms", "sparse_ms"):
+        out[col] = out[col].round(3).astype(object).where(~partial, "-")
+    out["covered"] = out["covered"].astype(str) + "/" + want.astype(str)
     return out.drop(columns="layers").rename(columns={
         "speedup": "net speedup e2e", "kernel_speedup": "net speedup kernel",
         "covered": "layers covered"}).round(3)
@@ -95,7 +121,11 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def run(args) -> int:
     t0 = time.time()
-    todo, device, threads = plan(args)
+    todo, device, threads, notes = plan(args)
+    for note in notes:
+        print(note)
+    if not todo:  # an empty shard
+        return 0
     if args.executor == "ray":
         cluster.require_ray()
     store = Store(args.db)
@@ -129,7 +159,11 @@ def run(args) -> int:
     df = store.measurements(fp_hash=None if args.executor == "ray" else fph)
     keys = {c.key for c in todo}
     df = df[df.case_key.isin(keys)]
-    s = summary(df) if not device.interpreted else pd.DataFrame()
+    requested = {}
+    for c in todo:
+        requested.setdefault(c.layer.net, set()).add(c.layer.name)
+    requested = {net: len(names) for net, names in requested.items()}
+    s = summary(df, requested) if not device.interpreted else pd.DataFrame()
     if not s.empty:
         print("\nNetwork-level speedup against the best dense layout (batch "
               f"{args.batch}, {args.dtype}, {machine_words(fp, device, threads)}):")
@@ -140,5 +174,12 @@ def run(args) -> int:
         print(f"\n{len(bad)} case(s) failed; see the report or `python -m harness export`:")
         for _, r in bad.head(10).iterrows():
             print(f"  {r.status}: {r.kernel} {r.net}:{r.layer} S={r.sparsity:g}: {r.reason}")
+    stopped = counts.get("not run (stopped)", 0)
+    if stopped:
+        print(f"\nbench stopped (Ctrl-C) after {time.time() - t0:.0f} s: {stopped} of "
+              f"{len(todo)} case(s) not run, so layers without a dense baseline have no network "
+              f"figure; run the same command again (without --fresh) to measure the rest; "
+              f"results in {args.db}")
+        return 130
     print(f"\nbench finished in {time.time() - t0:.0f} s; results in {args.db}")
     return 0

@@ -11,6 +11,7 @@ import kernels
 import shapes
 
 from .. import UsageError, cases
+from ..interrupts import by_sigterm
 from ..records import Device, RunStatus
 
 DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite"))
@@ -18,14 +19,14 @@ DEFAULT_DB = Path(os.environ.get("SPARSECONV_RESULTS", "results/results.sqlite")
 
 def recorded_sweep(store, run_id: int, sweep) -> dict:
     """Run ``sweep()`` (returns counts by status) and record how the run ended: finished,
-    stopped (Ctrl-C between cases), aborted (interrupted) or failed."""
+    stopped (Ctrl-C between cases, or SIGTERM), aborted (a second Ctrl-C) or failed."""
     status = RunStatus.FAILED
     try:
         counts = sweep()
         status = RunStatus.STOPPED if counts.get("not run (stopped)") else RunStatus.FINISHED
         return counts
-    except KeyboardInterrupt:
-        status = RunStatus.ABORTED
+    except KeyboardInterrupt as e:  # SIGTERM: stopped; a second Ctrl-C: aborted
+        status = RunStatus.STOPPED if by_sigterm(e) else RunStatus.ABORTED
         raise
     finally:
         store.finish_run(run_id, status)
@@ -84,6 +85,28 @@ def positive(kind, minimum, strict=False):
     return parse
 
 
+def threads_of(args) -> int:
+    """``--threads``, or every core of this machine. More threads than cores measures the
+    contention, not the kernel: refused unless ``--force-threads`` (or on Ray, whose nodes
+    have their own cores)."""
+    cores = os.cpu_count() or 1
+    if args.threads is None:
+        return cores
+    if (args.threads > cores and not getattr(args, "force_threads", False)
+            and getattr(args, "executor", "local") != "ray"):
+        raise UsageError(f"--threads {args.threads}: this machine has {cores} cores; more threads "
+                         f"than cores time the contention, not the kernel (add --force-threads "
+                         f"to measure anyway)")
+    return args.threads
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=positive(int, 1), default=None,
+                   help="CPU threads (default: all cores of this machine)")
+    p.add_argument("--force-threads", action="store_true",
+                   help="allow --threads beyond this machine's cores")
+
+
 def device_of(args) -> Device:
     """The device from ``--device`` and ``--interpret``; a CUDA run needs CUDA or the flag."""
     if args.device == "cpu":
@@ -120,8 +143,7 @@ def add_common(p, defaults_nets="resnet50,vgg19"):
     p.add_argument("--patterns", help="comma list of patterns (default: all)")
     p.add_argument("--batch", type=positive(int, 1), default=1)
     p.add_argument("--dtype", default="float32", choices=list(kernels.DTYPES))
-    p.add_argument("--threads", type=positive(int, 1), default=None,
-                   help="CPU threads (default: all cores of this machine)")
+    add_threads(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--interpret", action="store_true",
                    help="with --device cuda: run the GPU kernels through Triton's interpreter "

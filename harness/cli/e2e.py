@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from kernels import patterns as P
 
 from .. import cluster, env, gpu, plan
 from ..e2e import source_hash as e2e_source_hash
+from ..interrupts import by_sigterm
 from ..records import (
     Device,
     E2ECase,
@@ -28,7 +28,17 @@ from ..records import (
 from ..runner import Worker, run_case
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
-from .common import DEFAULT_DB, add_executor, device_of, machine_words, name_list, positive, sparsity_list
+from .common import (
+    DEFAULT_DB,
+    add_executor,
+    add_threads,
+    device_of,
+    machine_words,
+    name_list,
+    positive,
+    sparsity_list,
+    threads_of,
+)
 
 DEFAULT_PLANS = "results/plans"
 
@@ -48,7 +58,7 @@ def add_parser(sub):
                         "(a pipeline check, not a timing)")
     p.add_argument("--size", type=positive(int, 32), default=None,
                    help="input height and width (default 224; 32 under --interpret)")
-    p.add_argument("--threads", type=positive(int, 1), default=None)
+    add_threads(p)
     p.add_argument("--rounds", type=positive(int, 1), default=7)
     p.add_argument("--min-sample", type=positive(float, 0), default=2e-3)
     p.add_argument("--case-timeout", type=positive(float, 0, strict=True), default=3600.0)
@@ -107,7 +117,7 @@ def run(args) -> int:
     if args.executor == "ray":
         cluster.require_ray()
     size = args.size or (32 if device.interpreted else 224)
-    threads = args.threads if args.threads is not None else os.cpu_count() or 1
+    threads = threads_of(args)
     opts = TimingOptions(rounds=1, min_sample=0.0, warmup=0.0) if device.interpreted else \
         TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
     store = Store(args.db)
@@ -139,8 +149,8 @@ def run(args) -> int:
         else:
             keys = _local(store, run_id, jobs, make_request, args, fph, mh, fp)
         store.finish_run(run_id)
-    except KeyboardInterrupt:
-        store.finish_run(run_id, RunStatus.ABORTED)
+    except KeyboardInterrupt as e:  # SIGTERM: stopped; Ctrl-C: aborted
+        store.finish_run(run_id, RunStatus.STOPPED if by_sigterm(e) else RunStatus.ABORTED)
         raise
     except BaseException:
         store.finish_run(run_id, RunStatus.FAILED)
@@ -205,6 +215,9 @@ def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
                         print(f"      ... {len(pairs) - 4} more (the e2e table's handover column)")
             else:
                 print(f"    {m.status}: {m.reason}", flush=True)
+    except BaseException:  # SIGTERM, Ctrl-C: the network in flight is abandoned
+        wk.kill()
+        raise
     finally:
         wk.close()
     return keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import UsageError, analysis
+from ..outputs import output_file, without_formulas, writing
 from ..store import Store
 from .common import DEFAULT_DB
 
@@ -19,16 +20,16 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    store = Store(args.db, create=False)
+    out = output_file(args.out or Path(args.db).with_name(f"measurements.{args.format}"))
+    store = Store(args.db, readonly=True)
     df = analysis.with_speedups(store.measurements(latest=not args.all))
-    out = Path(args.out or Path(args.db).with_name(f"measurements.{args.format}"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.format == "csv":
-        df.to_csv(out, index=False)
-    else:
-        try:
-            df.to_parquet(out, index=False)
-        except ImportError as e:
-            raise UsageError(f"parquet export needs pyarrow: {e}") from None
+    with writing(out):
+        if args.format == "csv":  # opened in spreadsheets: no cell may run as a formula
+            without_formulas(df).to_csv(out, index=False)
+        else:
+            try:
+                df.to_parquet(out, index=False)
+            except ImportError as e:
+                raise UsageError(f"parquet export needs pyarrow: {e}") from None
     print(f"wrote {len(df)} rows to {out}")
     return 0

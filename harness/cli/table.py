@@ -3,6 +3,7 @@ best configuration per kernel, with geometric means over the unique non-stem sha
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pandas as pd
@@ -40,7 +41,7 @@ def run(args) -> int:
     if args.plan:
         return run_plan(args)
     args.net = args.net or "resnet50"
-    store = Store(args.db, create=False)
+    store = Store(args.db, readonly=True)
     df = analysis.with_speedups(store.measurements())
     df = df[(df.net == args.net) & (df.status == Status.OK) & (df.pattern != "dense")]
     if args.patterns:
@@ -124,9 +125,14 @@ def run_plan(args) -> int:
           f"layer(s) on {fp['cpu']}, {threads} threads, batch {batch}, device {device}; "
           f"re-measured in run {run_id} of {args.db}")
     timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
-    recorded_sweep(store, run_id, lambda: runner.sweep(
+    counts = recorded_sweep(store, run_id, lambda: runner.sweep(
         todo, store, run_id, fph, mh, resume=False, case_timeout=args.case_timeout,
         timing=timing, progress=not args.no_progress, node=fp.get("hostname")))
+    if counts.get("not run (stopped)"):
+        print(f"table --plan stopped (Ctrl-C): {counts['not run (stopped)']} of {len(todo)} "
+              f"case(s) not run; the table needs every layer of the plan, run it again",
+              file=sys.stderr)
+        return 130
     df = analysis.with_speedups(store.measurements(latest=False, fp_hash=fph))
     df = df[df.run_id == run_id]
     dense = baseline.table(df).set_index("layer")  # this run's best dense layout per layer
