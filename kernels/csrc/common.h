@@ -198,6 +198,23 @@ UNROLL
   }
 }
 
+// A row kernel's body over a list of kept weights: the accumulators (zero when first, else the
+// tile buffer's) += vals[k] * the T vectors at xi + off[k], for k in [k0, k1); then emitted.
+template <int T, class Off, class MK>
+inline void accumulate_list(float* tb, float* dst, bool first, const MK& mk, const float* xi,
+                            const float* vals, const Off* off, int64_t k0, int64_t k1, float b,
+                            bool relu) {
+  vec acc[T];
+  UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
+  for (int64_t k = k0; k < k1; ++k) {
+    const vec wb = vset(vals[k]);
+    const float* p = xi + off[k];
+UNROLL
+    for (int u = 0; u < T; ++u) acc[u] = vfma(wb, mk.load(p + u * VW, u), acc[u]);
+  }
+  emit<T>(acc, tb, dst, mk, b, relu);
+}
+
 // One output row segment: dst[i] = epilogue(src[i]) (bias, then ReLU when asked).
 inline void put(float* dst, const float* src, int64_t len, float b, bool relu) {
   if (relu) {

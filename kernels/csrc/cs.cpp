@@ -4,6 +4,18 @@
 
 using namespace sc;
 
+namespace {
+
+// K*M, the length of a CS segment along Cin, checked against Cin and the Cin chunk.
+int64_t check_segments(const Geo& g, int64_t K, int64_t M) {
+  const int64_t KM = K * M;
+  SC_CHECK(K > 0 && M > 0 && g.cin % KM == 0, "Cin=", g.cin, " is not a multiple of K*M=", KM);
+  SC_CHECK(g.chunk % KM == 0, "cin chunk must be a multiple of K*M");
+  return KM;
+}
+
+}  // namespace
+
 // cin form: vals/idx [Cout, taps, Cin/K]; slot j = seg*M + n keeps input channel
 // seg*K*M + n + M*idx (the CS paper's n + M*Idx inside each length-K*M segment).
 extern "C" int sc_cs_direct(const float* x, const float* vals, const uint8_t* idx,
@@ -11,9 +23,7 @@ extern "C" int sc_cs_direct(const float* x, const float* vals, const uint8_t* id
                             const sc_geometry* geo, float* y, const float* bias) {
   return guarded([&] {
     const Geo g = geo_from(geo, bias);
-    const int64_t nj = g.cin / K, KM = K * M;
-    SC_CHECK(K > 0 && M > 0 && g.cin % KM == 0, "Cin=", g.cin, " is not a multiple of K*M=", KM);
-    SC_CHECK(g.chunk % KM == 0, "cin chunk must be a multiple of K*M");
+    const int64_t nj = g.cin / K, KM = check_segments(g, K, M);
     const int64_t cs = g.chan_stride;
     dispatch_T(g.tile, [&](auto Tc) {
       constexpr int T = decltype(Tc)::value;
@@ -49,24 +59,14 @@ extern "C" int sc_cs_offsets(const float* x, const float* vals, const int32_t* o
                              const float* bias) {
   return guarded([&] {
     const Geo g = geo_from(geo, bias);
-    const int64_t KM = K * M;
-    SC_CHECK(K > 0 && M > 0 && g.cin % KM == 0, "Cin=", g.cin, " is not a multiple of K*M=", KM);
-    SC_CHECK(g.chunk % KM == 0, "cin chunk must be a multiple of K*M");
+    const int64_t KM = check_segments(g, K, M);
     const int64_t nseg = g.cin / KM, per_seg = taps * M;
     dispatch_T(g.tile, [&](auto Tc) {
       constexpr int T = decltype(Tc)::value;
       drive<T>(g, x, y, [&](float* tb, float* dst, bool first, const auto& mk, const float* xi,
                             int64_t o, int64_t c0, int64_t c1, float b, bool relu) {
-        vec acc[T];
-        UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
-        const int64_t k0 = (o * nseg + c0 / KM) * per_seg, k1 = (o * nseg + c1 / KM) * per_seg;
-        for (int64_t k = k0; k < k1; ++k) {
-          const vec wb = vset(vals[k]);
-          const float* p = xi + off[k];
-UNROLL
-          for (int u = 0; u < T; ++u) acc[u] = vfma(wb, mk.load(p + u * VW, u), acc[u]);
-        }
-        emit<T>(acc, tb, dst, mk, b, relu);
+        accumulate_list<T>(tb, dst, first, mk, xi, vals, off, (o * nseg + c0 / KM) * per_seg,
+                           (o * nseg + c1 / KM) * per_seg, b, relu);
       });
     });
   });

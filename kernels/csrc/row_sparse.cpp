@@ -15,15 +15,7 @@ extern "C" int sc_row_sparse(const float* x, const int64_t* rptr, const int64_t*
       constexpr int T = decltype(Tc)::value;
       drive<T>(g, x, y, [&](float* tb, float* dst, bool first, const auto& mk, const float* xi,
                             int64_t o, int64_t, int64_t, float b, bool relu) {
-        vec acc[T];
-        UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
-        for (int64_t k = rptr[o]; k < rptr[o + 1]; ++k) {
-          const vec wb = vset(vals[k]);
-          const float* p = xi + off[k];
-UNROLL
-          for (int u = 0; u < T; ++u) acc[u] = vfma(wb, mk.load(p + u * VW, u), acc[u]);
-        }
-        emit<T>(acc, tb, dst, mk, b, relu);
+        accumulate_list<T>(tb, dst, first, mk, xi, vals, off, rptr[o], rptr[o + 1], b, relu);
       });
     });
   });
