@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TEST_DEVICE
-from kernel_check import layer
+from kernel_check import grid, layer
 
 import kernels
 
@@ -35,51 +35,49 @@ def run_check(name, geom, S, cfg, dtype, batch=2):
     return None
 
 
-@pytest.mark.parametrize("geom", GEOMS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", [{"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
-                                 {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}])
+DTYPES = [torch.float32, torch.float16]
+# Each grid's core (every value of every axis at least once) runs in `nox -s tests`; the rest of
+# the product is marked slow (CI, and `nox -s gpu` on a GPU, run it all).
+
+
+@pytest.mark.parametrize(*grid(geom=GEOMS, dtype=DTYPES, cfg=[
+    {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+    {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}]))
 def test_dense_triton_implicit_gemm(geom, dtype, cfg):
     assert run_check("dense_triton_implicit_gemm", geom, 0.0, cfg, dtype) is None
 
 
-@pytest.mark.parametrize("geom", GEOMS, ids=str)
-@pytest.mark.parametrize("S", [0.5, 0.75, 0.875, 0.9375])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(*grid(geom=GEOMS, S=[0.5, 0.75, 0.875, 0.9375], dtype=DTYPES))
 def test_cs_triton_weight_reuse(geom, S, dtype):
     cfg = {"BM": 32, "BN": 32} if S in (0.5, 0.875) else {"BM": 64, "BN": 64, "num_stages": 2}
     why = run_check("cs_triton_weight_reuse", geom, S, cfg, dtype)
     assert why is None or "divisible" in why  # Cin*Kh*Kw must split into K groups
 
 
-@pytest.mark.parametrize("geom", GEOMS, ids=str)
-@pytest.mark.parametrize("S", [0.5, 0.9375])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", [{"BM": 16, "BN": 16, "num_warps": 2, "UNROLL": 1, "SPLIT": 1},
-                                 {"BM": 128, "BN": 64, "num_warps": 4, "UNROLL": 4, "SPLIT": 1},
-                                 {"BM": 32, "BN": 16, "num_warps": 2, "UNROLL": 4, "SPLIT": 4}],
-                         ids=["small", "unrolled", "split"])
+@pytest.mark.parametrize(*grid(geom=GEOMS, S=[0.5, 0.9375], dtype=DTYPES, cfg=[
+    {"BM": 16, "BN": 16, "num_warps": 2, "UNROLL": 1, "SPLIT": 1},
+    {"BM": 128, "BN": 64, "num_warps": 4, "UNROLL": 4, "SPLIT": 1},
+    {"BM": 32, "BN": 16, "num_warps": 2, "UNROLL": 4, "SPLIT": 4}]))
 def test_cs_triton_direct(geom, S, dtype, cfg):
     why = run_check("cs_triton_direct", geom, S, {**cfg, "num_stages": 1}, dtype, batch=3)
     assert why is None or "divisible" in why
 
 
-@pytest.mark.parametrize("geom", GEOMS[:3], ids=str)
-@pytest.mark.parametrize("V", [16, 32, 64])
-@pytest.mark.parametrize("S,permute,BK", [(0.5, False, 16), (0.9, True, 32), (0.75, True, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_ovw_triton_feature_reuse(geom, V, S, permute, BK, dtype):
+@pytest.mark.parametrize(*grid(geom=GEOMS[:3], V=[16, 32, 64],
+                              SPB=[(0.5, False, 16), (0.9, True, 32), (0.75, True, 16)],
+                              dtype=DTYPES))
+def test_ovw_triton_feature_reuse(geom, V, SPB, dtype):
+    S, permute, BK = SPB
     why = run_check("ovw_triton_feature_reuse", geom, S,
                     {"V": V, "permute": permute, "BK": BK}, dtype)
     if why:
         assert "V=" in why and V > geom[1] or geom[1] % V
 
 
-@pytest.mark.parametrize("geom", GEOMS[:3], ids=str)
-@pytest.mark.parametrize("N", [4, 8, 16, 32])
-@pytest.mark.parametrize("S,rearrange", [(0.75, False), (0.9375, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_bsr_1xn_triton(geom, N, S, rearrange, dtype):
+@pytest.mark.parametrize(*grid(geom=GEOMS[:3], N=[4, 8, 16, 32],
+                              SR=[(0.75, False), (0.9375, True)], dtype=DTYPES))
+def test_bsr_1xn_triton(geom, N, SR, dtype):
+    S, rearrange = SR
     why = run_check("bsr_1xn_triton", geom, S, {"N": N, "rearrange": rearrange, "BK": 16},
                     dtype, batch=1)
     assert why is None
