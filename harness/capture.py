@@ -263,7 +263,9 @@ def main(argv=None) -> int:
             sink.flush()
 
         rows = compile_jobs(jobs, arch, args.jobs, stats=not args.no_stats, on_rows=write)
-    bad = sum(r["status"] != "ok" for r in rows)
+    from .records import Status
+
+    bad = sum(r["status"] != Status.OK.value for r in rows)
     print(f"capture: {len(rows)} kernel(s) from {len(jobs)} job(s) for sm_{arch}, {bad} not ok")
     return 0
 

@@ -18,7 +18,6 @@ from .store import Store, StoreError
 
 TABLES = {"measurements": ["fp_hash", "case_key"], "e2e": ["fp_hash", "case_key"],
           "tuning": ["tune_key"]}
-RUN_COLUMNS = ["started", "finished", "fp_hash", "machine_hash", "fingerprint", "args", "status"]
 
 
 def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -72,11 +71,12 @@ def _merge_into(out: Store, contents: list[dict]) -> dict:
                 frames[table].append(mine[table].assign(_order=0))
             for order, part in enumerate(contents, 1):
                 remap = {}
+                run_columns = [c for c in part["runs"].columns if c != "run_id"]
                 for r in part["runs"].itertuples():
                     cur = out.db.execute(
-                        f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(RUN_COLUMNS))})",
-                        tuple(getattr(r, c) for c in RUN_COLUMNS))
+                        f"INSERT INTO runs ({', '.join(run_columns)}) VALUES "
+                        f"({', '.join('?' * len(run_columns))})",
+                        tuple(getattr(r, c) for c in run_columns))
                     remap[r.run_id] = cur.lastrowid
                 for table in TABLES:
                     df = part[table]

@@ -38,6 +38,15 @@ class Status(str, Enum):
         return self.value
 
 
+class StepStatus(str, Enum):
+    """How one step of a GPU lease ended (``harness.lease``)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # it would have overrun the deadline: not started
+    CUT = "cut"  # stopped at its time share (or from outside); what it measured is kept
+
+
 class RunStatus(str, Enum):
     """State of one invocation of a command that writes measurements."""
 

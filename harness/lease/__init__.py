@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import env, gpu
-from ..records import Device, RunStatus
+from ..records import Device, RunStatus, StepStatus
 from ..store import Store
 from . import outputs
 from . import programme as prog_mod
@@ -194,20 +194,20 @@ class Lease:
             if self.runner is not None:
                 self.runner.close()
             out = STEPS[-1]
-            self.steps.append({"step": 7, "name": out.name, "status": "ok",
+            self.steps.append({"step": 7, "name": out.name, "status": StepStatus.OK.value,
                                "seconds": 0.0, "note": f"{len(outputs.FILES)} files"})
-            self.rows(out, [{"kind": "step", "name": out.name, "status": "ok", "value": 0.0,
+            self.rows(out, [{"kind": "step", "name": out.name, "status": StepStatus.OK.value, "value": 0.0,
                              "unit": "s", "detail": json.dumps({"files": outputs.FILES})}])
             self.store.finish_run(self.run_id, status)
             self.flush(final=True)
-        bad = [s for s in self.steps if s["status"] in ("failed", "skipped")]
+        bad = [s for s in self.steps if s["status"] in (StepStatus.FAILED.value, StepStatus.SKIPPED.value)]
         total = time.monotonic() - self.t0
         self.say(f"lease finished in {total:.0f} s: " + ", ".join(
             f"{s['step']} {s['status']}" for s in self.steps) + f"; outputs in {self.out}")
         self.flush(final=True)
         self.store.close()
         shutil.rmtree(self.work, ignore_errors=True)
-        return 1 if any(s["status"] == "failed" for s in bad) else 0
+        return 1 if any(s["status"] == StepStatus.FAILED.value for s in bad) else 0
 
     def _step(self, step: Step, body) -> None:
         left = self.left()
@@ -215,7 +215,7 @@ class Lease:
         if left < step.min_s:
             self.say(f"\n== step {step.number} ({step.name}): skipped, {max(left, 0):.0f} s "
                      f"left of the deadline, it needs at least {step.min_s:.0f} s")
-            self._record(step, "skipped", 0.0, f"{max(left, 0):.0f} s left")
+            self._record(step, StepStatus.SKIPPED.value, 0.0, f"{max(left, 0):.0f} s left")
             self.flush()
             return
         until = time.monotonic() + max(share, step.min_s)
@@ -224,13 +224,13 @@ class Lease:
         try:
             status, note = body(self, step, until)
         except (Cut, KeyboardInterrupt):
-            self._record(step, "cut", time.monotonic() - t, "stopped from outside")
+            self._record(step, StepStatus.CUT.value, time.monotonic() - t, "stopped from outside")
             raise
         except Exception as e:  # noqa: BLE001 - a broken step must not lose the others
             import traceback
 
             self.say(traceback.format_exc()[-3000:])
-            status, note = "failed", f"{type(e).__name__}: {str(e)[:300]}"
+            status, note = StepStatus.FAILED.value, f"{type(e).__name__}: {str(e)[:300]}"
         self.say(f"step {step.number}: {status} in {time.monotonic() - t:.0f} s"
                  + (f": {note}" if note else ""))
         self._record(step, status, time.monotonic() - t, note)

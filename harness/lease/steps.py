@@ -10,7 +10,17 @@ import sys
 import time
 
 from .. import gpu
-from ..records import Device, E2ECase, E2EMeasurement, E2ERequest, E2EResult, Measurement, Status, TimingOptions
+from ..records import (
+    Device,
+    E2ECase,
+    E2EMeasurement,
+    E2ERequest,
+    E2EResult,
+    Measurement,
+    Status,
+    StepStatus,
+    TimingOptions,
+)
 from . import child_env, pytest_results, run_capped
 from . import programme as P
 
@@ -22,16 +32,16 @@ def versions(lease, step, until):
     fp = lease.fp
     keys = ("gpu", "gpu_driver", "gpu_count", "cuda", "cudnn", "torch", "triton", "numpy",
             "python", "project", "git_commit", "git_dirty", "kernel_isa", "cpu", "cores")
-    rows = [{"kind": "version", "name": k, "status": "ok", "detail": json.dumps(fp.get(k))}
+    rows = [{"kind": "version", "name": k, "status": StepStatus.OK.value, "detail": json.dumps(fp.get(k))}
             for k in keys]
     clocks = gpu.clocks()
     procs = gpu.processes()
     for k, v in (clocks or {}).items():
-        rows.append({"kind": "clock", "name": k, "status": "ok", "value": v,
+        rows.append({"kind": "clock", "name": k, "status": StepStatus.OK.value, "value": v,
                      "unit": "MHz" if k.endswith("mhz") else k.split("_")[-1]})
     others = gpu.others(procs)
     rows.append({"kind": "processes", "name": "other processes on the GPU",
-                 "status": "ok" if procs is not None else "no NVML",
+                 "status": StepStatus.OK.value if procs is not None else "no NVML",
                  "value": None if others is None else len(others),
                  "detail": json.dumps(others)})
     lease.say(f"  {fp.get('gpu') or 'no GPU'}; driver {fp.get('gpu_driver')}, CUDA "
@@ -41,11 +51,11 @@ def versions(lease, step, until):
                               else "no NVML (no driver here)")
               + (f"; other processes on the GPU: {others}" if others else ""))
     for c in ceilings.measure(lease.device.interpreted):
-        rows.append({"kind": "ceiling", "name": c.name, "status": "ok", "value": c.value,
+        rows.append({"kind": "ceiling", "name": c.name, "status": StepStatus.OK.value, "value": c.value,
                      "unit": c.unit, "detail": json.dumps({"how": c.how})})
         lease.say(f"  ceiling {c.name}: {c.value:.4g} {c.unit} ({c.how})")
     lease.rows(step, rows)
-    return "ok", f"{len(rows)} rows"
+    return StepStatus.OK.value, f"{len(rows)} rows"
 
 
 def tests(lease, step, until):
@@ -72,10 +82,10 @@ def tests(lease, step, until):
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     note = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no test ran"
     if rc is None:
-        return "cut", f"stopped at its time share: {note}"
-    if rc != 0 or counts.get("failed") or counts.get("error"):
-        return "failed", f"pytest exit {rc}: {note}"
-    return "ok", note
+        return StepStatus.CUT.value, f"stopped at its time share: {note}"
+    if rc != 0 or counts.get(StepStatus.FAILED.value) or counts.get("error"):
+        return StepStatus.FAILED.value, f"pytest exit {rc}: {note}"
+    return StepStatus.OK.value, note
 
 
 def compile_all(lease, step, until):
@@ -112,11 +122,11 @@ def compile_all(lease, step, until):
     note = (f"{sum(r['status'] == Status.OK.value for r in got)} kernels built from "
             f"{len(jobs)} launches, {len(bad)} failed, {len(spilled)} spill")
     if rc is None:
-        return "cut", f"stopped at its time share: {note}"
+        return StepStatus.CUT.value, f"stopped at its time share: {note}"
     if rc != 0:
         lease.say("\n".join("  | " + ln for ln in text.splitlines()[-15:]))
-        return "failed", f"capture exit {rc}: {note}"
-    return ("failed" if bad else "ok"), note
+        return StepStatus.FAILED.value, f"capture exit {rc}: {note}"
+    return (StepStatus.FAILED.value if bad else StepStatus.OK.value), note
 
 
 def _runner(lease):
@@ -157,8 +167,8 @@ def layers(lease, step, until):
         lease.maybe_flush()
     note = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     if left_out:
-        return "cut", f"{note}; {left_out} of {len(cases)} cases not run (time share spent)"
-    return "ok", note
+        return StepStatus.CUT.value, f"{note}; {left_out} of {len(cases)} cases not run (time share spent)"
+    return StepStatus.OK.value, note
 
 
 def tune(lease, step, until):
@@ -198,15 +208,15 @@ def tune(lease, step, until):
                   "note": None if len(history) == len(screen) else
                   f"screen cut at {len(history)} of {len(screen)}"}
         lease.rows(step, [{"kind": "tuned", "name": f"{job.kernel} {job.layer.name}",
-                           "status": "ok" if speedup else "failed", "value": speedup,
+                           "status": StepStatus.OK.value if speedup else StepStatus.FAILED.value, "value": speedup,
                            "unit": "x dense", "detail": json.dumps(detail, default=str)}])
         lease.say(f"  {job.kernel} {job.layer.name} S={job.sparsity:g}: {best.label()} "
                   + (f"{speedup:.2f}x dense" if speedup else "no time")
                   + f" (screened {len(history)} of {len(screen)}, raced {ev.raced})")
         lease.maybe_flush()
     if cut:
-        return "cut", f"{len(jobs) - cut} of {len(jobs)} tuned (time share spent)"
-    return "ok", f"{len(jobs)} tuned"
+        return StepStatus.CUT.value, f"{len(jobs) - cut} of {len(jobs)} tuned (time share spent)"
+    return StepStatus.OK.value, f"{len(jobs)} tuned"
 
 
 def network(lease, step, until):
@@ -246,5 +256,5 @@ def network(lease, step, until):
             lease.say(f"  {p.e2e_net} {pattern} batch {batch}: {m.status}: {m.reason}")
         lease.maybe_flush()
     if done < len(jobs):
-        return "cut", f"{done} of {len(jobs)} networks (time share spent)"
-    return "ok", f"{done} networks"
+        return StepStatus.CUT.value, f"{done} of {len(jobs)} networks (time share spent)"
+    return StepStatus.OK.value, f"{done} networks"

@@ -15,7 +15,7 @@ import json
 
 import pandas as pd
 
-from ..records import Status
+from ..records import Status, StepStatus
 
 # the paper's V100 figures the issue sets as targets (CS: per layer, OVW V=64 at 90%: 2x)
 CS_PAPER = {"layer1.0.conv3": 4.02, "layer2.0.conv2": 3.33, "layer4.0.conv2": 2.52}
@@ -128,8 +128,8 @@ def setup_rows(lease: pd.DataFrame) -> pd.DataFrame:
             if len(comp) else []:
         regs = [d.get("registers") for d in g.d if d.get("registers")]
         spills = sum(d.get("spill_stores") or 0 for d in g.d)
-        rows.append({"step": 3, "what": "compile", "kernel": kernel, "status": "ok" if (
-            g.status == Status.OK.value).all() else "failed", "value": float(len(g)),
+        rows.append({"step": 3, "what": "compile", "kernel": kernel, "status": StepStatus.OK.value if (
+            g.status == Status.OK.value).all() else StepStatus.FAILED.value, "value": float(len(g)),
             "unit": "kernels", "reason": f"max registers {max(regs) if regs else '?'}, "
                                         f"spill stores {spills} B"})
     rows += [{"step": int(r.step), "what": "step", "kernel": r.name, "status": r.status,
