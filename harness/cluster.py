@@ -24,12 +24,35 @@ from .records import Device, E2EMeasurement, E2EResult, Measurement, Status, Tim
 MAX_RETRIES = 2  # a group is tried on at most this many more nodes after a node dies
 
 
-def require_ray():
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def on_loopback(address: str | None) -> bool:
+    """A local instance (no address) or a cluster whose head is this machine's loopback."""
+    if address is None:
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in LOOPBACK
+
+
+def require_ray(address: str | None = None):
+    """Ray, imported so that a local instance, or a cluster bound to 127.0.0.1, is used on
+    127.0.0.1 only. Ray turns a 127.0.0.1 node or bootstrap address into this machine's
+    network address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: a local instance then
+    listened on every interface, and a driver sent to a 127.0.0.1 cluster (whose GCS listens
+    there only) waited forever on the network address."""
+    if on_loopback(address):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    imported = "ray" in sys.modules
     try:
         import ray
     except ImportError:
         raise UsageError("--executor ray needs Ray: pip install 'sparseconv-bench[ray]' (or "
                          "pip install ray)") from None
+    if imported and on_loopback(address):  # read when Ray was imported: too late for the env
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
     return ray
 
 
@@ -51,10 +74,12 @@ def runtime_env() -> dict:
 
 
 def connect(address: str | None):
-    """Join the cluster at ``address`` or start a local Ray instance."""
+    """Join the cluster at ``address`` or start a local Ray instance, which listens on
+    127.0.0.1 only (a real cluster is its owner's to secure: Ray's token authentication, a
+    private network)."""
     from .interrupts import reclaim
 
-    ray = require_ray()
+    ray = require_ray(address)
     if not ray.is_initialized():
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False,
                  include_dashboard=False, configure_logging=False)

@@ -1,5 +1,6 @@
-"""Sweeps and tuning on a Ray cluster (Ray's own multi-node test cluster on this machine: a head
-and a worker node with 1 CPU each, the worker started with another HOME), and merging stores."""
+"""Sweeps and tuning on a Ray cluster (Ray's own multi-node test cluster on this machine, bound to
+127.0.0.1: a head and a worker node with 1 CPU each, the worker started with another HOME), and
+merging stores."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import descendants, wait_gone
+from procs import descendants, listening, loopback, wait_gone
 from test_harness import ROOT, SHAPES, bench, env, rows
 
 from harness.store import Store
@@ -88,13 +89,17 @@ def cluster(node_home, request):
     from kernels import _ext
 
     param = getattr(request, "param", None)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # every process of the test cluster listens on 127.0.0.1 only (Ray runs code for anyone
+    # who reaches its ports)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                      "node_ip_address": "127.0.0.1"})
     extra = {"SPARSECONV_MACHINE_LABEL": param} if param and param != "own-build" else {}
     if param == "own-build":  # the default cache, under the node's own HOME
         extra.update(SPARSECONV_BUILD_DIR="", TORCH_EXTENSIONS_DIR="")
     else:
         extra["SPARSECONV_BUILD_DIR"] = str(_ext.build_dir())
-    worker = c.add_node(num_cpus=1, env_vars={"HOME": str(node_home), **extra})
+    worker = c.add_node(num_cpus=1, node_ip_address="127.0.0.1",
+                        env_vars={"HOME": str(node_home), **extra})
     c.wait_for_nodes()
     yield c, worker
     c.shutdown()
@@ -244,7 +249,17 @@ def test_e2e_on_the_cluster_stores_each_network_with_its_node(tmp_path, cluster)
     assert df.node.str.startswith("ray:").all() and (df.rel_err < 1e-4).all()
 
 
-# ---- SIGTERM on Ray --------------------------------------------------------------------------
+# ---- Ray listens on loopback only; SIGTERM on Ray --------------------------------------------
+def watch_listening(proc, roots, limit=600) -> set:
+    """Every listening socket of ``roots`` and their descendants while ``proc`` runs."""
+    seen, t_end = set(), time.time() + limit
+    while proc.poll() is None and time.time() < t_end:
+        pids = [p for r in roots for p in [r, *descendants(r)]]
+        seen |= set(listening(pids))
+        time.sleep(0.5)
+    return seen
+
+
 def start_ray_bench(tmp_path, *args, plugins=""):
     shapes = tmp_path / "tiny.csv"
     shapes.write_text(SHAPES)
@@ -254,6 +269,44 @@ def start_ray_bench(tmp_path, *args, plugins=""):
          "--no-progress", "--threads", "1", "--sparsities", "0.5", "--quick", "--executor",
          "ray", *args], cwd=ROOT, env=env(HARNESS_PLUGINS=plugins), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
+
+
+def assert_loopback_only(seen):
+    names = {name for _, _, name in seen}
+    assert {"gcs_server", "raylet"} <= names, seen
+    assert [s for s in seen if not loopback(s[0])] == [], seen
+
+
+@pytest.mark.slow
+def test_a_local_ray_instance_listens_on_loopback_only(tmp_path):
+    proc = start_ray_bench(tmp_path, "--layers", "a", "--kernels", "cs_cpu_direct")
+    try:
+        seen = watch_listening(proc, [proc.pid])
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert_loopback_only(seen)
+
+
+@pytest.mark.slow
+def test_a_sweep_on_the_loopback_test_cluster_runs_and_nothing_listens_beyond_it(tmp_path,
+                                                                                 cluster):
+    """The harness joins a cluster bound to 127.0.0.1 (it sat idle, dialling the machine's
+    network address, before); no process of the cluster or the sweep listens elsewhere."""
+    c, _ = cluster
+    proc = start_ray_bench(tmp_path, "--layers", "a,b", "--kernels", "cs_cpu_direct",
+                           "--ray-address", c.address)
+    try:
+        seen = watch_listening(proc, [os.getpid()], limit=300)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert len(rows(tmp_path / "r.sqlite")) == 2 * 3
+    assert_loopback_only(seen)
 
 
 def spawned_workers() -> set[int]:

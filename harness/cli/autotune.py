@@ -97,7 +97,7 @@ def run(args) -> int:
         if args.time_budget is not None:
             raise UsageError("--time-budget is for a tuning on this machine; with --executor "
                              "ray give --budget (evaluations per layer)")
-        cluster.require_ray()
+        cluster.require_ray(args.ray_address)
     store = Store(args.db)
     fp = env.fingerprint()
     ident = env.identity_hash(fp)

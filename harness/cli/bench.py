@@ -127,7 +127,7 @@ def run(args) -> int:
     if not todo:  # an empty shard
         return 0
     if args.executor == "ray":
-        cluster.require_ray()
+        cluster.require_ray(args.ray_address)
     store = Store(args.db)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)

@@ -115,7 +115,7 @@ def run(args) -> int:
     sparsities = sparsity_list(args.sparsities)
     device = device_of(args)
     if args.executor == "ray":
-        cluster.require_ray()
+        cluster.require_ray(args.ray_address)
     size = args.size or (32 if device.interpreted else 224)
     threads = threads_of(args)
     opts = TimingOptions(rounds=1, min_sample=0.0, warmup=0.0) if device.interpreted else \
