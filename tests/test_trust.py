@@ -141,6 +141,7 @@ def _run(root, tmp, *args):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_editing_the_1xn_cpp_source_re_measures_only_the_1xn_kernel(tmp_path):
     """Each C++ kernel family is its own source file and library: an edit of the 1xN source
     rebuilds that library only and re-measures only ``bsr_1xn_cpu`` (CS, dense reused)."""
