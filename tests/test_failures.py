@@ -223,13 +223,19 @@ def test_db_on_a_full_disk_is_one_error_line(tmp_path):
     one_error_line(r.stderr, r"cannot write .*r\.sqlite: (the disk is full|disk I/O error)")
 
 
-def test_db_under_a_read_only_folder_is_one_error_line(tmp_path, cli, tmpfs):
+def read_only_folder(tmp_path, tmpfs):
+    """A read-only tmpfs where we are root (root writes through permission bits), else a
+    folder without write permission."""
     if AS_ROOT:
-        folder = tmpfs("ro", readonly=True)
-    else:
-        folder = tmp_path / "ro"
-        folder.mkdir()
-        folder.chmod(0o555)
+        return tmpfs("ro", readonly=True)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_db_under_a_read_only_folder_is_one_error_line(tmp_path, cli, tmpfs):
+    folder = read_only_folder(tmp_path, tmpfs)
     code, _, err = cli(*bench_args(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities",
                                    "0.5", db=folder / "r.sqlite"))
     assert code == 2
@@ -256,12 +262,7 @@ def test_out_naming_a_folder_is_one_error_line(tmp_path, cli, command):
 @pytest.mark.parametrize("command", ["report", "export"])
 def test_out_in_a_read_only_place_is_one_error_line(tmp_path, cli, tmpfs, command):
     db = results_db(tmp_path / "r.sqlite")
-    if AS_ROOT:
-        folder = tmpfs("ro", readonly=True)
-    else:
-        folder = tmp_path / "ro"
-        folder.mkdir()
-        folder.chmod(0o555)
+    folder = read_only_folder(tmp_path, tmpfs)
     code, _, err = cli(command, "--db", db, "--out", folder / "x.out")
     assert code == 2
     one_error_line(err, "cannot write --out .*x.out: (Read-only file system|Permission denied)")
