@@ -18,7 +18,6 @@ from .store import Store, StoreError
 
 TABLES = {"measurements": ["fp_hash", "case_key"], "e2e": ["fp_hash", "case_key"],
           "tuning": ["tune_key"]}
-RUN_COLUMNS = ["started", "finished", "fp_hash", "machine_hash", "fingerprint", "args", "status"]
 
 
 def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -72,12 +71,15 @@ def _merge_into(out: Store, contents: list[dict]) -> dict:
                 frames[table].append(mine[table].assign(_order=0))
             for order, part in enumerate(contents, 1):
                 remap = {}
-                for r in part["runs"].itertuples():
+                runs = part["runs"]
+                cols = [c for c in runs.columns if c != "run_id"]  # renumbered here
+                for run_id, values in zip(runs["run_id"], runs[cols].astype(object).itertuples(
+                        index=False)):
                     cur = out.db.execute(
-                        f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(RUN_COLUMNS))})",
-                        tuple(getattr(r, c) for c in RUN_COLUMNS))
-                    remap[r.run_id] = cur.lastrowid
+                        f"INSERT INTO runs ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})",
+                        tuple(None if v != v else v for v in values))
+                    remap[run_id] = cur.lastrowid
                 for table in TABLES:
                     df = part[table]
                     if "run_id" in df and remap:
