@@ -51,13 +51,13 @@ def handled():
     """For the length of a command, in the main thread: SIGTERM raises ``Terminated``; a
     file-size limit makes a write fail (an error SQLite and Python report) instead of killing
     the process. The previous handlers are restored after."""
+    global _active, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     wanted = {signal.SIGTERM: _on_sigterm}
     if hasattr(signal, "SIGXFSZ"):
         wanted[signal.SIGXFSZ] = signal.SIG_IGN
-    global _active, _received
     old = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
     _active, _received = True, False
     try:

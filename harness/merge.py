@@ -71,13 +71,15 @@ def _merge_into(out: Store, contents: list[dict]) -> dict:
                 frames[table].append(mine[table].assign(_order=0))
             for order, part in enumerate(contents, 1):
                 remap = {}
-                run_columns = [c for c in part["runs"].columns if c != "run_id"]
-                for r in part["runs"].itertuples():
+                runs = part["runs"]
+                cols = [c for c in runs.columns if c != "run_id"]  # renumbered here
+                for run_id, values in zip(runs["run_id"], runs[cols].astype(object).itertuples(
+                        index=False)):
                     cur = out.db.execute(
-                        f"INSERT INTO runs ({', '.join(run_columns)}) VALUES "
-                        f"({', '.join('?' * len(run_columns))})",
-                        tuple(getattr(r, c) for c in run_columns))
-                    remap[r.run_id] = cur.lastrowid
+                        f"INSERT INTO runs ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})",
+                        tuple(None if v != v else v for v in values))
+                    remap[run_id] = cur.lastrowid
                 for table in TABLES:
                     df = part[table]
                     if "run_id" in df and remap:

@@ -3,6 +3,11 @@
 A killed sweep loses at most the case in flight; rerunning skips the cases already recorded for
 the same fingerprint (``done_keys``). Several processes may write one file at once (WAL plus a
 busy timeout). Reads take the latest row per (fingerprint, case).
+
+An existing file is identified through a read-only connection before anything writes to it, so
+a refused file (another program's, another schema) is left byte for byte as it was; commands
+that only read keep that read-only connection. SQLite's failures (a corrupt page, a full disk,
+a read-only place) surface as one ``StoreError`` sentence.
 """
 
 from __future__ import annotations
