@@ -5,6 +5,7 @@ import ipaddress
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -32,6 +33,23 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@contextmanager
+def reaped(proc):
+    """Run the block with ``proc`` started; whatever happens in it, ``proc`` is not left
+    running afterwards."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def stop(proc, sig, timeout: float) -> tuple[str, str]:
+    """Send ``sig`` and wait for ``proc`` to end: its (stdout, stderr)."""
+    proc.send_signal(sig)
+    return proc.communicate(timeout=timeout)
 
 
 def wait_gone(pids, limit=15.0) -> list[int]:

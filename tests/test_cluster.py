@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import descendants, listening, loopback, wait_gone
+from procs import descendants, listening, loopback, reaped, stop, wait_gone
 from test_harness import ROOT, SHAPES, bench, env, rows
 
 from harness.store import Store
@@ -328,7 +328,7 @@ def test_sigterm_on_a_ray_sweep_records_it_stopped_and_ends_the_node_workers(tmp
     proc = start_ray_bench(tmp_path, "--layers", "a,b", "--kernels", "faulty_hang",
                            "--case-timeout", "600", "--ray-address", c.address,
                            plugins="faulty_kernels")
-    try:
+    with reaped(proc):
         t_end = time.time() + 300
         while len(spawned_workers() - before) < 2:  # both nodes are inside a group
             assert proc.poll() is None, proc.communicate()
@@ -336,11 +336,7 @@ def test_sigterm_on_a_ray_sweep_records_it_stopped_and_ends_the_node_workers(tmp
             time.sleep(0.5)
         time.sleep(3.0)  # the hanging cases are in the workers now
         workers = spawned_workers() - before
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        out, err = stop(proc, signal.SIGTERM, timeout=60)
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err
     assert wait_gone(workers, limit=30) == []

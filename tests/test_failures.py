@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import descendants, wait_gone
+from procs import descendants, reaped, stop, wait_gone
 from test_harness import ROOT, SHAPES, env, start_bench, wait_rows
 
 import kernels
@@ -369,13 +369,9 @@ def start_hanging_bench(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_sigterm_abandons_the_case_records_the_run_stopped_and_exits_143(tmp_path):
     proc, db, workers = start_hanging_bench(tmp_path)
-    try:
+    with reaped(proc):
         t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        out, err = stop(proc, signal.SIGTERM, timeout=30)
     assert proc.returncode == 143, err
     assert time.time() - t0 < 15
     assert "Traceback" not in err and "terminated (SIGTERM)" in err
@@ -396,7 +392,7 @@ def test_sigterm_ends_e2e_and_autotune_and_their_workers_with_143(tmp_path, comm
     proc = subprocess.Popen([sys.executable, "-m", "harness", *map(str, argv)], cwd=ROOT,
                             env=env(HARNESS_PLUGINS=""), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
+    with reaped(proc):
         t_end = time.time() + 240
         while not descendants(proc.pid):
             assert proc.poll() is None, proc.communicate()
@@ -404,11 +400,7 @@ def test_sigterm_ends_e2e_and_autotune_and_their_workers_with_143(tmp_path, comm
             time.sleep(0.2)
         time.sleep(2.0)  # the worker is importing, building or measuring
         workers = descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        out, err = stop(proc, signal.SIGTERM, timeout=30)
     assert proc.returncode == 143, out + err
     assert "Traceback" not in err and "terminated (SIGTERM)" in err
     assert wait_gone(workers) == []
@@ -435,13 +427,9 @@ def test_a_stopped_sweep_says_it_stopped_counts_requested_layers_and_exits_130(t
     db = tmp_path / "r.sqlite"
     proc = start_bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", "--quick",
                        db=db)  # 4 layers x (2 dense layouts + 1 CS case)
-    try:
+    with reaped(proc):
         wait_rows(db, 4, proc, limit=240)  # layer a done, layer b begun
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        out, err = stop(proc, signal.SIGINT, timeout=120)
     assert proc.returncode == 130, err
     assert "bench stopped (Ctrl-C)" in out and "bench finished" not in out
     row = next(line for line in out.splitlines() if line.split()[:1] == ["tiny"])
