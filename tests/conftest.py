@@ -26,3 +26,18 @@ else:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``python -m harness ARGS`` in this process: (exit code, stdout, stderr). For checks
+    that end before any work starts (usage errors, refusals): no interpreter start-up, no torch
+    import, per call; a test of what a real process does (signals, exit on a traceback) starts
+    one instead."""
+    from harness.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

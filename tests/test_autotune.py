@@ -121,12 +121,16 @@ def test_plan_validation_checks_kernels_and_configs():
         plan.load("/nonexistent/plan.json")
 
 
+def autotune_args(tmp_path, *args):
+    return ["autotune", "--net", "resnet50", "--layers", "layer4.1.conv2", "--threads", "1",
+            "--db", tmp_path / "t.sqlite", "--out-dir", tmp_path / "plans", *args]
+
+
 def autotune(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "harness", "autotune", "--net", "resnet50",
-                           "--layers", "layer4.1.conv2", "--threads", "1", "--db",
-                           str(tmp_path / "t.sqlite"), "--out-dir", str(tmp_path / "plans"),
-                           *args], cwd=ROOT, env=env(HARNESS_PLUGINS=""), capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "harness",
+                           *map(str, autotune_args(tmp_path, *args))], cwd=ROOT,
+                          env=env(HARNESS_PLUGINS=""), capture_output=True, text=True,
+                          timeout=900)
 
 
 def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
@@ -151,22 +155,22 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     assert len(store.tuning()) == 2 * n
 
 
-def test_autotune_bad_input_exits_2(tmp_path):
-    r = autotune(tmp_path, "--sparsity", "0.9,0.5")
-    assert r.returncode == 2 and "one value" in r.stderr
-    r = autotune(tmp_path, "--patterns", "ovw")
-    assert r.returncode == 2 and "no cpu kernel implements pattern(s) ovw" in r.stderr
+def test_autotune_bad_input_exits_2(tmp_path, cli):
+    code, _, err = cli(*autotune_args(tmp_path, "--sparsity", "0.9,0.5"))
+    assert code == 2 and "one value" in err
+    code, _, err = cli(*autotune_args(tmp_path, "--patterns", "ovw"))
+    assert code == 2 and "no cpu kernel implements pattern(s) ovw" in err
     for bad in (["--threads", "0"], ["--budget", "0"], ["--time-budget", "-5"]):
-        r = autotune(tmp_path, *bad)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert r.stderr.startswith("error: ")
+        code, _, err = cli(*autotune_args(tmp_path, *bad))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("error: ")
 
 
-def test_autotune_with_no_sparse_candidate_says_so_and_exits_2(tmp_path):
+def test_autotune_with_no_sparse_candidate_says_so_and_exits_2(tmp_path, cli):
     # CS at 0.9 has K=10, not a power of two: every layer would stay dense
-    r = autotune(tmp_path, "--sparsity", "0.9")
-    assert r.returncode == 2, r.stdout
-    assert "no sparse candidate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, out, err = cli(*autotune_args(tmp_path, "--sparsity", "0.9"))
+    assert code == 2, out
+    assert "no sparse candidate" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "plans").exists()
 
 

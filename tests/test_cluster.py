@@ -46,16 +46,16 @@ def test_a_merge_of_two_shards_equals_one_unsharded_run(tmp_path):
     assert len(rows(tmp_path / "m.sqlite")) == len(merged)
 
 
-def test_merging_a_foreign_file_exits_2(tmp_path):
+def test_merging_a_foreign_file_exits_2(tmp_path, cli):
     other = tmp_path / "other.sqlite"
     c = sqlite3.connect(other)
     c.execute("CREATE TABLE invoices (id INTEGER)")
     c.commit()
     c.close()
     Store(tmp_path / "ok.sqlite").close()
-    r = merge(tmp_path / "ok.sqlite", other, "-o", tmp_path / "m.sqlite")
-    assert r.returncode == 2 and "another program" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.sqlite").exists()
+    code, _, err = cli("merge", tmp_path / "ok.sqlite", other, "-o", tmp_path / "m.sqlite")
+    assert code == 2 and "another program" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.sqlite").exists()
 
 
 def test_executor_ray_without_ray_says_what_to_install(tmp_path):

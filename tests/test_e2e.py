@@ -254,14 +254,15 @@ def test_a_slow_non_conv_module_raises_the_latency_not_the_summed_estimate(tmp_p
     assert slow.outside_share > plain.outside_share
 
 
-def test_e2e_bad_input_exits_2(tmp_path):
+def test_e2e_bad_input_exits_2(tmp_path, cli):
     for args, message in [(["--nets", "alexnet"], "unknown net"),
                           (["--patterns", "zz"], "unknown pattern"),
                           (["--size", "8"], "--size: must be >= 32"),
                           (["--device", "cuda"], "--interpret")]:
-        r = e2e(tmp_path, *args)
-        assert r.returncode == 2 and message in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        code, _, err = cli("e2e", "--db", tmp_path / "e.sqlite", "--threads", "1", "--plans",
+                           tmp_path / "plans", *args)
+        assert code == 2 and message in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_table_plan_re_measures_every_layer_of_a_plan_in_one_run(tmp_path):

@@ -26,18 +26,6 @@ AS_ROOT = os.geteuid() == 0
 
 
 # ---- helpers -------------------------------------------------------------------------------
-@pytest.fixture
-def cli(capsys):
-    """Run ``python -m harness ARGS`` in this process: (exit code, stdout, stderr)."""
-    from harness.cli import main
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
 def one_error_line(err: str, pattern: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err

@@ -169,11 +169,10 @@ def test_ctrl_c_stops_after_the_case_in_flight_and_keeps_results(tmp_path):
     (["--dtype", "int8"], "invalid choice"),
     (["--bogus"], "unrecognized arguments"),
 ])
-def test_bad_cli_input_exits_2_with_one_line(args, message):
-    r = subprocess.run([sys.executable, "-m", "harness", "bench", "--db", "/nonexistent/x.db",
-                        *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
+def test_bad_cli_input_exits_2_with_one_line(cli, args, message):
+    code, _, err = cli("bench", "--db", "/nonexistent/x.db", *args)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     import re
     assert re.search(message, lines[0]), lines[0]
@@ -184,7 +183,7 @@ def test_bad_cli_input_exits_2_with_one_line(args, message):
     (b"SQLite format 3\x00" + os.urandom(4000), "is not a results database"),
     (None, "SQLite file of another program"),
 ])
-def test_foreign_or_corrupt_database_exits_2(tmp_path, content, message):
+def test_foreign_or_corrupt_database_exits_2(tmp_path, cli, content, message):
     db = tmp_path / "x.sqlite"
     if content is None:
         c = sqlite3.connect(db)
@@ -193,9 +192,11 @@ def test_foreign_or_corrupt_database_exits_2(tmp_path, content, message):
         c.close()
     else:
         db.write_bytes(content)
-    r = bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", db=db)
-    assert r.returncode == 2
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "tiny.csv").write_text(SHAPES)
+    code, _, err = cli("bench", "--shapes-csv", tmp_path / "tiny.csv", "--db", db, *FAST,
+                       "--kernels", "cs_cpu_direct", "--sparsities", "0.5")
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_list_kernels_and_export(tmp_path):
@@ -346,11 +347,10 @@ def test_probe_sets_the_inner_loop_against_dense_gemm():
     (["--threads", "100000"], "--threads: this machine has"),
     (["--fmas", str(10**30)], "--fmas: at most"),
 ])
-def test_probe_bad_input_exits_2_with_one_line(args, message):
-    r = subprocess.run([sys.executable, "-m", "harness", "probe", *args], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
+def test_probe_bad_input_exits_2_with_one_line(cli, args, message):
+    code, _, err = cli("probe", *args)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     import re
     assert re.search(message, lines[0]), lines[0]

@@ -149,14 +149,12 @@ def test_report_in_headless_chromium(report):
     assert shot.stat().st_size > 10_000
 
 
-def test_missing_or_empty_database_gives_a_clear_message(tmp_path):
+def test_missing_or_empty_database_gives_a_clear_message(tmp_path, cli):
     for db in (tmp_path / "none.sqlite", tmp_path / "empty.sqlite"):
         if db.name == "empty.sqlite":
             from harness.store import Store
             Store(db).close()
-        r = subprocess.run([sys.executable, "-m", "harness", "report", "--db", str(db), "--out",
-                            str(tmp_path / "x.html")], cwd=ROOT, env=env(), capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 2
-        assert "Traceback" not in r.stderr
-        assert "run `" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        code, _, err = cli("report", "--db", db, "--out", tmp_path / "x.html")
+        assert code == 2
+        assert "Traceback" not in err
+        assert "run `" in err and len(err.strip().splitlines()) == 1
