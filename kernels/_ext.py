@@ -9,17 +9,20 @@ CPU's feature flags, so an edit rebuilds that family only, and a build cache sha
 machines (a cluster's common home folder) never hands one CPU's build to another.
 
 Builds go under ``SPARSECONV_BUILD_DIR`` when it is set, else ``TORCH_EXTENSIONS_DIR``, else
-``~/.cache/sparseconv`` (cpp_extension's file lock makes concurrent first builds safe).
+``~/.cache/sparseconv``, one folder per library holding the sources it was built from; an OS
+lock per library makes concurrent first builds safe, and a build killed midway blocks no one.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -79,6 +82,22 @@ def _includes(src: Path) -> list[Path]:
     return seen
 
 
+@contextmanager
+def _build_lock(where: Path):
+    """Hold this library's build lock: an OS lock (``flock``) that ends with the process holding
+    it. cpp_extension's own lock is a plain ``lock`` file that a build killed midway (Ctrl-C,
+    SIGTERM, a lost node) leaves behind, after which every later process waits on it forever;
+    every build here takes this lock first, so a ``lock`` file found while holding it is such a
+    leftover and is removed."""
+    with open(where / "build.flock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            (where / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 FAMILIES: list[Family] = []  # every family defined so far (the kernel modules define theirs)
 
 
@@ -122,10 +141,13 @@ class Family:
             where = build_dir() / name
             try:
                 where.mkdir(parents=True, exist_ok=True)
-                path = cpp_extension.load(
-                    name=name, sources=[str(self.source)], extra_cflags=cflags(),
-                    extra_ldflags=["-fopenmp"], build_directory=str(where),
-                    is_python_module=False, verbose=bool(os.environ.get("SPARSECONV_VERBOSE")))
+                with _build_lock(where):
+                    src = self._stage(where / "src")
+                    path = cpp_extension.load(
+                        name=name, sources=[str(src)], extra_cflags=cflags(),
+                        extra_ldflags=["-fopenmp"], build_directory=str(where),
+                        is_python_module=False,
+                        verbose=bool(os.environ.get("SPARSECONV_VERBOSE")))
                 lib = ctypes.CDLL(path)
             except Exception as e:  # compiler missing, flags unsupported, unwritable cache, ...
                 lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -145,6 +167,21 @@ class Family:
                 f.argtypes, f.restype = argtypes, ctypes.c_int
             self._lib = lib
             return lib
+
+    def _stage(self, dest: Path) -> Path:
+        """The source and its headers copied under the build folder, where the build reads
+        them: the compile commands then name the same paths from every checkout of the same
+        source (a worktree, a copied project, each Ray node's copy), so one checkout's use never
+        makes ninja rebuild another's library. Returns the staged source."""
+        for f in [self.source, *_includes(self.source)]:
+            to = dest / f.relative_to(CSRC)
+            data = f.read_bytes()
+            if not to.exists() or to.read_bytes() != data:
+                to.parent.mkdir(parents=True, exist_ok=True)
+                tmp = to.with_name(f".{to.name}.{os.getpid()}")
+                tmp.write_bytes(data)
+                os.replace(tmp, to)
+        return dest / self.source.relative_to(CSRC)
 
     def entry(self, fn: str):
         """Entry point ``fn`` (building the library on first use), to call with its argument

@@ -255,6 +255,42 @@ def test_portable_build_without_avx512_is_correct():
     assert "ISA portable" in r.stdout
 
 
+BUILD_SCRIPT = """
+import sys
+from kernels import _ext
+_ext.LAYOUT.load()
+print(_ext.build_dir() / f"sparseconv_layout_{_ext.LAYOUT.tag()}")
+"""
+
+
+@pytest.mark.slow
+def test_a_build_killed_midway_blocks_no_one_and_every_checkout_shares_one_build(tmp_path):
+    """A ``lock`` file left by a build that was killed (cpp_extension's own lock) does not make
+    the next process wait; a second checkout of the same source (a copied project, a Ray node's
+    copy) loads the library built by the first instead of rebuilding it."""
+    import shutil
+
+    from kernels import _ext
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = {**os.environ, "SPARSECONV_BUILD_DIR": str(tmp_path / "cache")}
+    folder = tmp_path / "cache" / f"sparseconv_layout_{_ext.LAYOUT.tag()}"
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()  # what a build killed by SIGKILL leaves behind
+    r = subprocess.run([sys.executable, "-c", BUILD_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (lib,) = folder.glob("*.so")
+    built = lib.stat().st_mtime_ns
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(
+        ".git", "results", "reports", ".nox", "__pycache__", "*.egg-info"))
+    r = subprocess.run([sys.executable, "-c", BUILD_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=copy)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lib.stat().st_mtime_ns == built  # loaded, not rebuilt
+    assert not (folder / "lock").exists()
+
+
 # ---- the named C++ interface ------------------------------------------------------------------
 def test_geometry_dataclass_names_the_cpp_struct_fields_in_order():
     """cpu_layout.Geometry is the C++ sc_geometry (csrc/common.h) by name and order: a field
