@@ -199,7 +199,7 @@ def test_foreign_or_corrupt_database_exits_2(tmp_path, cli, content, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_list_kernels_and_export(tmp_path):
+def test_list_kernels_and_export(tmp_path, cli):
     r = bench(tmp_path, "--kernels", "cs_cpu_direct", "--sparsities", "0.5", "--layers", "b")
     assert r.returncode == 0, r.stderr
     plain = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
@@ -212,10 +212,9 @@ def test_list_kernels_and_export(tmp_path):
     assert "interpreter only" in out.stdout
     for fmt in ("csv", "parquet"):
         dest = tmp_path / f"out.{fmt}"
-        e = subprocess.run([sys.executable, "-m", "harness", "export", "--format", fmt, "--db",
-                            str(tmp_path / "r.sqlite"), "--out", str(dest)], cwd=ROOT, env=env(),
-                           capture_output=True, text=True, timeout=120)
-        assert e.returncode == 0, e.stderr
+        code, _, err = cli("export", "--format", fmt, "--db", tmp_path / "r.sqlite", "--out",
+                           dest)
+        assert code == 0, err
         df = pd.read_csv(dest) if fmt == "csv" else pd.read_parquet(dest)
         assert len(df) == 2 + 4 and {"speedup", "kernel_speedup", "status"} <= set(df.columns)
 

@@ -23,15 +23,17 @@ def db(tmp_path_factory):
     Triton plugin) into the same database."""
     tmp = tmp_path_factory.mktemp("report")
     r = bench(tmp, "--kernels", "cs_cpu_direct,bsr_1xn_cpu,cci_cpu", "--sparsities",
-              "0.75,0.9375")
+              "0.75,0.9375", "--layers", "a,b")
     assert r.returncode == 0, r.stderr
+    # one interpreter round per case: the interpreter's times are never read as timings
     r = bench(tmp, "--device", "cuda", "--interpret", "--quick", "--layers", "b,c",
-              "--sparsities", "0.5", plugins="faulty_kernels,faulty_triton")
+              "--sparsities", "0.5", "--rounds", "1", plugins="faulty_kernels,faulty_triton")
     assert r.returncode == 0, r.stderr
     assert "not GPU timings" in r.stdout
     r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(tmp / "r.sqlite"),
                         "--nets", "resnet18", "--patterns", "cs,1xn", "--size", "32",
-                        "--rounds", "3", "--plans", str(tmp / "no-plans")], cwd=ROOT, env=env(),
+                        "--rounds", "2", "--min-sample", "0.0002", "--plans",
+                        str(tmp / "no-plans")], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     return tmp / "r.sqlite"
