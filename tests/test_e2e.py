@@ -265,7 +265,7 @@ def test_e2e_bad_input_exits_2(tmp_path, cli):
         assert len(err.strip().splitlines()) == 1
 
 
-def test_table_plan_re_measures_every_layer_of_a_plan_in_one_run(tmp_path):
+def test_table_plan_re_measures_every_layer_of_a_plan_in_one_run(tmp_path, cli):
     lays = shapes.unique(shapes.load("resnet18"))
     picked = [lay for lay in lays if lay.name in ("layer3.0.conv2", "layer4.0.conv2")]
     p = make_plan("resnet18", "cs", 0.9375, [(picked[0], "cs_cpu_direct", {"M": 4}),
@@ -296,6 +296,6 @@ def test_table_plan_re_measures_every_layer_of_a_plan_in_one_run(tmp_path):
     stale = json.loads(json.dumps(p))
     stale["layers"][0]["source_hash"] = "0" * 16
     (tmp_path / "stale.json").write_text(json.dumps(stale))
-    bad = table("--plan", str(tmp_path / "stale.json"))
-    assert bad.returncode == 2 and bad.stderr.startswith("error:") and \
-        "source of cs_cpu_direct changed" in bad.stderr and "Traceback" not in bad.stderr
+    code, _, err = cli("table", "--db", db, "--plan", tmp_path / "stale.json")
+    assert code == 2 and err.startswith("error:") and \
+        "source of cs_cpu_direct changed" in err and "Traceback" not in err
