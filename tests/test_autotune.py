@@ -215,7 +215,7 @@ def test_a_kernel_replaces_dense_only_where_it_won_most_race_rounds(wins, sparse
 
 
 def test_win_rate_pairs_the_interleaved_rounds():
-    from harness.worker import win_rate
+    from harness.timing import win_rate
 
     assert win_rate([1, 2, 3, 4], [2, 1, 4, 5]) == 0.75
     assert win_rate([1, 1, 9], [2, 2]) == 1.0  # rounds both were timed in
