@@ -12,7 +12,7 @@ import kernels
 import shapes
 
 from .. import UsageError, analysis, baseline, cases, env, plan, runner
-from ..records import Device, Status, TimingOptions
+from ..records import Device, GroupKey, Status, TimingOptions
 from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
 from .common import DEFAULT_DB, positive, recorded_sweep, sparsity_list
@@ -55,12 +55,12 @@ def run(args) -> int:
                          f"in {args.db}; run `python -m harness bench` first")
     # one table per machine identity, device, batch, dtype, threads, kernel and sparsity: ratios
     # never mix rows measured under different conditions
-    table = ["fp_hash", "device", "batch", "dtype", "threads", "kernel", "sparsity"]
+    table = GroupKey.columns(layer=False) + ["kernel", "sparsity"]
     keys = table + ["layer"]
     best = df.loc[df.groupby(keys)["speedup"].idxmax()]
     kbest = df.groupby(keys)["kernel_speedup"].max().rename("kernel-only")
     best = best.join(kbest, on=keys)
-    for (fp, device, batch, dtype, threads, kern, S), g in best.groupby(table):
+    for (fp, _net, batch, dtype, device, threads, kern, S), g in best.groupby(table):
         g = g.sort_values("layer_index")
         out = pd.DataFrame({"layer": g.layer, "shape": g["shape"], "count": g["count"],
                             "dense ms": g.dense_median_s * 1e3, "kernel ms": g.median_s * 1e3,
