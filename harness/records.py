@@ -548,6 +548,43 @@ def handover_saved_s(handover: str | None) -> float | None:
 
 
 @dataclass(frozen=True)
+class TuningRecord:
+    """One tuning candidate as measured, a row of the tuning table (whose columns are these
+    fields, as the measurements' are ``Measurement``'s). ``tune_key`` is its identity (machine
+    and software, kernel and source, shape, batch, dtype, device, threads, pattern, sparsity,
+    configuration); layers of one ``shape`` share records. ``config`` is canonical JSON."""
+
+    tune_key: str
+    identity: str
+    kernel: str
+    source_hash: str
+    shape: str
+    batch: int
+    dtype: str
+    pattern: str
+    sparsity: float
+    config: str
+    status: str
+    median_s: float | None = None
+    kernel_median_s: float | None = None
+    dense_median_s: float | None = None
+    rel_err: float | None = None
+    created: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.config, Mapping):
+            object.__setattr__(self, "config", json.dumps(dict(self.config), sort_keys=True))
+
+    @property
+    def seconds(self) -> float | None:
+        """The measured median, or None where the candidate failed or was not timed."""
+        med = self.median_s
+        if Status(self.status) is not Status.OK or med is None or med != med:
+            return None
+        return float(med)
+
+
+@dataclass(frozen=True)
 class E2EMeasurement:
     """One stored whole-network row (the store's ``e2e`` table has exactly these columns)."""
 

@@ -220,3 +220,32 @@ def test_win_rate_pairs_the_interleaved_rounds():
     assert win_rate([1, 2, 3, 4], [2, 1, 4, 5]) == 0.75
     assert win_rate([1, 1, 9], [2, 2]) == 1.0  # rounds both were timed in
     assert win_rate(None, [1.0]) is None and win_rate([1.0], []) is None
+
+
+def test_tuning_records_are_typed_and_the_store_answers_the_tuner_s_questions(tmp_path):
+    """The tuning table's columns are ``TuningRecord``'s fields; the store finds a key's newest
+    record and a record of the same candidate measured under another identity, so the tuner
+    runs no SQL of its own."""
+    import dataclasses
+
+    from harness.records import TuningRecord
+    from harness.store import TUNING_COLUMNS
+
+    assert list(TUNING_COLUMNS) == [f.name for f in dataclasses.fields(TuningRecord)]
+    store = Store(tmp_path / "t.sqlite")
+    have = [r[1] for r in store.db.execute("PRAGMA table_info(tuning)")]
+    assert have == ["id", *TUNING_COLUMNS]
+    rec = TuningRecord(tune_key="k1", identity="me", kernel="cs_cpu_direct", source_hash="s1",
+                       shape="sh", batch=1, dtype="float32", pattern="cs", sparsity=0.75,
+                       config={"M": 4, "T": 2}, status="ok", median_s=2e-3, dense_median_s=4e-3)
+    store.add_tuning(rec)
+    store.add_tuning(dataclasses.replace(rec, median_s=1e-3, created=None))
+    got = store.latest_tuning("k1")
+    assert got.seconds == 1e-3 and got.config == '{"M": 4, "T": 2}' and got.created > 0
+    assert store.latest_tuning("nope") is None
+    assert [r.median_s for r in store.tuning_records("sh")] == [2e-3, 1e-3]
+    assert store.tuning_records("other") == []
+    assert store.tuned_elsewhere("cs_cpu_direct", "sh", 0.75, 1, "float32").identity == "me"
+    assert store.tuned_elsewhere("cs_cpu_direct", "sh", 0.5, 1, "float32") is None
+    failed = dataclasses.replace(rec, status="incorrect", median_s=None)
+    assert failed.seconds is None
