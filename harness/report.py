@@ -330,7 +330,7 @@ def _plans(plans_dir) -> list[dict]:
     plans = []
     for f in sorted(Path(plans_dir).glob("*.json")):
         try:
-            plans.append({"file": f.name, **plan.load(f, check_kernels=False)})
+            plans.append({"file": f.name, **plan.load(f, check_kernels=False).to_dict()})
         except plan.PlanError as e:
             print(f"warning: skipping {f}: {e}", file=sys.stderr)
     return plans

@@ -95,7 +95,10 @@ def make_plan(**over):
 
 def test_plan_round_trips_and_validates(tmp_path):
     path = plan.save(make_plan(), tmp_path / "p.json")
-    assert plan.load(path) == json.loads(json.dumps(make_plan()))
+    loaded = plan.load(path)
+    assert loaded.to_dict() == json.loads(json.dumps(make_plan()))
+    assert loaded.layers[0].kernel == "cs_cpu_direct" and loaded.by_shape[
+        loaded.layers[1].shape].layer == "l2"
 
 
 @pytest.mark.parametrize("change,message", [
@@ -107,6 +110,28 @@ def test_plan_round_trips_and_validates(tmp_path):
 def test_plan_validation_rejects_bad_plans(tmp_path, change, message):
     with pytest.raises(plan.PlanError, match=message):
         plan.validate(make_plan(**change))
+
+
+def test_every_refusal_of_a_plan_made_for_something_else_is_the_plan_s_own():
+    import kernels
+    from harness.records import Device
+
+    made = make_plan()
+    made["layers"][0]["source_hash"] = kernels.get("cs_cpu_direct").source_hash()
+    p = plan.Plan.of(made)
+    p.check("resnet50", "cs", 0.9375, 1, "abc", Device.CPU)  # the one it was made for
+    for args, message in [(("vgg19", "cs", 0.9375, 1, "abc"), "made for net 'resnet50'"),
+                          (("resnet50", "1xn", 0.9375, 1, "abc"), "made for pattern 'cs'"),
+                          (("resnet50", "cs", 0.5, 1, "abc"), "made for sparsity 0.9375"),
+                          (("resnet50", "cs", 0.9375, 8, "abc"), "made for batch 1"),
+                          (("resnet50", "cs", 0.9375, 1, "xyz"), "another machine")]:
+        with pytest.raises(plan.PlanError, match="plan refused: .*" + message):
+            p.check(*args, Device.CPU)
+    with pytest.raises(plan.PlanError, match="made for device cpu"):
+        p.check("resnet50", "cs", 0.9375, 1, "abc", Device.CUDA)
+    made["layers"][0]["source_hash"] = "0" * 16
+    with pytest.raises(plan.PlanError, match="source of cs_cpu_direct changed"):
+        plan.Plan.of(made).check("resnet50", "cs", 0.9375, 1, "abc", Device.CPU)
 
 
 def test_plan_validation_checks_kernels_and_configs():
@@ -133,9 +158,9 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     r = autotune(tmp_path, "--strategy", "random", "--budget", "4")
     assert r.returncode == 0, r.stderr
     p = plan.load(tmp_path / "plans" / "resnet50_cs_0.9375_cpu.json")
-    (lay,) = p["layers"]
-    assert lay["layer"] == "layer4.1.conv2" and lay["count"] == 2
-    assert lay["speedup"] >= 1.0 - 1e-9  # dense is a candidate: never slower than dense
+    (lay,) = p.layers
+    assert lay.layer == "layer4.1.conv2" and lay.count == 2
+    assert lay.speedup >= 1.0 - 1e-9  # dense is a candidate: never slower than dense
     store = Store(tmp_path / "t.sqlite")
     n = len(store.tuning())
     assert n == 2 + 1 + 4  # two dense layouts, the kernel's default, four random candidates
