@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import baseline
-from .records import Status
+from .records import GroupKey, Status
 
 
 def with_speedups(df: pd.DataFrame) -> pd.DataFrame:
@@ -39,7 +39,7 @@ def dense_baselines(df: pd.DataFrame) -> pd.DataFrame:
 
 # cases whose times may be compared (one machine and software, device, batch, dtype, threads),
 # over the layers of a net
-GROUP = [c for c in baseline.GROUP if c != "layer"]
+GROUP = GroupKey.columns(layer=False)
 
 
 def best_per_layer(df: pd.DataFrame) -> pd.DataFrame:

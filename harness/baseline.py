@@ -15,10 +15,10 @@ import pandas as pd
 
 import kernels
 
-from .records import Config, DenseRef, Device, Status
+from .records import Config, DenseRef, Device, GroupKey, Status
 
 LAYOUT = "layout"
-GROUP = ["fp_hash", "net", "layer", "batch", "dtype", "device", "threads"]
+GROUP = GroupKey.columns()  # the columns of one layer group (see records.GroupKey)
 
 
 def kernel_for(device: Device | str) -> kernels.Kernel:
@@ -68,19 +68,19 @@ class Baselines:
     """Best dense per group, fed with measured baseline rows as they arrive."""
 
     def __init__(self):
-        self._best: dict[tuple, Choice] = {}
+        self._best: dict[GroupKey, Choice] = {}
 
-    def note(self, group: tuple, kernel: str, config, median_s, kernel_median_s=None) -> None:
+    def note(self, group: GroupKey, kernel: str, config, median_s, kernel_median_s=None) -> None:
         self._best.setdefault(group, Choice()).note(kernel, config, median_s, kernel_median_s)
 
-    def ref(self, group: tuple) -> DenseRef | None:
+    def ref(self, group: GroupKey) -> DenseRef | None:
         c = self._best.get(group)
         return c.ref() if c else None
 
     def note_rows(self, df: pd.DataFrame) -> None:
         """Feed stored rows (e.g. from an interrupted earlier run of the same identity)."""
         for r in ok_rows(df).itertuples():
-            self.note((r.net, r.layer, r.batch, r.dtype, r.device, r.threads), r.kernel,
+            self.note(GroupKey.of_row(r, identity=False), r.kernel,
                       Config.from_json(r.config), r.median_s, r.kernel_median_s)
 
 

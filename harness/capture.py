@@ -143,7 +143,8 @@ def _launch(job: CompileJob, ctx: _Compiling) -> tuple[dict, list]:
 
 def compile_job(job: CompileJob, ctx: _Compiling, stats: bool = True) -> list[dict]:
     """Rows, one per Triton kernel the job's launches compiled (or one row saying why none)."""
-    from . import aot, worker
+    from . import ptx
+    from .errors import error_text, status_of
     from .records import Status
 
     base = {"kernel": job.kernel, "layer": job.layer.name, "shape": job.layer.shape_str,
@@ -154,8 +155,8 @@ def compile_job(job: CompileJob, ctx: _Compiling, stats: bool = True) -> list[di
     try:
         config, marks = _launch(job, ctx)
     except Exception as e:  # noqa: BLE001 - a typed row, never a lost one
-        status = Status.UNSUPPORTED if isinstance(e, ValueError) else worker.status_of(e)
-        return [{**base, "status": status.value, "reason": worker._err_text(e),
+        status = Status.UNSUPPORTED if isinstance(e, ValueError) else status_of(e)
+        return [{**base, "status": status.value, "reason": error_text(e),
                  "seconds": time.perf_counter() - t0}]
     base["config"] = json.dumps(config, sort_keys=True)
     seconds = time.perf_counter() - t0
@@ -171,8 +172,8 @@ def compile_job(job: CompileJob, ctx: _Compiling, stats: bool = True) -> list[di
                    "seconds": seconds, "shared": int(meta.shared),
                    "num_warps": int(meta.num_warps), "num_stages": int(meta.num_stages)}
             if stats:
-                row.update(aot.ptxas_usage(ck.asm["ptx"], ctx.arch))
-                row.update(aot.ptx_loop_counts(ck.asm["ptx"]))
+                row.update(ptx.ptxas_usage(ck.asm["ptx"], ctx.arch))
+                row.update(ptx.ptx_loop_counts(ck.asm["ptx"]))
             rows.append(row)
         lo = hi
     return rows

@@ -134,7 +134,7 @@ def _node_runner_class(ray):
             ev = Evaluator(mem, self.runner.worker, self.identity, layer, sparsity, batch, dtype,
                            device, threads, log=lambda *_: None)
             res = tune_layer(ev, patterns, strategy, budget, seed, None, skip)
-            new = mem.tuning().iloc[len(rows):].drop(columns="id").to_dict("records")
+            new = mem.tuning_records()[len(rows):]
             mem.close()
             return res, new, ev.raced
 
@@ -333,15 +333,14 @@ def tune(store, layers, patterns, sparsity, batch, dtype, device, threads, strat
             + "); autotune refuses to mix them: a plan belongs to one machine. Tune on a "
               "cluster of identical nodes")
     (_, info), = {r[1]["identity"]: r for r in runners}.values()
-    tuning = store.tuning()
+    tuning = store.tuning_records()  # as the tuning starts: each node gets its shape's part
     results: dict = {}
     print(f"  tuning {len(layers)} layer(s) on {len(runners)} node(s)", flush=True)
 
     def submit(actor, ainfo, job):
         _, lay = job
         shape = shape_key(lay, threads)
-        rows = [] if tuning.empty else \
-            tuning[tuning["shape"] == shape].drop(columns="id").to_dict("records")
+        rows = [r for r in tuning if r.shape == shape]
         return actor.tune_layer.remote(lay, patterns, sparsity, batch, dtype, device, threads,
                                        strategy, budget, seed, rows)
 

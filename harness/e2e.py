@@ -19,9 +19,10 @@ from torch import nn
 
 import kernels
 
-from . import gpu, sparse_model, timing
+from . import gate, gpu, sparse_model, timing
+from .errors import error_text, status_of
 from .records import Device, E2ERequest, E2EResult, Status
-from .worker import TOLERANCE, _err_text, gpu_settings, status_of, timed
+from .timing import gpu_settings, timed
 
 
 @functools.cache  # pure per process: asked for every network and retry
@@ -34,7 +35,7 @@ def source_hash(pattern: str, device) -> str:
         if k.pattern in (pattern, "dense"):
             h.update(f"{name}:{k.source_hash()};".encode())
     here = Path(__file__).resolve().parent
-    for f in ("sparse_model.py", "e2e.py"):
+    for f in ("sparse_model.py", "e2e.py", "gate.py"):
         h.update((here / f).read_bytes())
     return h.hexdigest()[:16]
 
@@ -129,7 +130,7 @@ def _graph_variants(variants: dict, x, tol: float) -> tuple[dict, str | None]:
         try:
             out[f"{name}_graph"] = (timing.checked_graph(fn, arg, fn(arg).clone(), tol), arg)
         except Exception as e:  # noqa: BLE001 - the eager figures still stand
-            return {}, f"{name}: {_err_text(e)}"
+            return {}, f"{name}: {error_text(e)}"
     return out, None
 
 
@@ -150,7 +151,7 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     except sparse_model.SparsifyError as e:
         return E2EResult(Status.UNSUPPORTED, str(e))
     except Exception as e:  # noqa: BLE001 - a kernel that cannot be prepared
-        return E2EResult(status_of(e), "sparsify: " + _err_text(e))
+        return E2EResult(status_of(e), "sparsify: " + error_text(e))
     # the network as deployed (epilogues fused, layout handover) and, to measure what each
     # step saves, the same prepared kernels with epilogues only and with nothing fused
     sparse = sparse_model.fuse_layers(unfused, handover=True) if unfused.sparsify_report.replaced \
@@ -173,21 +174,16 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     dense = dense.to(dev)
     ref = sparse_model.masked_dense(unfused).double()
     x = _input(case.batch, case.size, dev)
-    tol, err = TOLERANCE[case.dtype], 0.0
+    tol = gate.TOLERANCE[case.dtype]
     with torch.inference_mode():
         want = ref(x.double().cpu())
-        for name, net in variants_sparse.items():  # every variant that is timed is checked
-            try:
-                got = net(x)
-            except Exception as e:  # noqa: BLE001
-                return E2EResult(status_of(e), f"run ({name}): " + _err_text(e), **info)
-            e = timing.relative_error(got, want)
-            if not e <= tol:
-                what = "" if name == "sparse" else f" ({name.replace('_', ' ')})"
-                return E2EResult(Status.INCORRECT, f"network output{what} relative error "
-                                 f"{e:.3g} exceeds {tol:g} against the masked dense network "
-                                 f"(float64)", rel_err=e, **info)
-            err = max(err, e)
+        checked = gate.check_network(variants_sparse, x, want, tol)  # every variant timed
+    if checked.error is not None:
+        return E2EResult(status_of(checked.error), f"run ({checked.failed}): {checked.reason}",
+                         **info)
+    if checked.reason:
+        return E2EResult(Status.INCORRECT, checked.reason, rel_err=checked.rel_err, **info)
+    err = checked.rel_err
     dense_cl = _channels_last(dense)
     variants = {"dense_nchw": (dense, x),
                 "dense_cl": (lambda t: dense_cl(t.contiguous(memory_format=torch.channels_last)),

@@ -1,10 +1,14 @@
 """Deployable plans: for a net x pattern x sparsity x device, the kernel and configuration each
-layer should use, with measured times and the machine fingerprint. ``load`` validates."""
+layer should use, with measured times and the machine fingerprint. A plan is a typed
+:class:`Plan` of :class:`PlanLayer` s; every refusal lives here: ``Plan.of`` (and so ``load``)
+refuses a malformed plan, ``Plan.check`` one made for another net, pattern, sparsity, batch,
+device, machine or kernel source."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import kernels
@@ -104,22 +108,125 @@ def validate(plan: dict, check_kernels: bool = True) -> dict:
     return plan
 
 
-def save(plan: dict, path: str | Path) -> Path:
-    validate(plan)
+@dataclass(frozen=True)
+class PlanLayer:
+    """One layer shape of a plan: the kernel and configuration to run there, as tuned."""
+
+    layer: str
+    index: int
+    count: int
+    shape: str
+    kernel: str
+    config: dict
+    time_s: float
+    dense_s: float
+    speedup: float
+    source_hash: str | None = None  # the kernel's source when it was tuned
+    default_time_s: float | None = None  # the kernels' default configurations' best time
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in LAYER_FIELDS}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A tuned plan (the JSON file ``autotune`` writes, ``e2e`` and ``table --plan`` read)."""
+
+    net: str
+    pattern: str
+    sparsity: float
+    device: str
+    batch: int
+    dtype: str
+    threads: int
+    strategy: str
+    fingerprint: dict
+    identity: str
+    machine_hash: str
+    network_speedup: float
+    layers: tuple = ()
+    default_network_speedup: float | None = None
+    evaluations: int | None = None
+    schema: int = SCHEMA
+    extra: dict = field(default_factory=dict)  # fields a newer writer added, kept as read
+
+    @classmethod
+    def of(cls, plan: Plan | dict, check_kernels: bool = True) -> Plan:
+        """A plan from its JSON object, validated (``PlanError`` says which field is wrong)."""
+        if isinstance(plan, Plan):
+            return plan
+        validate(plan, check_kernels)
+        names = {f.name for f in fields(cls)} - {"extra", "layers"}
+        lay_names = {f.name for f in fields(PlanLayer)}
+        layers = tuple(PlanLayer(**{k: v for k, v in lay.items() if k in lay_names})
+                       for lay in plan["layers"])
+        return cls(**{k: v for k, v in plan.items() if k in names}, layers=layers,
+                   extra={k: v for k, v in plan.items() if k not in names | {"layers"}})
+
+    def to_dict(self) -> dict:
+        """The plan's JSON object (what ``save`` writes)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("extra", "layers") and getattr(self, f.name) is not None}
+        return {**self.extra, **out, "layers": [lay.to_dict() for lay in self.layers]}
+
+    @property
+    def by_shape(self) -> dict:
+        """Layer shape (``ConvLayer.shape_str``) -> its ``PlanLayer``."""
+        return {lay.shape: lay for lay in self.layers}
+
+    def check(self, net: str | None, pattern: str, sparsity: float, batch: int,
+              identity: str | None, device: Device) -> None:
+        """Refuse, with one sentence (``PlanError``), a plan made for something else: another
+        net, pattern, sparsity, batch, device, machine or software (``identity``; None: not
+        checked), or a kernel that is not registered here or whose source changed since."""
+        def refuse(why):
+            raise PlanError(f"plan refused: {why}")
+
+        if net is not None and self.net != net:
+            refuse(f"it was made for net {self.net!r}, not {net!r}")
+        if self.pattern != pattern:
+            refuse(f"it was made for pattern {self.pattern!r}, not {pattern!r}")
+        if abs(float(self.sparsity) - sparsity) > 1e-9:
+            refuse(f"it was made for sparsity {self.sparsity}, not {sparsity:g}")
+        if self.batch != batch:
+            refuse(f"it was made for batch {self.batch}, not {batch}")
+        if self.device != Device(device).value:
+            refuse(f"it was made for device {self.device}, not {device}")
+        if identity is not None and self.identity != identity:
+            refuse("it was tuned on another machine or software (identity "
+                   f"{str(self.identity)[:8]}, this one {identity[:8]})")
+        for lay in self.layers:
+            if lay.kernel not in kernels.names():
+                refuse(f"layer {lay.layer} uses kernel {lay.kernel!r}, not registered here")
+            k = kernels.get(lay.kernel)
+            if k.pattern != "dense" and lay.source_hash != k.source_hash():
+                refuse(f"layer {lay.layer}: the source of {k.name} changed since the plan was "
+                       f"tuned (source hash {str(lay.source_hash)[:8]}, now "
+                       f"{k.source_hash()[:8]}); tune again")
+
+    def save(self, path: str | Path) -> Path:
+        return save(self, path)
+
+
+def save(plan: Plan | dict, path: str | Path) -> Path:
+    """Validate the plan and write it as JSON (its folder is made)."""
+    data = plan.to_dict() if isinstance(plan, Plan) else plan
+    validate(data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan, indent=1, sort_keys=True))
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
     return path
 
 
-def load(path: str | Path, check_kernels: bool = True) -> dict:
+def load(path: str | Path, check_kernels: bool = True) -> Plan:
+    """The plan at ``path``; ``PlanError`` when there is none, it is not JSON or not valid."""
     path = Path(path)
     try:
-        plan = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise PlanError(f"no plan at {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{path} is not JSON: {e}") from None
     except OSError as e:
         raise PlanError(f"cannot read {path}: {e.strerror}") from None
-    return validate(plan, check_kernels)
+    return Plan.of(data, check_kernels)

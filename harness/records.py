@@ -224,14 +224,51 @@ class Case:
             **({"cudnn": self.cudnn} if self.cudnn is not None else {})}, sort_keys=True)
 
     @property
-    def group(self) -> tuple:
-        """The cases whose times may be compared: one layer, batch, dtype, device, threads."""
-        return (self.layer.net, self.layer.name, self.batch, self.dtype, self.device.value,
-                self.threads)
+    def group(self) -> GroupKey:
+        """The cases whose times may be compared (within this run): one layer, batch, dtype,
+        device, threads."""
+        return GroupKey(self.layer.net, self.layer.name, self.batch, self.dtype,
+                        self.device.value, self.threads)
 
     @property
     def is_dense(self) -> bool:
         return self.pattern == "dense"
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """Which rows may be compared: one layer of one net, at one batch, dtype, device and thread
+    count, measured under one machine and software identity. Every ratio, every dense baseline
+    and every table of speedups is taken inside one group; this is the one place that says what
+    a group is. ``identity`` is None for a case inside one run (the run's identity is implied);
+    rows of a results table carry it in their ``fp_hash`` column."""
+
+    net: str
+    layer: str
+    batch: int
+    dtype: str
+    device: str
+    threads: int
+    identity: str | None = None
+
+    # field -> the results-table column that holds it, in the order tables group by
+    COLUMNS = {"identity": "fp_hash", "net": "net", "layer": "layer", "batch": "batch",
+               "dtype": "dtype", "device": "device", "threads": "threads"}
+
+    @classmethod
+    def columns(cls, layer: bool = True) -> list[str]:
+        """The columns of a results table that hold a group key; ``layer=False``: the group
+        over every layer of a net (a network-level figure)."""
+        return [c for f, c in cls.COLUMNS.items() if layer or f != "layer"]
+
+    @classmethod
+    def of_row(cls, row, identity: bool = True) -> GroupKey:
+        """The group of a results-table row (a namedtuple or a Series); ``identity=False``:
+        within one run, as a ``Case.group`` is."""
+        r = row._asdict() if hasattr(row, "_asdict") else row  # a Series' .dtype is its own
+        return cls(net=r["net"], layer=r["layer"], batch=int(r["batch"]), dtype=r["dtype"],
+                   device=str(r["device"]), threads=int(r["threads"]),
+                   identity=r["fp_hash"] if identity else None)
 
 
 @dataclass(frozen=True)
@@ -508,6 +545,43 @@ def handover_saved_s(handover: str | None) -> float | None:
     pairs = json.loads(handover) if isinstance(handover, str) else []
     saved = [p[2] for p in pairs if len(p) > 2]
     return float(sum(saved)) if saved else None
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    """One tuning candidate as measured, a row of the tuning table (whose columns are these
+    fields, as the measurements' are ``Measurement``'s). ``tune_key`` is its identity (machine
+    and software, kernel and source, shape, batch, dtype, device, threads, pattern, sparsity,
+    configuration); layers of one ``shape`` share records. ``config`` is canonical JSON."""
+
+    tune_key: str
+    identity: str
+    kernel: str
+    source_hash: str
+    shape: str
+    batch: int
+    dtype: str
+    pattern: str
+    sparsity: float
+    config: str
+    status: str
+    median_s: float | None = None
+    kernel_median_s: float | None = None
+    dense_median_s: float | None = None
+    rel_err: float | None = None
+    created: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.config, Mapping):
+            object.__setattr__(self, "config", json.dumps(dict(self.config), sort_keys=True))
+
+    @property
+    def seconds(self) -> float | None:
+        """The measured median, or None where the candidate failed or was not timed."""
+        med = self.median_s
+        if Status(self.status) is not Status.OK or med is None or med != med:
+            return None
+        return float(med)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from kernels import patterns as P
 
 from . import UsageError, analysis, figures, plan
 from .outputs import output_file, writing
-from .records import Device, Status, handover_saved_s
+from .records import Device, GroupKey, Status, handover_saved_s
 from .store import Store
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
@@ -261,10 +261,10 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
     answers = {}
     if not net_table.empty:
         nt = net_table[net_table.device != Device.CUDA_INTERPRET.value]
-        keys = ["fp_hash", "net", "sparsity", "batch", "dtype", "device", "threads"]
+        keys = GroupKey.columns(layer=False) + ["sparsity"]
         compared = nt.groupby(keys)["pattern"].agg(lambda p: ", ".join(sorted(set(p))))
         for r in nt.loc[nt.groupby(keys)["speedup"].idxmax()].itertuples():
-            k = (r.fp_hash, r.net, r.sparsity, r.batch, r.dtype, r.device, r.threads)
+            k = tuple(getattr(r, c) for c in keys)
             answers[k] = {
                 "machine": r.fp_hash[:6], "net": r.net, "sparsity": r.sparsity,
                 "batch": r.batch, "dtype": r.dtype, "device": r.device, "pattern": r.pattern,
@@ -277,11 +277,12 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
         ok = e2e[e2e.status == Status.OK]
         if len(ok):
             out["e2e_img"] = figures.e2e_bars(ok)
-            keys = ["fp_hash", "net", "sparsity", "batch", "dtype", "device", "threads", "size"]
-            compared = ok.groupby(keys)["pattern"].agg(lambda p: ", ".join(sorted(set(p))))
-            for r in ok.loc[ok.groupby(keys)["speedup"].idxmax()].itertuples():
+            keys = GroupKey.columns(layer=False) + ["sparsity"]
+            compared = ok.groupby(keys + ["size"])["pattern"].agg(
+                lambda p: ", ".join(sorted(set(p))))
+            for r in ok.loc[ok.groupby(keys + ["size"])["speedup"].idxmax()].itertuples():
                 used = json.loads(r.kernels) if isinstance(r.kernels, str) else {}
-                k = (r.fp_hash, r.net, r.sparsity, r.batch, r.dtype, r.device, r.threads)
+                k = tuple(getattr(r, c) for c in keys)
                 # a bench answer for the same key stays beside it when its pattern was not
                 # measured end to end (the e2e answer only covers what it compared)
                 old = answers.get(k)
@@ -329,7 +330,7 @@ def _plans(plans_dir) -> list[dict]:
     plans = []
     for f in sorted(Path(plans_dir).glob("*.json")):
         try:
-            plans.append({"file": f.name, **plan.load(f, check_kernels=False)})
+            plans.append({"file": f.name, **plan.load(f, check_kernels=False).to_dict()})
         except plan.PlanError as e:
             print(f"warning: skipping {f}: {e}", file=sys.stderr)
     return plans

@@ -26,6 +26,7 @@ import kernels
 import shapes
 from kernels.cpu_layout import CpuLayout
 
+from .plan import Plan, PlanError
 from .records import Device
 
 
@@ -220,35 +221,6 @@ def default_kernel(layer, pattern: str, sparsity: float, device: Device, dtype="
                                              f"pattern {pattern}"
 
 
-def check_plan(plan: dict, net: str | None, pattern: str, sparsity: float, batch: int,
-               identity: str | None, device: Device) -> None:
-    """Refuse, with one sentence, a plan made for something else."""
-    def refuse(why):
-        raise SparsifyError(f"plan refused: {why}")
-
-    if net is not None and plan.get("net") != net:
-        refuse(f"it was made for net {plan.get('net')!r}, not {net!r}")
-    if plan.get("pattern") != pattern:
-        refuse(f"it was made for pattern {plan.get('pattern')!r}, not {pattern!r}")
-    if abs(float(plan.get("sparsity", -1)) - sparsity) > 1e-9:
-        refuse(f"it was made for sparsity {plan.get('sparsity')}, not {sparsity:g}")
-    if plan.get("batch") != batch:
-        refuse(f"it was made for batch {plan.get('batch')}, not {batch}")
-    if plan.get("device") != device.value:
-        refuse(f"it was made for device {plan.get('device')}, not {device}")
-    if identity is not None and plan.get("identity") != identity:
-        refuse("it was tuned on another machine or software (identity "
-               f"{str(plan.get('identity'))[:8]}, this one {identity[:8]})")
-    for lay in plan["layers"]:
-        if lay["kernel"] not in kernels.names():
-            refuse(f"layer {lay['layer']} uses kernel {lay['kernel']!r}, not registered here")
-        k = kernels.get(lay["kernel"])
-        if k.pattern != "dense" and lay.get("source_hash") != k.source_hash():
-            refuse(f"layer {lay['layer']}: the source of {k.name} changed since the plan was "
-                   f"tuned (source hash {str(lay.get('source_hash'))[:8]}, now "
-                   f"{k.source_hash()[:8]}); tune again")
-
-
 class _Tracer(fx.Tracer):
     """Traces through containers and blocks; the harness's layer modules are leaves."""
 
@@ -349,13 +321,13 @@ def _linears(model: nn.Module, input_size) -> dict:
     return seen
 
 
-def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None = None,
+def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict | None = None,
              device: str = "cpu", input_size=(3, 224, 224), net: str | None = None,
              batch: int = 1, identity: str | None = None, fuse: bool = True,
              linear: bool = False):
     """A copy of ``model`` whose convolutions run sparse kernels; see the module docstring.
     What was replaced, kept dense (with the reason) and folded is in its ``sparsify_report``
-    (:class:`Report`). ``plan`` (a dict from ``harness.plan.load``) is checked
+    (:class:`Report`). ``plan`` (a ``harness.plan.Plan``, or its JSON object) is checked
     first: one made for another net, pattern, sparsity, batch, device, machine (``identity``)
     or kernel source is refused with a one-line :class:`SparsifyError`. With ``fuse`` the result
     goes through :func:`fuse_layers` (epilogues and layout handover on the CPU). With ``linear``
@@ -367,18 +339,22 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: dict | None 
     if pattern not in P.names():
         raise SparsifyError(f"unknown pattern {pattern!r}; valid: {', '.join(P.names())}")
     if plan is not None:
-        check_plan(plan, net, pattern, sparsity, batch, identity, dev)
-    by_shape = {lay["shape"]: lay for lay in plan["layers"]} if plan else {}
+        try:
+            plan = Plan.of(plan, check_kernels=False)
+            plan.check(net, pattern, sparsity, batch, identity, dev)
+        except PlanError as e:
+            raise SparsifyError(str(e)) from None
+    by_shape = plan.by_shape if plan is not None else {}
     m, layers, folded = dense_folded(model, input_size)
     m = m.to(dev.tensor_device)
     report = Report(pattern=pattern, sparsity=sparsity, folded=folded,
-                    plan=None if plan is None else f"plan {plan.get('net')} "
-                                                   f"{plan.get('pattern')} S={plan.get('sparsity')}")
+                    plan=None if plan is None else f"plan {plan.net} {plan.pattern} "
+                                                   f"S={plan.sparsity}")
     for name, layer in layers.items():
         conv = m.get_submodule(name)
         entry = by_shape.get(layer.shape_str)
         if entry is not None:
-            k, cfg = kernels.get(entry["kernel"]), dict(entry["config"])
+            k, cfg = kernels.get(entry.kernel), dict(entry.config)
             why = None if k.pattern != "dense" else "the plan keeps it dense (fastest)"
         else:
             k, cfg, why = default_kernel(layer, pattern, sparsity, dev)
@@ -408,8 +384,8 @@ def _sparsify_linears(m, input_size, pattern, sparsity, by_shape, dev, report) -
     for name, layer in _linears(m, input_size).items():
         lin = m.get_submodule(name)
         entry = by_shape.get(layer.shape_str)
-        if entry is not None and kernels.get(entry["kernel"]).pattern != "dense":
-            k, cfg, why = kernels.get(entry["kernel"]), dict(entry["config"]), None
+        if entry is not None and kernels.get(entry.kernel).pattern != "dense":
+            k, cfg, why = kernels.get(entry.kernel), dict(entry.config), None
         else:
             k, cfg, why = default_kernel(layer, pattern, sparsity, dev)
         if why:

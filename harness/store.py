@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import UsageError
-from .records import E2EMeasurement, Measurement, RunStatus, Status
+from .records import E2EMeasurement, Measurement, RunStatus, Status, TuningRecord
 
 APP = "sparseconv-bench"
 SCHEMA_VERSION = 2  # 2: columns from records.Measurement (source hash, element-wise error, ...)
@@ -43,6 +43,8 @@ def _sql_type(annotation: str) -> str:
 MEASUREMENT_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(Measurement)}
 # column -> SQL type, one per field of records.E2EMeasurement
 E2E_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(E2EMeasurement)}
+# column -> SQL type, one per field of records.TuningRecord
+TUNING_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(TuningRecord)}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -54,10 +56,8 @@ CREATE TABLE IF NOT EXISTS measurements (
     {", ".join(f"{k} {v}" for k, v in MEASUREMENT_COLUMNS.items())});
 CREATE INDEX IF NOT EXISTS m_case ON measurements (fp_hash, case_key);
 CREATE TABLE IF NOT EXISTS tuning (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, tune_key TEXT, identity TEXT, kernel TEXT,
-    source_hash TEXT, shape TEXT, batch INTEGER, dtype TEXT, pattern TEXT, sparsity REAL,
-    config TEXT, status TEXT, median_s REAL, kernel_median_s REAL, dense_median_s REAL,
-    rel_err REAL, created REAL);
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    {", ".join(f"{k} {v}" for k, v in TUNING_COLUMNS.items())});
 CREATE INDEX IF NOT EXISTS t_key ON tuning (tune_key);
 CREATE TABLE IF NOT EXISTS e2e (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -265,7 +265,8 @@ class Store:
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                 (str(SCHEMA_VERSION),))
             self._check_meta(dict(self.db.execute("SELECT key, value FROM meta")))
-            for table, columns in (("measurements", MEASUREMENT_COLUMNS), ("e2e", E2E_COLUMNS)):
+            for table, columns in (("measurements", MEASUREMENT_COLUMNS), ("e2e", E2E_COLUMNS),
+                                   ("tuning", TUNING_COLUMNS)):
                 have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
                 for name, kind in columns.items():  # nullable columns a newer release added
                     if name not in have:
@@ -377,20 +378,47 @@ class Store:
 
     # ---- tuning ------------------------------------------------------------------------------
     @_guarded
-    def add_tuning(self, row: dict) -> None:
-        row = {k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
-               for k, v in row.items()}
-        row.setdefault("created", time.time())
+    def add_tuning(self, record: TuningRecord) -> None:
+        row = dataclasses.asdict(record)
+        if row["created"] is None:
+            row["created"] = time.time()
         with self._tx():
             self.db.execute(f"INSERT INTO tuning ({', '.join(row)}) VALUES "
                             f"({', '.join('?' * len(row))})", list(row.values()))
 
     @_guarded
     def tuning(self, tune_key: str | None = None) -> pd.DataFrame:
+        """The tuning table (or one key's records), oldest first, as a frame."""
         if tune_key is None:
             return pd.read_sql_query("SELECT * FROM tuning ORDER BY id", self.db)
         return pd.read_sql_query("SELECT * FROM tuning WHERE tune_key = ? ORDER BY id", self.db,
                                  params=(tune_key,))
+
+    def _tuning_records(self, where: str = "", params=()) -> list[TuningRecord]:
+        cols = ", ".join(TUNING_COLUMNS)
+        return [TuningRecord(*r) for r in self.db.execute(
+            f"SELECT {cols} FROM tuning {where} ORDER BY id", params)]
+
+    @_guarded
+    def tuning_records(self, shape: str | None = None) -> list[TuningRecord]:
+        """Every tuning record (or those of one layer shape), oldest first."""
+        return self._tuning_records(*(("WHERE shape = ?", (shape,)) if shape else ()))
+
+    @_guarded
+    def latest_tuning(self, tune_key: str) -> TuningRecord | None:
+        """The newest record of one tuning key, or None."""
+        found = self._tuning_records("WHERE tune_key = ?", (tune_key,))
+        return found[-1] if found else None
+
+    @_guarded
+    def tuned_elsewhere(self, kernel: str, shape: str, sparsity: float, batch: int,
+                        dtype: str) -> TuningRecord | None:
+        """A record of the same kernel, shape, sparsity, batch and dtype, whatever its identity
+        and source (the tuner says why such a record is not reused), or None."""
+        found = self._tuning_records(
+            "WHERE kernel = ? AND shape = ? AND sparsity = ? AND batch = ? AND dtype = ?",
+            (kernel, shape, sparsity, batch, dtype))
+        return found[0] if found else None
 
     # ---- GPU leases (harness.lease): versions, ceilings, tests, compiles, step outcomes -------
     def add_lease(self, rows: list[dict]) -> None:

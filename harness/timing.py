@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from .records import TimingMode
+from .records import Device, TimingMode, TimingOptions
 
 NOISY_IQR = 0.10  # IQR / median above this flags a measurement as noisy
 
@@ -112,12 +112,6 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
     return Timings({k: stats(v, reps[k]) for k, v in samples.items()}, samples, TimingMode.HOST)
 
 
-def relative_error(got, want) -> float:
-    """Relative L2 error of ``got`` against ``want``, in float64 on ``want``'s device."""
-    want = want.double()
-    return ((got.double().to(want.device) - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
 def graphed(fn, arg):
     """``fn(arg)`` captured in a CUDA graph, after warm-up calls on a side stream (as PyTorch
     asks). Returns ``(replay, out)``: a callable that replays it, and the tensor the captured
@@ -142,12 +136,14 @@ def checked_graph(fn, arg, want, tol: float = 1e-3):
     norm: kernels that add partial sums atomically are not bitwise repeatable."""
     import torch
 
+    from . import gate
+
     replay, out = graphed(fn, arg)
     if isinstance(want, torch.Tensor) and isinstance(out, torch.Tensor):
         out.fill_(float("nan"))
         replay(arg)
         torch.cuda.synchronize()
-        err = relative_error(out, want)
+        err = gate.relative_error(out, want)
         if not err <= tol:
             raise RuntimeError(f"a replay of the CUDA graph does not reproduce the eager output "
                                f"(relative error {err:.3g})")
@@ -202,3 +198,33 @@ def interleaved_cuda(variants: dict, rounds: int = 25, warmup: float = 0.1,
             samples[name].append(start.elapsed_time(end) / 1e3)
     mode = TimingMode.GRAPH if graphs and note is None else TimingMode.EAGER
     return Timings({k: stats(v) for k, v in samples.items()}, samples, mode, note)
+
+
+def gpu_settings(device: Device) -> None:
+    """fp32 fairness on the GPU: cuDNN picks its fastest algorithm, and no TF32 anywhere."""
+    if device is Device.CUDA:
+        import torch
+
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def timed(device: Device, variants: dict, opts: TimingOptions, graphs: bool = True):
+    """Interleaved timing on the device's clock (on a GPU, replays of CUDA graphs unless
+    ``graphs`` is off). Under the interpreter the CPU clock with few, single-call rounds: a
+    pipeline check, not a GPU timing."""
+    if device is Device.CUDA:  # a round costs microseconds there: at least 25 of them
+        return interleaved_cuda(variants, rounds=max(opts.rounds, 25), graphs=graphs)
+    if device is Device.CUDA_INTERPRET:
+        return interleaved_cpu(variants, rounds=min(opts.rounds, 3), min_sample=0.0, warmup=0.0,
+                               max_reps=1)
+    return interleaved_cpu(variants, rounds=opts.rounds, min_sample=opts.min_sample,
+                           warmup=opts.warmup, deadline=time.perf_counter() + opts.time_per_case)
+
+
+def win_rate(mine, first) -> float | None:
+    """The fraction of interleaved rounds (round r timed every variant once) in which ``mine``
+    took less time than ``first``."""
+    n = min(len(mine or ()), len(first or ()))
+    return sum(a < b for a, b in zip(mine[:n], first[:n])) / n if n else None

@@ -8,7 +8,8 @@ import torch
 
 import kernels
 
-from . import worker
+from . import gate
+from .errors import error_text, status_of
 from .records import Status
 
 
@@ -26,15 +27,15 @@ def verify_kernels(names, layers, sparsities, all_configs=False, batch=2):
                                  "reason": k.supports(lay, S)})
                     continue
                 for cfg in cfgs:
-                    w, x = worker.make_inputs(lay, batch, torch.float32, device)
+                    w, x = gate.make_inputs(lay, batch, torch.float32, device)
                     try:
                         run = k.prepare(lay, w, S, cfg)
-                        gate = worker.check_correct(lay, k, run, x, S, k.full_config(lay, S, cfg),
-                                                    "float32")
-                        err, why = gate.rel_err, gate.reason
+                        found = gate.check_correct(lay, k, run, x, S, k.full_config(lay, S, cfg),
+                                                   "float32")
+                        err, why = found.rel_err, found.reason
                         status = Status.INCORRECT if why else Status.OK
                     except Exception as e:  # noqa: BLE001
-                        err, why, status = None, worker._err_text(e), worker.status_of(e)
+                        err, why, status = None, error_text(e), status_of(e)
                     rows.append({"kernel": name, "layer": lay.name, "shape": lay.shape_str,
                                  "S": S, "config": cfg, "status": Status(status).value,
                                  "rel_err": err, "reason": why})

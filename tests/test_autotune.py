@@ -95,7 +95,10 @@ def make_plan(**over):
 
 def test_plan_round_trips_and_validates(tmp_path):
     path = plan.save(make_plan(), tmp_path / "p.json")
-    assert plan.load(path) == json.loads(json.dumps(make_plan()))
+    loaded = plan.load(path)
+    assert loaded.to_dict() == json.loads(json.dumps(make_plan()))
+    assert loaded.layers[0].kernel == "cs_cpu_direct" and loaded.by_shape[
+        loaded.layers[1].shape].layer == "l2"
 
 
 @pytest.mark.parametrize("change,message", [
@@ -107,6 +110,28 @@ def test_plan_round_trips_and_validates(tmp_path):
 def test_plan_validation_rejects_bad_plans(tmp_path, change, message):
     with pytest.raises(plan.PlanError, match=message):
         plan.validate(make_plan(**change))
+
+
+def test_every_refusal_of_a_plan_made_for_something_else_is_the_plan_s_own():
+    import kernels
+    from harness.records import Device
+
+    made = make_plan()
+    made["layers"][0]["source_hash"] = kernels.get("cs_cpu_direct").source_hash()
+    p = plan.Plan.of(made)
+    p.check("resnet50", "cs", 0.9375, 1, "abc", Device.CPU)  # the one it was made for
+    for args, message in [(("vgg19", "cs", 0.9375, 1, "abc"), "made for net 'resnet50'"),
+                          (("resnet50", "1xn", 0.9375, 1, "abc"), "made for pattern 'cs'"),
+                          (("resnet50", "cs", 0.5, 1, "abc"), "made for sparsity 0.9375"),
+                          (("resnet50", "cs", 0.9375, 8, "abc"), "made for batch 1"),
+                          (("resnet50", "cs", 0.9375, 1, "xyz"), "another machine")]:
+        with pytest.raises(plan.PlanError, match="plan refused: .*" + message):
+            p.check(*args, Device.CPU)
+    with pytest.raises(plan.PlanError, match="made for device cpu"):
+        p.check("resnet50", "cs", 0.9375, 1, "abc", Device.CUDA)
+    made["layers"][0]["source_hash"] = "0" * 16
+    with pytest.raises(plan.PlanError, match="source of cs_cpu_direct changed"):
+        plan.Plan.of(made).check("resnet50", "cs", 0.9375, 1, "abc", Device.CPU)
 
 
 def test_plan_validation_checks_kernels_and_configs():
@@ -137,9 +162,9 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     r = autotune(tmp_path, "--strategy", "random", "--budget", "4")
     assert r.returncode == 0, r.stderr
     p = plan.load(tmp_path / "plans" / "resnet50_cs_0.9375_cpu.json")
-    (lay,) = p["layers"]
-    assert lay["layer"] == "layer4.1.conv2" and lay["count"] == 2
-    assert lay["speedup"] >= 1.0 - 1e-9  # dense is a candidate: never slower than dense
+    (lay,) = p.layers
+    assert lay.layer == "layer4.1.conv2" and lay.count == 2
+    assert lay.speedup >= 1.0 - 1e-9  # dense is a candidate: never slower than dense
     store = Store(tmp_path / "t.sqlite")
     n = len(store.tuning())
     assert n == 2 + 1 + 4  # two dense layouts, the kernel's default, four random candidates
@@ -219,8 +244,37 @@ def test_a_kernel_replaces_dense_only_where_it_won_most_race_rounds(wins, sparse
 
 
 def test_win_rate_pairs_the_interleaved_rounds():
-    from harness.worker import win_rate
+    from harness.timing import win_rate
 
     assert win_rate([1, 2, 3, 4], [2, 1, 4, 5]) == 0.75
     assert win_rate([1, 1, 9], [2, 2]) == 1.0  # rounds both were timed in
     assert win_rate(None, [1.0]) is None and win_rate([1.0], []) is None
+
+
+def test_tuning_records_are_typed_and_the_store_answers_the_tuner_s_questions(tmp_path):
+    """The tuning table's columns are ``TuningRecord``'s fields; the store finds a key's newest
+    record and a record of the same candidate measured under another identity, so the tuner
+    runs no SQL of its own."""
+    import dataclasses
+
+    from harness.records import TuningRecord
+    from harness.store import TUNING_COLUMNS
+
+    assert list(TUNING_COLUMNS) == [f.name for f in dataclasses.fields(TuningRecord)]
+    store = Store(tmp_path / "t.sqlite")
+    have = [r[1] for r in store.db.execute("PRAGMA table_info(tuning)")]
+    assert have == ["id", *TUNING_COLUMNS]
+    rec = TuningRecord(tune_key="k1", identity="me", kernel="cs_cpu_direct", source_hash="s1",
+                       shape="sh", batch=1, dtype="float32", pattern="cs", sparsity=0.75,
+                       config={"M": 4, "T": 2}, status="ok", median_s=2e-3, dense_median_s=4e-3)
+    store.add_tuning(rec)
+    store.add_tuning(dataclasses.replace(rec, median_s=1e-3, created=None))
+    got = store.latest_tuning("k1")
+    assert got.seconds == 1e-3 and got.config == '{"M": 4, "T": 2}' and got.created > 0
+    assert store.latest_tuning("nope") is None
+    assert [r.median_s for r in store.tuning_records("sh")] == [2e-3, 1e-3]
+    assert store.tuning_records("other") == []
+    assert store.tuned_elsewhere("cs_cpu_direct", "sh", 0.75, 1, "float32").identity == "me"
+    assert store.tuned_elsewhere("cs_cpu_direct", "sh", 0.5, 1, "float32") is None
+    failed = dataclasses.replace(rec, status="incorrect", median_s=None)
+    assert failed.seconds is None

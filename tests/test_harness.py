@@ -285,6 +285,29 @@ def test_network_speedup_weights_by_count_and_counts_uncovered_layers_at_dense()
     assert r["covered"] == 1 and r["at_dense"] == "L2"
 
 
+def test_a_case_its_stored_row_and_the_baseline_share_one_group_key():
+    """What may be compared is one typed key: a case's group, its stored row's group (less the
+    run's identity) and the baseline's group columns all name the same fields."""
+    from harness import baseline, cases
+    from harness.records import Device, GroupKey
+    from shapes import ConvLayer
+
+    lay = ConvLayer(net="t", name="L1", index=0, cin=8, cout=8, kh=3, kw=3, stride=1, padding=1,
+                    h=6, w=6)
+    (case,) = [c for c in cases.build([lay], [0.5], ["dense_cpu"], 2, "float32", Device.CPU, 3)
+               if dict(c.config)["layout"] == "nchw"]
+    row = pd.Series({"fp_hash": "abc", "net": "t", "layer": "L1", "batch": np.int64(2),
+                     "dtype": "float32", "device": "cpu", "threads": np.int64(3)})
+    assert GroupKey.of_row(row, identity=False) == case.group
+    assert GroupKey.of_row(row) == GroupKey("t", "L1", 2, "float32", "cpu", 3, identity="abc")
+    assert baseline.GROUP == GroupKey.columns() == [
+        "fp_hash", "net", "layer", "batch", "dtype", "device", "threads"]
+    assert analysis.GROUP == [c for c in GroupKey.columns() if c != "layer"]
+    b = baseline.Baselines()
+    b.note(GroupKey.of_row(row, identity=False), "dense_cpu", case.config, 1e-3)
+    assert b.ref(case.group).layout == "nchw"
+
+
 def test_store_refuses_other_schema_versions(tmp_path):
     db = tmp_path / "s.sqlite"
     Store(db).close()

@@ -143,7 +143,7 @@ def test_the_lease_path_imports_nothing_of_optuna_or_ray():
 
 
 def test_pytest_outcomes_are_read_with_and_without_xdist():
-    from harness.lease import pytest_results
+    from harness.lease.processes import pytest_results
 
     text = ("tests/test_kernels_triton.py::test_a[x] PASSED [ 50%]\n"
             "[gw1] [100%] FAILED tests/test_kernels_triton.py::test_b \n")
@@ -176,7 +176,7 @@ def test_the_gpu_programme_is_the_issues_and_the_dry_run_is_tiny():
 
 
 def test_ptx_hot_loop_counts_loads_per_fma_and_per_mma():
-    from harness.aot import ptx_loop_counts
+    from harness.ptx import ptx_loop_counts
 
     ptx = """
     ld.global.b32 {%r1}, [%rd1];

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from test_harness import ROOT, SHAPES, bench, env, rows
 
 import kernels
-from harness import analysis, cases, worker
+from harness import analysis, cases, gate
 from harness.records import Config, Device, Measurement, RunStatus, Status
 from harness.store import Store
 from kernels import Run
@@ -50,7 +50,7 @@ def test_element_wise_bound_catches_a_dropped_term_the_norm_misses():
     """A big output where one missing term moves the relative L2 error by less than the
     tolerance: only the element-wise bound sees it."""
     lay = layer(16, 64, 1, 256)
-    w, x = worker.make_inputs(lay, 1, torch.float32, "cpu")
+    w, x = gate.make_inputs(lay, 1, torch.float32, "cpu")
     kern = kernels.get("dense_cpu")
     prod = (w[:, :, 0, 0, None, None] * x[0, None]).abs()  # [cout, cin, h, w] term sizes
     # a term far above rounding error yet small against the whole output's norm
@@ -61,26 +61,26 @@ def test_element_wise_bound_catches_a_dropped_term_the_norm_misses():
         y[0, o, i, j] -= w[o, c, 0, 0] * x[0, c, i, j]
         return out.copy_(y)
 
-    gate = worker.check_correct(lay, kern, Run(w, call), x, 0.0, {"layout": "nchw"}, "float32")
-    assert gate.rel_err < gate.tolerance  # the norm alone would pass it
-    assert gate.reason and "off by" in gate.reason and gate.max_err > 1
+    found = gate.check_correct(lay, kern, Run(w, call), x, 0.0, {"layout": "nchw"}, "float32")
+    assert found.rel_err < found.tolerance  # the norm alone would pass it
+    assert found.reason and "off by" in found.reason and found.max_err > 1
 
 
 def test_gate_passes_every_cpu_kernel_with_the_pattern_density():
     lay = layer(32, 32, 3, 9, padding=1)
-    w, x = worker.make_inputs(lay, 2, torch.float32, "cpu")
+    w, x = gate.make_inputs(lay, 2, torch.float32, "cpu")
     for name in ("cs_cpu_direct", "bsr_1xn_cpu", "cci_cpu", "unstructured_cpu"):
         k = kernels.get(name)
         cfg = k.full_config(lay, 0.75, {"rearrange": True} if name == "bsr_1xn_cpu" else {})
-        gate = worker.check_correct(lay, k, k.prepare(lay, w, 0.75, cfg), x, 0.75, cfg,
+        found = gate.check_correct(lay, k, k.prepare(lay, w, 0.75, cfg), x, 0.75, cfg,
                                     "float32")
-        assert gate.reason is None, (name, gate.reason)
-        assert gate.density == pytest.approx(0.25, abs=0.01) and gate.max_err <= 1
+        assert found.reason is None, (name, found.reason)
+        assert found.density == pytest.approx(0.25, abs=0.01) and found.max_err <= 1
 
 
 def test_resident_output_is_poisoned_and_checked():
     lay = layer(32, 32, 3, 9, padding=1)
-    w, x = worker.make_inputs(lay, 1, torch.float32, "cpu")
+    w, x = gate.make_inputs(lay, 1, torch.float32, "cpu")
     k = kernels.get("cs_cpu_direct")
     run = k.prepare(lay, w, 0.5)
 
@@ -90,8 +90,8 @@ def test_resident_output_is_poisoned_and_checked():
         return out
 
     bad = Run(run.masked_weight, run, layout=run.layout, resident=lazy_resident)
-    gate = worker.check_correct(lay, k, bad, x, 0.5, k.full_config(lay, 0.5), "float32")
-    assert gate.reason.startswith("kernel-only path: output contains NaN")
+    found = gate.check_correct(lay, k, bad, x, 0.5, k.full_config(lay, 0.5), "float32")
+    assert found.reason.startswith("kernel-only path: output contains NaN")
 
 
 # ---- nothing derived from the input is cached between timed calls --------------------------
@@ -105,7 +105,7 @@ def test_output_follows_an_input_mutated_in_place(name):
     k = kernels.get(name)
     lay = layer(32, 32, 3, 8, stride=2, padding=1)
     S = 0.0 if k.pattern == "dense" else 0.5
-    w, x = worker.make_inputs(lay, 1, torch.float32, "cpu")
+    w, x = gate.make_inputs(lay, 1, torch.float32, "cpu")
     run = k.prepare(lay, w, S)
 
     def ref(inp):

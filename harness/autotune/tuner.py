@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 import kernels
 
 from .. import baseline, cases
-from ..records import Candidate, CaseRequest, Config, DenseRef, RaceReply, RaceRequest, Status, TimingOptions
+from ..records import (
+    Candidate,
+    CaseRequest,
+    Config,
+    DenseRef,
+    RaceReply,
+    RaceRequest,
+    TimingOptions,
+    TuningRecord,
+)
 from ..runner import WorkerDied, WorkerTimeout, run_case
 from . import strategy as get_strategy
 
@@ -100,16 +109,14 @@ class Evaluator:
 
     def _lookup(self, case):
         key = self._key(case)
-        t = self.store.tuning(key)
-        if len(t):
-            return key, t.iloc[-1]
+        found = self.store.latest_tuning(key)
+        if found is not None:
+            return key, found
         if case.kernel not in self._warned:  # records of the same case under another identity?
-            old = self.store.db.execute(
-                "SELECT identity, source_hash FROM tuning WHERE kernel = ? AND shape = ? AND "
-                "sparsity = ? AND batch = ? AND dtype = ? LIMIT 1",
-                (case.kernel, self._shape(), case.sparsity, self.batch, self.dtype)).fetchone()
-            if old and (old[0] != self.identity or old[1] != case.source_hash):
-                why = "another machine or software" if old[0] != self.identity else \
+            old = self.store.tuned_elsewhere(case.kernel, self._shape(), case.sparsity,
+                                             self.batch, self.dtype)
+            if old and (old.identity != self.identity or old.source_hash != case.source_hash):
+                why = "another machine or software" if old.identity != self.identity else \
                     "another version of the kernel's source"
                 self.log(f"  tuning records for {case.kernel} on {self.layer.name} were measured "
                          f"with {why}; not reused, measuring again")
@@ -128,17 +135,16 @@ class Evaluator:
                 dense = DenseRef(self.base.name, self.dense_layout, self.dense_layout)
             res = run_case(self.worker, CaseRequest(case, self.timing, dense), self.timeout)
             self.measured += 1
-            row = {"tune_key": key, "identity": self.identity, "kernel": kern.name,
-                   "source_hash": case.source_hash, "shape": self._shape(),
-                   "batch": self.batch, "dtype": self.dtype, "pattern": kern.pattern,
-                   "sparsity": S, "config": dict(cand.config), "status": res.status.value,
-                   "median_s": res.median_s, "dense_median_s": res.dense_median_s,
-                   "rel_err": res.rel_err}
+            row = TuningRecord(
+                tune_key=key, identity=self.identity, kernel=kern.name,
+                source_hash=case.source_hash, shape=self._shape(), batch=self.batch,
+                dtype=self.dtype, pattern=kern.pattern, sparsity=S, config=dict(cand.config),
+                status=res.status.value, median_s=res.median_s,
+                dense_median_s=res.dense_median_s, rel_err=res.rel_err)
             self.store.add_tuning(row)
-        if Status(row["status"]) is not Status.OK or row["median_s"] is None \
-                or row["median_s"] != row["median_s"]:
+        med, dm = row.seconds, row.dense_median_s
+        if med is None:
             return math.inf
-        med, dm = float(row["median_s"]), row["dense_median_s"]
         if kern.pattern != "dense" and dm and dm == dm and self.dense_s:
             return self.dense_s * med / float(dm)
         return med

@@ -169,20 +169,19 @@ def _finish(args, pats, S, device, threads, store, tuned_on, compare_rows, t0) -
     dense = sum(r.layer.count * r.dense_s for r in results)
     tuned = sum(r.layer.count * r.best_s for r in results)
     default = sum(r.layer.count * min([r.dense_s, *r.defaults.values()]) for r in results)
-    out = {"schema": plan.SCHEMA, "net": args.net, "pattern": "+".join(pats), "sparsity": S,
-           "device": device.value, "batch": args.batch, "dtype": args.dtype, "threads": threads,
-           "strategy": "exhaustive" if compare_rows else args.strategy, "fingerprint": fp,
-           "identity": ident, "machine_hash": env.machine_hash(fp),
-           "network_speedup": dense / tuned,
-           "default_network_speedup": dense / default,
-           "evaluations": int(sum(r.evaluations for r in results)),
-           "layers": [{"layer": r.layer.name, "index": r.layer.index, "count": r.layer.count,
-                       "shape": r.layer.shape_str, "kernel": r.best.kernel,
-                       "source_hash": kernels.get(r.best.kernel).source_hash(),
-                       "config": dict(r.best.config), "time_s": r.best_s, "dense_s": r.dense_s,
-                       "speedup": r.dense_s / r.best_s,
-                       "default_time_s": min(r.defaults.values(), default=None)}
-                      for r in results]}
+    out = plan.Plan(
+        net=args.net, pattern="+".join(pats), sparsity=S, device=device.value, batch=args.batch,
+        dtype=args.dtype, threads=threads,
+        strategy="exhaustive" if compare_rows else args.strategy, fingerprint=fp,
+        identity=ident, machine_hash=env.machine_hash(fp), network_speedup=dense / tuned,
+        default_network_speedup=dense / default,
+        evaluations=int(sum(r.evaluations for r in results)),
+        layers=tuple(plan.PlanLayer(
+            layer=r.layer.name, index=r.layer.index, count=r.layer.count,
+            shape=r.layer.shape_str, kernel=r.best.kernel,
+            source_hash=kernels.get(r.best.kernel).source_hash(), config=dict(r.best.config),
+            time_s=r.best_s, dense_s=r.dense_s, speedup=r.dense_s / r.best_s,
+            default_time_s=min(r.defaults.values(), default=None)) for r in results))
     path = plan.save(out, Path(args.out_dir) / f"{args.net}_{'+'.join(pats)}_{S:g}_"
                                                f"{device}.json")
     print(f"\nnetwork speedup against dense: tuned {dense / tuned:.2f}x, kernels' default "

@@ -26,7 +26,6 @@ from ..records import (
     handover_saved_s,
 )
 from ..runner import Worker, run_case
-from ..sparse_model import SparsifyError, check_plan
 from ..store import Store
 from .common import (
     DEFAULT_DB,
@@ -79,8 +78,8 @@ def choose_plan(folder: Path, net, pattern, S, batch, identity, device):
         return None, None, f"no plan at {path}: each layer's default kernel and configuration"
     try:
         p = plan.load(path)
-        check_plan(p, net, pattern, S, batch, identity, device)
-    except (plan.PlanError, SparsifyError) as e:
+        p.check(net, pattern, S, batch, identity, device)
+    except plan.PlanError as e:
         return None, None, f"{path}: {e}; using default configurations instead"
     return p, path.name, f"plan {path}"
 
@@ -134,7 +133,8 @@ def run(args) -> int:
         p, pfile, said = choose_plan(Path(args.plans), net, pattern, S, args.batch, identity,
                                      device)
         case = E2ECase(net=net, pattern=pattern, sparsity=S, batch=args.batch, dtype="float32",
-                       device=device, threads=threads, size=size, plan=p, plan_file=pfile,
+                       device=device, threads=threads, size=size,
+                       plan=None if p is None else p.to_dict(), plan_file=pfile,
                        source_hash=e2e_source_hash(pattern, device),
                        classifier=args.classifier,
                        cudnn=gpu.cudnn_version() if device is Device.CUDA else None)

@@ -12,8 +12,7 @@ import kernels
 import shapes
 
 from .. import UsageError, analysis, baseline, cases, env, plan, runner
-from ..records import Device, Status, TimingOptions
-from ..sparse_model import SparsifyError, check_plan
+from ..records import Device, GroupKey, Status, TimingOptions
 from ..store import Store
 from .common import DEFAULT_DB, positive, recorded_sweep, sparsity_list
 
@@ -55,12 +54,12 @@ def run(args) -> int:
                          f"in {args.db}; run `python -m harness bench` first")
     # one table per machine identity, device, batch, dtype, threads, kernel and sparsity: ratios
     # never mix rows measured under different conditions
-    table = ["fp_hash", "device", "batch", "dtype", "threads", "kernel", "sparsity"]
+    table = GroupKey.columns(layer=False) + ["kernel", "sparsity"]
     keys = table + ["layer"]
     best = df.loc[df.groupby(keys)["speedup"].idxmax()]
     kbest = df.groupby(keys)["kernel_speedup"].max().rename("kernel-only")
     best = best.join(kbest, on=keys)
-    for (fp, device, batch, dtype, threads, kern, S), g in best.groupby(table):
+    for (fp, _net, batch, dtype, device, threads, kern, S), g in best.groupby(table):
         g = g.sort_values("layer_index")
         out = pd.DataFrame({"layer": g.layer, "shape": g["shape"], "count": g["count"],
                             "dense ms": g.dense_median_s * 1e3, "kernel ms": g.median_s * 1e3,
@@ -91,37 +90,37 @@ def run_plan(args) -> int:
         p = plan.load(args.plan)
     except (plan.PlanError, OSError, ValueError) as e:
         raise UsageError(f"--plan {args.plan}: {e}") from None
-    net = args.net or p["net"]
+    net = args.net or p.net
     if net not in shapes.NETS:
         raise UsageError(f"unknown net {net!r}; valid: {', '.join(shapes.NETS)}")
-    device = Device(p["device"])
+    device = Device(p.device)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
     try:
-        check_plan(p, net, p["pattern"], p["sparsity"], p["batch"], fph, device)
-    except SparsifyError as e:
+        p.check(net, p.pattern, p.sparsity, p.batch, fph, device)
+    except plan.PlanError as e:
         raise UsageError(f"--plan {args.plan}: {e}") from None
-    S, batch, dtype, threads = p["sparsity"], p["batch"], p["dtype"], p["threads"]
+    S, batch, dtype, threads = p.sparsity, p.batch, p.dtype, p.threads
     by_shape = {lay.shape_str: lay for lay in shapes.unique(shapes.load(net))}
     base = baseline.kernel_for(device)
     todo, chosen = [], {}
-    for entry in p["layers"]:
-        layer = by_shape.get(entry["shape"])
+    for entry in p.layers:
+        layer = by_shape.get(entry.shape)
         if layer is None:
-            raise UsageError(f"--plan {args.plan}: layer {entry['layer']} ({entry['shape']}) "
+            raise UsageError(f"--plan {args.plan}: layer {entry.layer} ({entry.shape}) "
                              f"is not a layer of {net}")
         for cfg in baseline.configs(base):
             todo.append(cases.make_case(layer, base, 0.0, cfg, batch, dtype, device, threads))
-        k = kernels.get(entry["kernel"])
+        k = kernels.get(entry.kernel)
         if k.pattern != "dense":
-            case = cases.make_case(layer, k, S, entry["config"], batch, dtype, device, threads,
-                                   reason=k.supports(layer, S, entry["config"], dtype))
+            case = cases.make_case(layer, k, S, entry.config, batch, dtype, device, threads,
+                                   reason=k.supports(layer, S, entry.config, dtype))
             todo.append(case)
             chosen[layer.shape_str] = case.key
     store = Store(args.db)
     fp["peak_gflops"] = round(env.measured_peak_gflops(threads, device.tensor_device), 1)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
-    print(f"table --plan {args.plan}: {net} {p['pattern']} S={S:g}, {len(p['layers'])} "
+    print(f"table --plan {args.plan}: {net} {p.pattern} S={S:g}, {len(p.layers)} "
           f"layer(s) on {fp['cpu']}, {threads} threads, batch {batch}, device {device}; "
           f"re-measured in run {run_id} of {args.db}")
     timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
@@ -137,20 +136,20 @@ def run_plan(args) -> int:
     df = df[df.run_id == run_id]
     dense = baseline.table(df).set_index("layer")  # this run's best dense layout per layer
     rows = []
-    for entry in p["layers"]:
-        layer = by_shape[entry["shape"]]
+    for entry in p.layers:
+        layer = by_shape[entry.shape]
         if layer.name not in dense.index:
             raise UsageError(f"the dense baseline of {layer.name} did not run; see "
                              f"`python -m harness export --db {args.db}`")
         d_s, d_k = dense.loc[layer.name, ["dense_s", "dense_kernel_s"]]
         row = {"layer": layer.name, "shape": layer.shape_str, "count": layer.count,
-               "kernel": entry["kernel"], "dense ms": d_s * 1e3, "sparse ms": d_s * 1e3,
+               "kernel": entry.kernel, "dense ms": d_s * 1e3, "sparse ms": d_s * 1e3,
                "e2e x": 1.0, "kernel-only x": 1.0, "status": "dense (plan)",
                "config": "", "cin": layer.cin, "d_s": d_s, "d_k": d_k, "s_s": d_s, "s_k": d_k}
         key = chosen.get(layer.shape_str)
         if key is not None:
             got = df[df.case_key == key].iloc[-1]
-            row.update(config=str(entry["config"]), status=got.status)
+            row.update(config=str(entry.config), status=got.status)
             if got.status == Status.OK:
                 row.update({"sparse ms": got.median_s * 1e3, "e2e x": got.speedup,
                             "kernel-only x": got.kernel_speedup, "s_s": got.median_s,

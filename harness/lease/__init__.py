@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,8 +39,6 @@ from ..records import Device, RunStatus, StepStatus
 from ..store import Store
 from . import outputs
 from . import programme as prog_mod
-
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass(frozen=True)
@@ -290,50 +286,3 @@ def _torch_cuda() -> str | None:
     import torch
 
     return torch.version.cuda
-
-
-def pytest_results(text: str) -> list[dict]:
-    """Test outcomes from ``pytest -v`` output, with or without xdist: one row per test."""
-    rows = {}
-    pat = re.compile(r"(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
-    for line in text.splitlines():
-        node = re.search(r"(tests/\S+::\S+)", line)
-        status = pat.search(line)
-        if node and status:
-            rows[node.group(1)] = status.group(1).lower()
-    return [{"kind": "test", "name": k, "status": v} for k, v in rows.items()]
-
-
-def run_capped(cmd, env: dict, until: float, log_file: Path) -> tuple[int | None, str]:
-    """Run ``cmd`` until it ends or ``until`` (``time.monotonic``): (exit code or None when it
-    was stopped, its output)."""
-    with open(log_file, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=max(1.0, until - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            import signal
-
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            rc = None
-    return rc, Path(log_file).read_text(errors="replace")
-
-
-def child_env(**changes) -> dict:
-    """This process's environment with the checkout importable and ``changes`` applied (a
-    value of None removes the variable)."""
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH")]))
-    for k, v in changes.items():
-        if v is None:
-            e.pop(k, None)
-        else:
-            e[k] = v
-    return e
-

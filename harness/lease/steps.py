@@ -21,8 +21,8 @@ from ..records import (
     StepStatus,
     TimingOptions,
 )
-from . import child_env, pytest_results, run_capped
 from . import programme as P
+from .processes import child_env, pytest_results, run_capped
 
 
 def versions(lease, step, until):

@@ -1,0 +1,128 @@
+"""What the worker process does with a case, a race of tuning candidates or a kernel set-up:
+prepare (untimed), the correctness gate (:mod:`harness.gate`), then interleaved timing against
+the dense baseline (:mod:`harness.timing`). Requests and replies are the typed messages of
+:mod:`harness.records`; every failure becomes a typed status (:mod:`harness.errors`)."""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+
+from . import baseline, gate, gpu, timing
+from .errors import error_text, status_of
+from .records import (
+    CaseRequest,
+    CaseResult,
+    Device,
+    InitReply,
+    InitRequest,
+    KernelState,
+    RaceReply,
+    RaceRequest,
+    Status,
+)
+
+
+def execute(req: CaseRequest) -> CaseResult:
+    """Prepare (untimed), gate, then time a case interleaved with its dense baseline."""
+    case, opts = req.case, req.timing
+    layer, device = case.layer, case.device
+    dtype = kernels.DTYPES[case.dtype]
+    torch.set_num_threads(case.threads)
+    timing.gpu_settings(device)
+    kern = kernels.get(case.kernel)
+    config = dict(case.config)
+    w, x = gate.make_inputs(layer, case.batch, dtype, device.tensor_device)
+    try:
+        run = kern.prepare(layer, w, case.sparsity, config)
+    except Exception as e:  # noqa: BLE001 - every failure is a typed record
+        return CaseResult(status_of(e), "prepare: " + error_text(e))
+    try:
+        found = gate.check_correct(layer, kern, run, x, case.sparsity, config, case.dtype)
+    except Exception as e:  # noqa: BLE001
+        return CaseResult(status_of(e), "run: " + error_text(e))
+    checked = {"rel_err": found.rel_err, "max_err": found.max_err, "tolerance": found.tolerance,
+               "density": found.density}
+    if found.reason:
+        return CaseResult(Status.INCORRECT, found.reason, **checked)
+
+    variants = {"kernel": (run, x)}
+    if run.has_resident and opts.resident:
+        variants["resident"] = (run.resident, run.layout(x))
+    dense = req.dense
+    if dense and case.kernel != dense.kernel:
+        # end-to-end baseline: the dense layout fastest end-to-end; kernel-only baseline: the
+        # layout fastest with its input already in that layout (often channels_last)
+        dk = kernels.get(dense.kernel)
+        try:
+            drun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.layout})
+            krun = dk.prepare(layer, w, 0.0, {baseline.LAYOUT: dense.resident_layout})
+        except Exception as e:  # noqa: BLE001
+            return CaseResult(status_of(e), "dense baseline: " + error_text(e), **checked)
+        variants["dense"] = (drun, x)
+        if opts.resident:
+            variants["dense_resident"] = (krun.resident, krun.layout(x))
+    watch = gpu.Watch() if device is Device.CUDA else None  # clocks, other processes
+    try:
+        got = timing.timed(device, variants, opts)
+    except Exception as e:  # noqa: BLE001
+        return CaseResult(status_of(e), "timing: " + error_text(e), **checked)
+    st, samples = got
+    k = st["kernel"]
+    res = dict(median_s=k.median, iqr_s=k.iqr, min_s=k.min, noisy=k.noisy, reps=k.reps,
+               samples=tuple(samples["kernel"]), timing_mode=got.mode.value,
+               **(watch.finish() if watch else {}))
+    r = st.get("resident", k)
+    res.update(kernel_median_s=r.median, kernel_iqr_s=r.iqr,
+               kernel_samples=tuple(samples["resident"]) if "resident" in st else ())
+    if "dense" in st:
+        dr = st.get("dense_resident")
+        res.update(dense_median_s=st["dense"].median,
+                   dense_kernel_median_s=dr.median if dr else None,
+                   dense_layout=f"{dense.layout}/{dense.resident_layout}",
+                   dense_samples=tuple(samples["dense"]))
+    return CaseResult(Status.OK, None, **checked, **res)
+
+
+def race(req: RaceRequest) -> RaceReply:
+    """Time several candidates of one layer interleaved in one run. Each passes the correctness
+    gate first; one that fails gets None and its reason."""
+    layer, device = req.layer, req.device
+    torch.set_num_threads(req.threads)
+    timing.gpu_settings(device)
+    w, x = gate.make_inputs(layer, req.batch, kernels.DTYPES[req.dtype], device.tensor_device)
+    variants, reasons = {}, []
+    for i, c in enumerate(req.cands):
+        kern = kernels.get(c.kernel)
+        S = 0.0 if kern.pattern == "dense" else req.sparsity
+        try:
+            run = kern.prepare(layer, w, S, dict(c.config))
+            why = gate.check_correct(layer, kern, run, x, S, dict(c.config), req.dtype).reason
+        except Exception as e:  # noqa: BLE001
+            run, why = None, error_text(e)
+        reasons.append(why)
+        if why is None:
+            variants[i] = (run, x)
+    st, samples = timing.timed(device, variants, req.timing)
+    return RaceReply(medians=tuple(st[i].median if i in st else None
+                                   for i in range(len(reasons))), reasons=tuple(reasons),
+                     win_rates=tuple(timing.win_rate(samples.get(i), samples.get(0))
+                                     for i in range(len(reasons))))
+
+
+def init(req: InitRequest) -> InitReply:
+    """Load and build the kernels; say which cannot run here and why."""
+    states = {}
+    for name in req.kernels:
+        kern = kernels.get(name)
+        why = kern.available()
+        if why:
+            states[name] = KernelState(Status.UNSUPPORTED, why)
+            continue
+        try:
+            kern.build()
+            states[name] = KernelState(Status.OK)
+        except Exception as e:  # noqa: BLE001
+            states[name] = KernelState(status_of(e), error_text(e))
+    return InitReply(states)
