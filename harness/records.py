@@ -455,6 +455,13 @@ class StopRequest:
 
 
 @dataclass(frozen=True)
+class WorkerReady:
+    """A worker's first message: its imports are done and it takes requests."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
 class WorkerFailure:
     """The worker caught an exception outside any case's own handling."""
 

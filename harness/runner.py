@@ -26,7 +26,10 @@ from .records import (
     StopRequest,
     TimingOptions,
     WorkerFailure,
+    WorkerReady,
 )
+
+START_TIMEOUT = 600.0  # seconds a new worker process may take to import what it needs
 
 
 class WorkerDied(Exception):
@@ -38,28 +41,41 @@ class WorkerTimeout(Exception):
 
 
 class Worker:
-    def __init__(self):
+    def __init__(self, target=None):
+        self.target = target or worker_mod.serve  # the serving loop the process runs
         self.proc = None
         self.conn = None
 
-    def start(self):
+    def start(self, timeout: float = START_TIMEOUT):
+        """Start the worker process and wait until it takes requests: its start-up (an
+        interpreter, torch) is never charged to the time limit of the case sent first."""
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_mod.serve, args=(child, os.getpid()), daemon=True)
+        self.proc = ctx.Process(target=self.target, args=(child, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.conn = parent
+        try:
+            reply = self._receive(timeout, f"worker process not ready within {timeout:g} s")
+        except WorkerDied as e:
+            raise WorkerDied(f"worker process did not start: {e}") from None
+        if not isinstance(reply, WorkerReady):
+            self.kill()
+            raise WorkerDied(f"worker process did not start: it sent {type(reply).__name__}")
 
     def call(self, msg, timeout: float, stop_check=None):
         if self.proc is None or not self.proc.is_alive():
             self.start()
         self.conn.send(msg)
+        return self._receive(timeout, f"no result within {timeout:g} s")
+
+    def _receive(self, timeout: float, late: str):
         t_end = time.monotonic() + timeout
         while True:
             left = t_end - time.monotonic()
             if left <= 0:
                 self.kill()
-                raise WorkerTimeout(f"no result within {timeout:g} s")
+                raise WorkerTimeout(late)
             try:
                 if self.conn.poll(min(left, 0.25)):
                     return self.conn.recv()

@@ -5,6 +5,7 @@ a kernel set-up in :mod:`harness.measure`, a whole network in :mod:`harness.e2e`
 
 from __future__ import annotations
 
+import os
 import traceback
 
 from . import e2e, measure
@@ -16,6 +17,7 @@ from .records import (
     RaceRequest,
     StopRequest,
     WorkerFailure,
+    WorkerReady,
 )
 
 HANDLERS = {InitRequest: measure.init, CaseRequest: measure.execute, RaceRequest: measure.race,
@@ -32,6 +34,7 @@ def serve(conn, parent_pid: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
     if parent_pid is not None:
         follow_parent(parent_pid)
+    conn.send(WorkerReady(os.getpid()))
     while True:
         try:
             msg = conn.recv()

@@ -105,3 +105,11 @@ def loopback(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+def slow_serve(conn, parent_pid=None):
+    """The worker's serving loop after a 3 s start-up (a busy machine's interpreter and torch
+    import), to run as a worker process's target."""
+    time.sleep(3)
+    from harness.worker import serve
+    serve(conn, parent_pid)

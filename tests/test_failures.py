@@ -534,3 +534,22 @@ def test_export_csv_defuses_cells_a_spreadsheet_would_run_as_formulas(tmp_path, 
     assert (df.median_s > 0).all()  # numbers stay numbers
     code, _, err = cli("export", "--db", db, "--format", "parquet", "--out", tmp_path / "x.pq")
     assert code == 0 and set(pd.read_parquet(tmp_path / "x.pq").layer) == {name}
+
+
+def test_a_workers_start_up_is_not_charged_to_the_first_cases_time_limit():
+    """A worker started for a case (the first, or a replacement after a timeout) may take
+    longer to import than the case's limit on a busy machine: only the case is timed."""
+    from procs import slow_serve
+
+    from harness.records import InitReply, InitRequest
+    from harness.runner import Worker, WorkerTimeout
+
+    wk = Worker(target=slow_serve)
+    try:
+        reply = wk.call(InitRequest(()), timeout=2.0)  # answered at once once it is up
+        assert isinstance(reply, InitReply), reply
+        wk.kill()
+        with pytest.raises(WorkerTimeout, match="not ready within 1 s"):
+            wk.start(timeout=1.0)
+    finally:
+        wk.kill()
