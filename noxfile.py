@@ -68,12 +68,18 @@ def ensure_browser(session) -> None:
 def tests(session):
     """The test suite (correctness of every kernel, patterns, harness, reports), without the
     tests marked slow (the full kernel grids, the Ray cluster, the source-edit runs): those run
-    with `nox -s tests -- -m slow`, as CI does. Any pytest arguments may follow `--`."""
+    with `nox -s tests -- -m slow`, as CI does. Any pytest arguments may follow `--`.
+
+    Test files run in parallel, one process per core up to 4 (pytest-xdist, a file's tests
+    together so its shared fixtures are built once): most tests wait on a command's worker
+    process, and no test reads the machine's real timing. `-n 0` runs them one at a time."""
     install(session, "test,report-test,ray")
     ensure_browser(session)
     args = list(session.posargs)
     if not any(a == "-m" or a.startswith("-m") and not a.startswith("--") for a in args):
         args = ["-m", "not slow and not perf", *args]
+    if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
+        args = ["-n", str(min(os.cpu_count() or 1, 4)), "--dist", "loadfile", *args]
     session.run("python", "-m", "pytest", *args)
 
 
