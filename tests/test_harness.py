@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -180,9 +181,9 @@ def test_bad_cli_input_exits_2_with_one_line(cli, args, message):
 
 @pytest.mark.parametrize("content,message", [
     (b"this is not a database at all" * 100, "is not a results database"),
-    (b"SQLite format 3\x00" + os.urandom(4000), "is not a results database"),
+    (b"SQLite format 3\x00" + random.Random(0).randbytes(4000), "is not a results database"),
     (None, "SQLite file of another program"),
-])
+], ids=["text", "sqlite-header-then-noise", "another-program"])
 def test_foreign_or_corrupt_database_exits_2(tmp_path, cli, content, message):
     db = tmp_path / "x.sqlite"
     if content is None:
