@@ -4,9 +4,10 @@ Each family is one source file in ``csrc/`` (plus the headers it includes), buil
 ``torch.utils.cpp_extension`` into its own library and called through ``ctypes``: entry points
 are ``extern "C"``, take raw pointers and a named ``sc_geometry`` struct (``Geometry`` in
 ``cpu_layout.py``), and return 0, or 1 with the reason in ``sc_last_error()``. A library's name
-carries a tag hashed from its source, the headers it includes, the compiler flags and this
-CPU's feature flags, so an edit rebuilds that family only, and a build cache shared between
-machines (a cluster's common home folder) never hands one CPU's build to another.
+carries a tag hashed from its source, the headers it includes, the compiler flags, this CPU's
+feature flags and where this interpreter's torch and Python headers are (each virtualenv builds
+its own), so an edit rebuilds that family only, and a build cache shared between machines (a
+cluster's common home folder) never hands one CPU's build to another.
 
 Builds go under ``SPARSECONV_BUILD_DIR`` when it is set, else ``TORCH_EXTENSIONS_DIR``, else
 ``~/.cache/sparseconv``, one folder per library holding the sources it was built from; an OS
@@ -21,6 +22,7 @@ import hashlib
 import os
 import platform
 import re
+import sysconfig
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,6 +128,10 @@ class Family:
         for f in [self.source, *_includes(self.source)]:
             h.update(f.name.encode() + b"\0" + f.read_bytes())
         h.update(" ".join(cflags()).encode() + _cpu_flags().encode())
+        # the compile command names this interpreter's torch and Python headers: another
+        # virtualenv gets its own library (built once) instead of rebuilding this one
+        h.update(str(Path(torch.__file__).parent).encode()
+                 + sysconfig.get_paths()["include"].encode())
         return h.hexdigest()[:10]
 
     def load(self) -> ctypes.CDLL:
