@@ -204,9 +204,6 @@ class Plan:
                        f"tuned (source hash {str(lay.source_hash)[:8]}, now "
                        f"{k.source_hash()[:8]}); tune again")
 
-    def save(self, path: str | Path) -> Path:
-        return save(self, path)
-
 
 def save(plan: Plan | dict, path: str | Path) -> Path:
     """Validate the plan and write it as JSON (its folder is made)."""

@@ -63,7 +63,7 @@ class Worker:
             self.kill()
             raise WorkerDied(f"worker process did not start: it sent {type(reply).__name__}")
 
-    def call(self, msg, timeout: float, stop_check=None):
+    def call(self, msg, timeout: float):
         if self.proc is None or not self.proc.is_alive():
             self.start()
         self.conn.send(msg)

@@ -387,17 +387,15 @@ class Store:
                             f"({', '.join('?' * len(row))})", list(row.values()))
 
     @_guarded
-    def tuning(self, tune_key: str | None = None) -> pd.DataFrame:
-        """The tuning table (or one key's records), oldest first, as a frame."""
-        if tune_key is None:
-            return pd.read_sql_query("SELECT * FROM tuning ORDER BY id", self.db)
-        return pd.read_sql_query("SELECT * FROM tuning WHERE tune_key = ? ORDER BY id", self.db,
-                                 params=(tune_key,))
+    def tuning(self) -> pd.DataFrame:
+        """The tuning table, oldest first, as a frame."""
+        return pd.read_sql_query("SELECT * FROM tuning ORDER BY id", self.db)
 
-    def _tuning_records(self, where: str = "", params=()) -> list[TuningRecord]:
+    def _tuning_records(self, where: str = "", params=(), last: str = "ORDER BY id"
+                        ) -> list[TuningRecord]:
         cols = ", ".join(TUNING_COLUMNS)
         return [TuningRecord(*r) for r in self.db.execute(
-            f"SELECT {cols} FROM tuning {where} ORDER BY id", params)]
+            f"SELECT {cols} FROM tuning {where} {last}", params)]
 
     @_guarded
     def tuning_records(self, shape: str | None = None) -> list[TuningRecord]:
@@ -407,8 +405,8 @@ class Store:
     @_guarded
     def latest_tuning(self, tune_key: str) -> TuningRecord | None:
         """The newest record of one tuning key, or None."""
-        found = self._tuning_records("WHERE tune_key = ?", (tune_key,))
-        return found[-1] if found else None
+        found = self._tuning_records("WHERE tune_key = ?", (tune_key,), "ORDER BY id DESC LIMIT 1")
+        return found[0] if found else None
 
     @_guarded
     def tuned_elsewhere(self, kernel: str, shape: str, sparsity: float, batch: int,
@@ -417,7 +415,7 @@ class Store:
         and source (the tuner says why such a record is not reused), or None."""
         found = self._tuning_records(
             "WHERE kernel = ? AND shape = ? AND sparsity = ? AND batch = ? AND dtype = ?",
-            (kernel, shape, sparsity, batch, dtype))
+            (kernel, shape, sparsity, batch, dtype), "ORDER BY id LIMIT 1")
         return found[0] if found else None
 
     # ---- GPU leases (harness.lease): versions, ceilings, tests, compiles, step outcomes -------
