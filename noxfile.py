@@ -21,6 +21,17 @@ def _python(session) -> str:
     return os.path.join(session.bin, "python")
 
 
+PEERS = "peers,deepsparse"  # the whole-network engines (deepsparse only where wheels exist)
+
+
+def peers_expected() -> str:
+    """The engines ``PEERS`` installs on this Python, for the tests: there a missing one fails
+    its test instead of being skipped."""
+    import sys
+
+    return "onnxruntime,openvino" + (",deepsparse" if sys.version_info < (3, 12) else "")
+
+
 def install(session, extras: str = "test") -> None:
     if session.venv_backend == "none":
         return
@@ -73,14 +84,14 @@ def tests(session):
     Test files run in parallel, one process per core up to 4 (pytest-xdist, a file's tests
     together so its shared fixtures are built once): most tests wait on a command's worker
     process, and no test reads the machine's real timing. `-n 0` runs them one at a time."""
-    install(session, "test,report-test,ray")
+    install(session, f"test,report-test,ray,{PEERS}")
     ensure_browser(session)
     args = list(session.posargs)
     if not any(a == "-m" or a.startswith("-m") and not a.startswith("--") for a in args):
         args = ["-m", "not slow and not perf", *args]
     if not any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
         args = ["-n", str(min(os.cpu_count() or 1, 4)), "--dist", "loadfile", *args]
-    session.run("python", "-m", "pytest", *args)
+    session.run("python", "-m", "pytest", *args, env={"SPARSECONV_PEERS": peers_expected()})
 
 
 @nox.session(venv_params=VENV)
@@ -132,11 +143,13 @@ print("usable" if plan is not None else said)
 def e2e(session):
     """Whole networks, sparse against dense, measured end to end: ResNet50, ResNet18 and VGG19
     at 93.75% with CS and 1xN, batch 1 and 8, and VGG19 at batch 1 with its classifier
-    sparsified too. Where no usable plan exists for batch 1 an autotune with
-    a one-minute budget per net and pattern writes one first (later runs reuse the tuning table
-    and the plan); batch 8 uses each layer's default configuration. Extra arguments go to every
-    `harness e2e` call."""
-    install(session, "test")
+    sparsified too. Every run times, beside the sparse network, the dense engines a person could
+    deploy (PyTorch eager, ONNX Runtime, OpenVINO, DeepSparse) and DeepSparse on the very same
+    masks; each is also timed alone in its own process. Where no usable plan exists for batch 1
+    an autotune with a one-minute budget per net and pattern writes one first (later runs reuse
+    the tuning table and the plan); batch 8 uses each layer's default configuration. Extra
+    arguments go to every `harness e2e` call."""
+    install(session, f"test,{PEERS}")
     plans = "results/plans"
     for net in E2E_NETS:
         for pattern in E2E_PATTERNS:

@@ -9,6 +9,8 @@ figure. Runs inside the runner's worker process (``E2ERequest`` -> ``E2EResult``
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -21,7 +23,7 @@ import kernels
 
 from . import gate, gpu, sparse_model, timing
 from .errors import error_text, status_of
-from .records import Device, E2ERequest, E2EResult, Status
+from .records import Device, E2ERequest, E2EResult, EngineResult, Status
 from .timing import gpu_settings, timed
 
 
@@ -35,7 +37,8 @@ def source_hash(pattern: str, device) -> str:
         if k.pattern in (pattern, "dense"):
             h.update(f"{name}:{k.source_hash()};".encode())
     here = Path(__file__).resolve().parent
-    for f in ("sparse_model.py", "e2e.py", "gate.py"):
+    for f in ("sparse_model.py", "e2e.py", "gate.py", *sorted(
+            str(p.relative_to(here)) for p in (here / "engines").glob("*.py"))):
         h.update((here / f).read_bytes())
     return h.hexdigest()[:16]
 
@@ -116,8 +119,6 @@ def _handover_savings(epilogue: nn.Module, fused: nn.Module, x, device, opts) ->
 
 
 def _channels_last(m: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(m).to(memory_format=torch.channels_last)
 
 
@@ -134,28 +135,64 @@ def _graph_variants(variants: dict, x, tol: float) -> tuple[dict, str | None]:
     return out, None
 
 
-def run_e2e(req: E2ERequest) -> E2EResult:
-    from shapes import models
+# before each variant's block of a round: an untimed pause, so the previous engine's threads
+# go idle, and one untimed call. Measured (ResNet18, 2 threads): blocks of one call right after
+# another engine ran came out 15-60% slower than the same engine alone in its own process;
+# blocks of at least 50 ms (``e2e --min-sample``) after one untimed call agree with it
+ENGINE_GAP = 0.02
 
+
+def _prepare_engines(names, nets: dict, x, wants: dict, threads: int, tol: float):
+    """Each engine on each network it runs (``engines.variants``): prepared (outside any
+    timing), its output gated against the float64 reference of that network, and only then
+    kept for timing. Returns ({variant: (fn, x)} to time, {variant: EngineResult})."""
+    from . import engines
+
+    timed_, rows = {}, {}
+    for v in engines.variants(list(names)):
+        e = engines.get(v.engine)
+        role = "dense" if v.network == engines.DENSE else e.masked
+        base = dict(variant=v.name, engine=v.engine, network=v.network, role=role,
+                    label=e.label)
+        why = e.available()
+        if why:
+            rows[v.name] = EngineResult(status=Status.UNSUPPORTED.value, reason=why, **base)
+            continue
+        base.update(version=e.version(), settings=e.settings(threads))
+        try:
+            fn = e.prepare(nets[v.network], x, threads)
+            with torch.inference_mode():
+                got = fn(x)
+        except Exception as exc:  # noqa: BLE001 - one engine's failure is its row's status
+            rows[v.name] = EngineResult(status=status_of(exc).value,
+                                        reason=f"prepare/run: {error_text(exc)}", **base)
+            continue
+        err = gate.relative_error(got.cpu(), wants[v.network])
+        if not err <= tol:
+            rows[v.name] = EngineResult(
+                status=Status.INCORRECT.value, rel_err=err, reason=(
+                    f"output relative error {err:.3g} exceeds {tol:g} against the {v.network} "
+                    f"network in float64"), **base)
+            continue
+        rows[v.name] = EngineResult(status=Status.OK.value, rel_err=err, **base)
+        timed_[v.name] = (fn, x)
+    return timed_, rows
+
+
+def run_e2e(req: E2ERequest) -> E2EResult:
     case, opts = req.case, req.timing
     torch.set_num_threads(case.threads)
     gpu_settings(case.device)
     dev = case.device.tensor_device
-    model = models.build(case.net)
-    size = (3, case.size, case.size)
     try:
-        unfused = sparse_model.sparsify(model, case.pattern, case.sparsity, plan=case.plan,
-                                        device=case.device.value, input_size=size,
-                                        net=case.net, batch=case.batch, fuse=False,
-                                        linear=case.classifier)
+        model, unfused, sparse = sparse_model.build_case(case)
     except sparse_model.SparsifyError as e:
         return E2EResult(Status.UNSUPPORTED, str(e))
     except Exception as e:  # noqa: BLE001 - a kernel that cannot be prepared
         return E2EResult(status_of(e), "sparsify: " + error_text(e))
+    size = (3, case.size, case.size)
     # the network as deployed (epilogues fused, layout handover) and, to measure what each
     # step saves, the same prepared kernels with epilogues only and with nothing fused
-    sparse = sparse_model.fuse_layers(unfused, handover=True) if unfused.sparsify_report.replaced \
-        else unfused
     rep = sparse.sparsify_report
     variants_sparse = {"sparse": sparse}
     if sparse is not unfused:
@@ -172,11 +209,12 @@ def run_e2e(req: E2ERequest) -> E2EResult:
                                              f"{case.net}", **info)
     dense, _, _ = sparse_model.dense_folded(model, size)
     dense = dense.to(dev)
-    ref = sparse_model.masked_dense(unfused).double()
+    masked = sparse_model.masked_dense(unfused)
     x = _input(case.batch, case.size, dev)
     tol = gate.TOLERANCE[case.dtype]
     with torch.inference_mode():
-        want = ref(x.double().cpu())
+        want = copy.deepcopy(masked).double()(x.double().cpu())
+        want_dense = copy.deepcopy(dense).cpu().double()(x.double().cpu())
         checked = gate.check_network(variants_sparse, x, want, tol)  # every variant timed
     if checked.error is not None:
         return E2EResult(status_of(checked.error), f"run ({checked.failed}): {checked.reason}",
@@ -184,16 +222,17 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     if checked.reason:
         return E2EResult(Status.INCORRECT, checked.reason, rel_err=checked.rel_err, **info)
     err = checked.rel_err
-    dense_cl = _channels_last(dense)
-    variants = {"dense_nchw": (dense, x),
-                "dense_cl": (lambda t: dense_cl(t.contiguous(memory_format=torch.channels_last)),
-                             x),
-                **{name: (net, x) for name, net in variants_sparse.items()}}
-    if req.dense_compile:
-        compiled = torch.compile(dense)
-        with torch.inference_mode():
-            compiled(x)
-        variants["dense_compiled"] = (compiled, x)
+    names = case.engine_names() or ["eager_nchw", "eager_channels_last"]
+    if req.dense_compile and "torch_compile" not in names:
+        names.append("torch_compile")
+    engine_fns, engine_rows = _prepare_engines(
+        names, {"dense": dense, "masked": masked.to(dev)}, x,
+        {"dense": want_dense, "masked": want}, case.threads, tol)
+    variants = {**engine_fns, **{name: (net, x) for name, net in variants_sparse.items()}}
+    # the names the GPU path and the old columns know the eager layouts by
+    alias = {"eager_nchw@dense": "dense_nchw", "eager_channels_last@dense": "dense_cl",
+             "torch_compile@dense": "dense_compiled"}
+    variants = {alias.get(k, k): v for k, v in variants.items()}
     graph_note = None
     if case.device is Device.CUDA:
         with torch.inference_mode():
@@ -202,22 +241,46 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     watch = gpu.Watch() if case.device is Device.CUDA else None  # clocks, other processes
     with torch.inference_mode():
         # eager as deployed; the *_graph variants are the CUDA-graph figures
-        st, samples = timed(case.device, variants, opts, graphs=False)
-        conv_d, conv_s = _conv_sums(dense, sparse, x, case.device, opts)
+        timing_ = timed(case.device, variants, opts, graphs=False,
+                        gap=ENGINE_GAP)
+        st, samples = timing_
+        # single layers and layer pairs: short calls, no other engine between them
+        short = dataclasses.replace(opts, min_sample=min(opts.min_sample, 2e-3))
+        conv_d, conv_s = _conv_sums(dense, sparse, x, case.device, short)
         if "sparse_epilogue" in variants_sparse and rep.handover:
             info["handover"] = json.dumps(_handover_savings(
-                variants_sparse["sparse_epilogue"], sparse, x, case.device, opts))
+                variants_sparse["sparse_epilogue"], sparse, x, case.device, short))
+    cpu = timing_.cpu_per_wall or {}
+    rows = {}
+    for name, row in engine_rows.items():
+        k = alias.get(name, name)
+        if k in st:
+            row = dataclasses.replace(row, interleaved_s=st[k].median, latency_s=st[k].median,
+                                      noisy=st[k].noisy, cpu_per_wall=cpu.get(k))
+        rows[name] = row
+    rows["project@sparse"] = EngineResult(
+        variant="project@sparse", engine="project", network="sparse", role="project",
+        label=f"this project ({case.pattern}, fused)", status=Status.OK.value, rel_err=err,
+        interleaved_s=st["sparse"].median, latency_s=st["sparse"].median,
+        noisy=st["sparse"].noisy, cpu_per_wall=cpu.get("sparse"))
+    if req.alone and case.device is Device.CPU:
+        from .engines import alone
+
+        rows = alone.check(case, rows, {"dense": dense, "masked": masked}, x, opts)
+
+    def med(name):
+        return st[name].median if name in st else None
+
     return E2EResult(
-        Status.OK, None, rel_err=err, dense_nchw_s=st["dense_nchw"].median,
-        dense_cl_s=st["dense_cl"].median,
-        dense_compiled_s=st["dense_compiled"].median if "dense_compiled" in st else None,
+        Status.OK, None, rel_err=err, dense_nchw_s=med("dense_nchw"),
+        dense_cl_s=med("dense_cl"), dense_compiled_s=med("dense_compiled"),
         sparse_s=st["sparse"].median,
-        sparse_epilogue_s=st["sparse_epilogue"].median if "sparse_epilogue" in st else None,
-        sparse_unfused_s=st["sparse_unfused"].median if "sparse_unfused" in st else None,
+        sparse_epilogue_s=med("sparse_epilogue"), sparse_unfused_s=med("sparse_unfused"),
         conv_dense_s=conv_d, conv_sparse_s=conv_s,
         dense_graph_s=min(st["dense_nchw_graph"].median, st["dense_cl_graph"].median)
         if "sparse_graph" in st else None,
         sparse_graph_s=st["sparse_graph"].median if "sparse_graph" in st else None,
         graph_note=graph_note,
         noisy=any(s.noisy for s in st.values()), samples=json.dumps(samples),
+        engines=json.dumps([dataclasses.asdict(r) for r in rows.values()]),
         **(watch.finish() if watch else {}), **info)

@@ -488,6 +488,7 @@ class E2ECase:
     source_hash: str = ""  # of every kernel the network may use
     classifier: bool = False  # sparsify the Linear layers too
     cudnn: str | None = None  # GPU: cuDNN's version, part of the key (as Case's)
+    engines: str = ""  # JSON: engine -> its version (None: not available here); part of the key
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device(self.device))
@@ -500,15 +501,23 @@ class E2ECase:
                            "threads": self.threads, "size": self.size, "plan": plan,
                            "source": self.source_hash,
                            **({"classifier": True} if self.classifier else {}),
-                           **({"cudnn": self.cudnn} if self.cudnn is not None else {})},
+                           **({"cudnn": self.cudnn} if self.cudnn is not None else {}),
+                           **({"engines": self.engines} if self.engines else {})},
                           sort_keys=True)
+
+    def engine_names(self) -> list[str]:
+        return list(json.loads(self.engines)) if self.engines else []
 
 
 @dataclass(frozen=True)
 class E2ERequest:
+    """``alone``: also time each engine, and the project's network, alone in a process of its
+    own (the fairness check against the interleaved figures)."""
+
     case: E2ECase
     timing: TimingOptions
     dense_compile: bool = False
+    alone: bool = True
 
 
 @dataclass(frozen=True)
@@ -541,9 +550,83 @@ class E2EResult:
     samples: str | None = None  # JSON: variant -> samples
     gpu_clocks: str | None = None  # as CaseResult's, over the whole network's timing
     gpu_others: str | None = None
+    engines: str | None = None  # JSON: one EngineResult dict per engine and network
 
     def __post_init__(self):
         object.__setattr__(self, "status", Status(self.status))
+
+
+# where an engine's interleaved and alone medians differ by more than this, the alone one is
+# the figure reported (engines slow each other down inside one process)
+ALONE_DIFFERS = 0.10
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """One engine on one network in an e2e run (``variant`` is ``engine@network``; the
+    project's own network is ``project@sparse``). ``latency_s`` is the figure reported: the
+    interleaved median, or the alone one where they differ by more than ``ALONE_DIFFERS``."""
+
+    variant: str
+    engine: str
+    network: str  # dense, masked, sparse
+    role: str  # dense (a dense baseline), peer, control, project
+    label: str
+    status: str
+    version: str | None = None
+    settings: dict | None = None
+    reason: str | None = None
+    rel_err: float | None = None
+    interleaved_s: float | None = None
+    alone_s: float | None = None
+    latency_s: float | None = None
+    cpu_per_wall: float | None = None
+    alone_cpu_per_wall: float | None = None
+    noisy: bool | None = None
+    alone_note: str | None = None
+
+    def with_alone(self, alone_s: float | None, cpu: float | None = None,
+                   note: str | None = None) -> EngineResult:
+        lat, why = self.interleaved_s, note
+        if alone_s and self.interleaved_s:
+            diff = alone_s / self.interleaved_s - 1
+            if abs(diff) > ALONE_DIFFERS:
+                lat = alone_s
+                why = (f"alone {alone_s * 1e3:.2f} ms differs from interleaved "
+                       f"{self.interleaved_s * 1e3:.2f} ms by {diff:+.0%}: alone reported")
+        return dataclasses.replace(self, alone_s=alone_s, alone_cpu_per_wall=cpu,
+                                   latency_s=lat, alone_note=why)
+
+
+def engine_summary(engines: str | None) -> dict:
+    """The headline of an e2e row from its engines: the best dense engine measured in the same
+    run (and the engines it was the best of), the speedup of the project's network against it
+    and against PyTorch eager (the faster layout), and against DeepSparse on the same masks."""
+    rows = [EngineResult(**r) for r in json.loads(engines)] if engines else []
+    ok = {r.variant: r for r in rows if r.status == Status.OK.value and r.latency_s}
+    out = {k: None for k in ("best_dense_engine", "best_dense_s", "dense_engines",
+                             "sparse_latency_s", "speedup_best", "eager_s", "speedup_eager",
+                             "deepsparse_s", "vs_deepsparse")}
+    dense = {r.engine: r.latency_s for r in ok.values() if r.role == "dense"}
+    project = ok.get("project@sparse")
+    if dense:
+        best = min(dense, key=dense.get)
+        out.update(best_dense_engine=best, best_dense_s=dense[best],
+                   dense_engines=", ".join(sorted(dense)))
+    eager = [dense[e] for e in ("eager_nchw", "eager_channels_last") if e in dense]
+    if eager:
+        out["eager_s"] = min(eager)
+    peer = [r.latency_s for r in ok.values() if r.role == "peer"]
+    if peer:
+        out["deepsparse_s"] = min(peer)
+    if project:
+        s = project.latency_s
+        out["sparse_latency_s"] = s
+        for col, base in (("speedup_best", "best_dense_s"), ("speedup_eager", "eager_s"),
+                          ("vs_deepsparse", "deepsparse_s")):
+            if out[base]:
+                out[col] = out[base] / s
+    return out
 
 
 def handover_saved_s(handover: str | None) -> float | None:
@@ -642,6 +725,17 @@ class E2EMeasurement:
     gpu_clocks: str | None = None  # added in place as nullable columns, as Measurement's
     gpu_others: str | None = None
     cudnn: str | None = None
+    # every engine of the same run (EngineResult dicts, JSON) and the headline from them
+    engines: str | None = None
+    best_dense_engine: str | None = None
+    best_dense_s: float | None = None
+    dense_engines: str | None = None  # the dense engines the best was the best of
+    sparse_latency_s: float | None = None  # the project's network as reported (see EngineResult)
+    speedup_best: float | None = None  # against the best dense engine
+    eager_s: float | None = None
+    speedup_eager: float | None = None
+    deepsparse_s: float | None = None  # DeepSparse on the very masked network
+    vs_deepsparse: float | None = None  # deepsparse_s / sparse_latency_s: > 1, the project wins
 
     @classmethod
     def of(cls, case: E2ECase, res: E2EResult, run_id: int, fp_hash: str, machine_hash: str,
@@ -675,7 +769,9 @@ class E2EMeasurement:
                    if ok and res.dense_graph_s and res.sparse_graph_s else None,
                    graph_note=res.graph_note,
                    noisy=res.noisy, samples=res.samples, node=node,
-                   gpu_clocks=res.gpu_clocks, gpu_others=res.gpu_others, cudnn=case.cudnn)
+                   gpu_clocks=res.gpu_clocks, gpu_others=res.gpu_others, cudnn=case.cudnn,
+                   engines=res.engines,
+                   **(engine_summary(res.engines) if res.status is Status.OK else {}))
 
     def row(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -250,12 +250,38 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None,
     return out
 
 
+# the answer's engine columns (None for an answer summed from bench rows)
+NO_ENGINES = dict.fromkeys(("best_dense_engine", "dense_engines", "best_dense_s",
+                            "sparse_latency_s", "speedup_best", "speedup_eager", "deepsparse_s",
+                            "vs_deepsparse"))
+
+
+def _nan_none(v):
+    return None if v is None or v != v else v
+
+
+def _engines(e2e: pd.DataFrame) -> tuple[list, list]:
+    """(every engine of every e2e row, one per engine and version with the settings that
+    decide its figures)."""
+    rows, settings = [], {}
+    for r in e2e.itertuples():
+        for e in json.loads(r.engines) if isinstance(getattr(r, "engines", None), str) else []:
+            rows.append({"machine": r.fp_hash[:6], "net": r.net, "pattern": r.pattern,
+                         "sparsity": r.sparsity, "batch": r.batch, **e,
+                         "bad": e["status"] not in ("ok", "unsupported")})
+            if e.get("version") is not None:
+                settings[(e["engine"], e["version"])] = {
+                    "engine": e["engine"], "label": e["label"], "version": e["version"],
+                    "settings": ", ".join(f"{k}={v}" for k, v in (e.get("settings") or {}).items())}
+    return rows, list(settings.values())
+
+
 def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
     """The answer the page opens with (per machine, network, sparsity, batch and device: the
     fastest pattern, measured end to end where ``e2e`` ran, else summed per layer from bench),
     and the end-to-end section."""
     out = {"answer": [], "e2e_rows": [], "e2e_img": None, "e2e_interpreted": [],
-           "e2e_paper": []}
+           "e2e_paper": [], "engine_rows": [], "engine_settings": []}
     paper = pd.read_csv(PAPER)
     out["e2e_paper"] = paper[paper.layer == "ALL"].to_dict("records")
     answers = {}
@@ -269,6 +295,7 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
                 "machine": r.fp_hash[:6], "net": r.net, "sparsity": r.sparsity,
                 "batch": r.batch, "dtype": r.dtype, "device": r.device, "pattern": r.pattern,
                 "kernels": None, "plan": None, "estimate": r.speedup, "speedup": None,
+                **NO_ENGINES,
                 "compared": compared[k], "source": "bench: best configuration per layer, summed"}
     if not e2e.empty:
         interp = e2e.device == Device.CUDA_INTERPRET.value
@@ -280,7 +307,10 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
             keys = GroupKey.columns(layer=False) + ["sparsity"]
             compared = ok.groupby(keys + ["size"])["pattern"].agg(
                 lambda p: ", ".join(sorted(set(p))))
-            for r in ok.loc[ok.groupby(keys + ["size"])["speedup"].idxmax()].itertuples():
+            # the fastest pattern: against the best dense engine where engines ran (the same
+            # baseline for every pattern of a key), else against eager
+            ok = ok.assign(rank=ok.speedup_best.fillna(ok.speedup))
+            for r in ok.loc[ok.groupby(keys + ["size"])["rank"].idxmax()].itertuples():
                 used = json.loads(r.kernels) if isinstance(r.kernels, str) else {}
                 k = tuple(getattr(r, c) for c in keys)
                 # a bench answer for the same key stays beside it when its pattern was not
@@ -296,6 +326,7 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
                     "compared": compared[k + (r.size,)],
                     "kernels": ", ".join(f"{kn} ({n})" for kn, n in used.items()) or None,
                     "plan": r.plan, "estimate": r.estimate, "speedup": r.speedup,
+                    **{c: _nan_none(getattr(r, c)) for c in NO_ENGINES},
                     "source": f"e2e at {r.size}x{r.size}"}
         pairs = e2e.handover.map(lambda h: json.loads(h) if isinstance(h, str) else [])
         out["e2e_rows"] = e2e.assign(
@@ -306,6 +337,7 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
             handover_saved_ms=e2e.handover.map(handover_saved_s) * 1e3,
             epilogue_saved_ms=(e2e.sparse_unfused_s - e2e.sparse_epilogue_s) * 1e3,
         ).to_dict("records")
+        out["engine_rows"], out["engine_settings"] = _engines(e2e)
     out["answer"] = sorted(answers.values(), key=lambda a: (a["net"], a["sparsity"],
                                                             a["batch"]))
     return out

@@ -426,3 +426,17 @@ def masked_dense(sparse: nn.Module) -> nn.Module:
                     conv.bias.copy_(mod.bias.cpu())
             _set(ref, name, nn.Sequential(conv, nn.ReLU()) if mod.relu else conv)
     return ref
+
+
+def build_case(case) -> tuple:
+    """For an ``E2ECase``: (the catalogued network as built, the network as sparsify prepares
+    it with nothing fused, the network as deployed: epilogues fused and the layout handed over
+    between layers)."""
+    from shapes import models
+
+    model = models.build(case.net)
+    unfused = sparsify(model, case.pattern, case.sparsity, plan=case.plan,
+                       device=case.device.value, input_size=(3, case.size, case.size),
+                       net=case.net, batch=case.batch, fuse=False, linear=case.classifier)
+    fused = fuse_layers(unfused, handover=True) if unfused.sparsify_report.replaced else unfused
+    return model, unfused, fused

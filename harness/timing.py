@@ -47,6 +47,7 @@ class Timings:
     samples: dict
     mode: TimingMode
     note: str | None = None
+    cpu_per_wall: dict | None = None  # CPU: per variant, the process's CPU time over wall time
 
     def __iter__(self):
         return iter((self.stats, self.samples))
@@ -91,9 +92,12 @@ def calibrate(fn, arg, min_sample: float, max_reps: int = 10000) -> int:
 
 
 def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
-                    warmup: float = 0.05, deadline: float | None = None, max_reps: int = 10000):
+                    warmup: float = 0.05, deadline: float | None = None, max_reps: int = 10000,
+                    gap: float = 0.0):
     """Time ``{name: (fn, arg)}`` in interleaved rounds on the host clock: ``Timings``
-    (unpacks as ``({name: Stats}, {name: samples})``)."""
+    (unpacks as ``({name: Stats}, {name: samples})``). ``gap``: seconds of sleep before each
+    block, untimed, so thread pools that spin after a call (OpenMP's, an engine's) go idle
+    before the next variant runs; each variant's CPU time over wall time is recorded too."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     reps = {}
@@ -104,12 +108,20 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
             fn(arg)
         reps[name] = calibrate(fn, arg, min_sample, max_reps)
     samples: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     for done in range(1, rounds + 1):
         for name, (fn, arg) in variants.items():
-            samples[name].append(_time_reps(fn, arg, reps[name]))
+            if gap:  # a pause, then one untimed call: each block starts from steady state
+                time.sleep(gap)
+                fn(arg)
+            c0 = time.process_time()
+            t = _time_reps(fn, arg, reps[name])
+            cpu[name].append((time.process_time() - c0) / max(t * reps[name], 1e-9))
+            samples[name].append(t)
         if deadline is not None and done >= min(3, rounds) and time.perf_counter() > deadline:
             break
-    return Timings({k: stats(v, reps[k]) for k, v in samples.items()}, samples, TimingMode.HOST)
+    return Timings({k: stats(v, reps[k]) for k, v in samples.items()}, samples, TimingMode.HOST,
+                   cpu_per_wall={k: statistics.median(v) for k, v in cpu.items()})
 
 
 def graphed(fn, arg):
@@ -210,7 +222,8 @@ def gpu_settings(device: Device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def timed(device: Device, variants: dict, opts: TimingOptions, graphs: bool = True):
+def timed(device: Device, variants: dict, opts: TimingOptions, graphs: bool = True,
+          gap: float = 0.0):
     """Interleaved timing on the device's clock (on a GPU, replays of CUDA graphs unless
     ``graphs`` is off). Under the interpreter the CPU clock with few, single-call rounds: a
     pipeline check, not a GPU timing."""
@@ -220,7 +233,8 @@ def timed(device: Device, variants: dict, opts: TimingOptions, graphs: bool = Tr
         return interleaved_cpu(variants, rounds=min(opts.rounds, 3), min_sample=0.0, warmup=0.0,
                                max_reps=1)
     return interleaved_cpu(variants, rounds=opts.rounds, min_sample=opts.min_sample,
-                           warmup=opts.warmup, deadline=time.perf_counter() + opts.time_per_case)
+                           warmup=opts.warmup, deadline=time.perf_counter() + opts.time_per_case,
+                           gap=gap)
 
 
 def win_rate(mine, first) -> float | None:

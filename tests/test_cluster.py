@@ -241,7 +241,8 @@ def test_e2e_on_the_cluster_stores_each_network_with_its_node(tmp_path, cluster)
     r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--nets", "resnet18",
                         "--patterns", "cs,1xn", "--size", "32", "--rounds", "3", "--threads",
                         "1", "--db", str(tmp_path / "e.sqlite"), "--plans", str(tmp_path),
-                        "--executor", "ray", "--ray-address", c.address], cwd=ROOT,
+                        "--engines", "none", "--no-alone", "--executor", "ray",
+                        "--ray-address", c.address], cwd=ROOT,
                        env=env(HARNESS_PLUGINS=""), capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr
     df = Store(tmp_path / "e.sqlite").e2e()

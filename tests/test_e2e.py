@@ -19,6 +19,8 @@ from harness import sparse_model as sm
 from harness.store import Store
 from shapes.models import build
 
+# PyTorch eager only, nothing timed alone, short samples: the engines have their own tests
+QUIET = ["--engines", "none", "--no-alone", "--min-sample", "0.002"]
 SIZES = {"resnet50": 32, "resnet18": 32, "vgg19": 32, "squeezenet1_1": 64}
 
 
@@ -170,7 +172,7 @@ def test_a_foreign_plan_is_refused_with_one_reason():
 def e2e(tmp_path, *args, plugins=""):
     return subprocess.run([sys.executable, "-m", "harness", "e2e", "--db",
                            str(tmp_path / "e.sqlite"), "--size", "32", "--rounds", "3",
-                           "--threads", "1", "--plans", str(tmp_path / "plans"), *args],
+                           "--threads", "1", "--plans", str(tmp_path / "plans"), *QUIET, *args],
                           cwd=ROOT, env=env(HARNESS_PLUGINS=plugins), capture_output=True,
                           text=True, timeout=900)
 
@@ -236,7 +238,7 @@ def test_a_slow_non_conv_module_raises_the_latency_not_the_summed_estimate(tmp_p
         db = tmp_path / f"{name}.sqlite"
         r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(db), "--size",
                             "32", "--rounds", "3", "--threads", "1", "--nets", "resnet18",
-                            "--plans", str(tmp_path)], cwd=ROOT,
+                            "--plans", str(tmp_path), *QUIET], cwd=ROOT,
                            env={**env(HARNESS_PLUGINS=plugins),
                                 "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{tmp_path}"},
                            capture_output=True, text=True, timeout=900)

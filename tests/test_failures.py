@@ -373,7 +373,8 @@ def test_sigterm_abandons_the_case_records_the_run_stopped_and_exits_143(tmp_pat
 def test_sigterm_ends_e2e_and_autotune_and_their_workers_with_143(tmp_path, command):
     db = tmp_path / "r.sqlite"
     argv = {"e2e": ["e2e", "--nets", "resnet18", "--patterns", "cs", "--size", "32",
-                    "--rounds", "3", "--threads", "1", "--plans", tmp_path, "--db", db],
+                    "--rounds", "3", "--threads", "1", "--plans", tmp_path, "--db", db,
+                    "--engines", "none", "--no-alone"],
             "autotune": ["autotune", "--net", "resnet50", "--layers", "layer4.1.conv2",
                          "--threads", "1", "--budget", "50", "--db", db, "--out-dir",
                          tmp_path / "plans"]}[command]

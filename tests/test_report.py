@@ -33,7 +33,7 @@ def db(tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(tmp / "r.sqlite"),
                         "--nets", "resnet18", "--patterns", "cs,1xn", "--size", "32",
                         "--rounds", "2", "--min-sample", "0.0002", "--plans",
-                        str(tmp / "no-plans")], cwd=ROOT, env=env(),
+                        str(tmp / "no-plans"), "--engines", "none", "--no-alone"], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     return tmp / "r.sqlite"

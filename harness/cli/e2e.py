@@ -11,7 +11,7 @@ import pandas as pd
 import shapes
 from kernels import patterns as P
 
-from .. import cluster, env, gpu, plan
+from .. import cluster, engines, env, gpu, plan
 from ..e2e import source_hash as e2e_source_hash
 from ..interrupts import by_sigterm
 from ..records import (
@@ -59,16 +59,43 @@ def add_parser(sub):
                    help="input height and width (default 224; 32 under --interpret)")
     add_threads(p)
     p.add_argument("--rounds", type=positive(int, 1), default=7)
-    p.add_argument("--min-sample", type=positive(float, 0), default=2e-3)
+    p.add_argument("--min-sample", type=positive(float, 0), default=0.05,
+                   help="seconds each variant runs per round, at least (default 0.05: shorter "
+                        "blocks, right after another engine ran, are measured slower than the "
+                        "same engine alone)")
     p.add_argument("--case-timeout", type=positive(float, 0, strict=True), default=3600.0)
     p.add_argument("--classifier", action="store_true",
                    help="sparsify the Linear classifier too (as the 1x1 convolution it is)")
     p.add_argument("--dense-compile", action="store_true",
-                   help="also time a torch.compile'd dense model (slow to build)")
+                   help="also time a torch.compile'd dense model (slow to build; the same as "
+                        "naming the engine torch_compile)")
+    p.add_argument("--engines", default="all",
+                   help="comma list of whole-network engines to time beside the sparse network "
+                        "(CPU): 'all' (default) is every one of "
+                        f"{', '.join(engines.names())} (one not installed is named and left "
+                        "out); 'none': PyTorch eager only, which is always measured")
+    p.add_argument("--no-alone", dest="alone", action="store_false",
+                   help="skip timing each engine alone in a process of its own (the check of "
+                        "the interleaved figures; it costs a process start per engine)")
     p.add_argument("--fresh", action="store_true", help="measure networks already measured")
     p.add_argument("--db", default=str(DEFAULT_DB))
     add_executor(p)
     p.set_defaults(func=run)
+
+
+ALWAYS = ("eager_nchw", "eager_channels_last")
+
+
+def engine_list(text: str, device) -> list[str]:
+    """The engines an e2e run times: PyTorch eager always; on the CPU the named ones ('all':
+    every default engine registered, installed or not: the run says which it could not use)."""
+    if device is not Device.CPU:  # the exported engines run on the CPU only
+        return list(ALWAYS)
+    if text.strip() == "none":
+        return list(ALWAYS)
+    chosen = engines.names() if text.strip() == "all" else name_list(
+        text, engines.names(all_=True), "engine")
+    return list(ALWAYS) + [n for n in chosen if n not in ALWAYS]
 
 
 def choose_plan(folder: Path, net, pattern, S, batch, identity, device):
@@ -92,8 +119,12 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         "plan": df.plan.fillna("defaults"),
         "classifier": df.classifier.map(lambda c: "sparse" if c == 1 else "dense"),
         "status": df.status,
-        "dense ms": df.dense_s * 1e3, "dense layout": df.dense_layout,
-        "sparse ms": df.sparse_s * 1e3, "measured x": df.speedup,
+        "best dense engine": df.best_dense_engine, "best dense ms": df.best_dense_s * 1e3,
+        "sparse ms": df.sparse_latency_s * 1e3, "x best dense": df.speedup_best,
+        "x eager": df.speedup_eager, "DeepSparse ms": df.deepsparse_s * 1e3,
+        "DeepSparse / sparse": df.vs_deepsparse,
+        "interleaved eager ms": df.dense_s * 1e3, "eager layout": df.dense_layout,
+        "interleaved sparse ms": df.sparse_s * 1e3, "interleaved x": df.speedup,
         "summed-conv x": df.estimate, "outside convs": df.outside_share,
         "sparse layers": df.replaced,
         "handover pairs": df.handover.map(lambda h: len(json.loads(h)) if isinstance(h, str)
@@ -127,6 +158,13 @@ def run(args) -> int:
           f"{machine_words(fp, device, threads)}, batch {args.batch}, {size}x{size} input, "
           f"device {device}")
     jobs = [(net, pattern, S) for net in nets for pattern in pats for S in sparsities]
+    chosen = engine_list(args.engines, device)
+    if args.dense_compile and "torch_compile" not in chosen:
+        chosen.append("torch_compile")
+    versions = engines.versions(tuple(chosen))
+    for name, v in versions.items():
+        if v is None:
+            print(f"  engine {name}: not measured: {engines.get(name).available()}")
 
     def make_request(job, identity):
         net, pattern, S = job
@@ -137,8 +175,9 @@ def run(args) -> int:
                        plan=None if p is None else p.to_dict(), plan_file=pfile,
                        source_hash=e2e_source_hash(pattern, device),
                        classifier=args.classifier,
-                       cudnn=gpu.cudnn_version() if device is Device.CUDA else None)
-        return E2ERequest(case, opts, args.dense_compile), said
+                       cudnn=gpu.cudnn_version() if device is Device.CUDA else None,
+                       engines=json.dumps(versions, sort_keys=True))
+        return E2ERequest(case, opts, args.dense_compile, alone=args.alone), said
 
     try:
         if args.executor == "ray":
@@ -158,7 +197,9 @@ def run(args) -> int:
     df = store.e2e(None if args.executor == "ray" else fph)
     df = df[df.case_key.isin(keys)]
     with pd.option_context("display.width", 220, "display.max_rows", None):
-        print("\nWhole networks (measured end to end, against the faster dense layout; "
+        print("\nWhole networks (measured end to end; x best dense: against the fastest dense "
+              "engine of the same run; x eager: against PyTorch eager, the faster layout; "
+              "DeepSparse / sparse above 1: this project is faster on the same masks; "
               "summed-conv x: per-layer convolution times summed, same run):"
               if not device.interpreted else "\nWhole networks through Triton's interpreter "
               "(a pipeline check: the gate ran, the times are not GPU timings):")
@@ -191,8 +232,9 @@ def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
             m = E2EMeasurement.of(req.case, res, run_id, fph, mh, node=fp.get("hostname"))
             store.add_e2e(m)
             if m.status is Status.OK:
-                print(f"    dense {m.dense_s * 1e3:.2f} ms ({m.dense_layout}), sparse "
-                      f"{m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x measured, "
+                print_engines(m)
+                print(f"    interleaved in one process: eager {m.dense_s * 1e3:.2f} ms "
+                      f"({m.dense_layout}), sparse {m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x; "
                       f"{m.estimate:.2f}x summed convolutions", flush=True)
                 if m.graph_speedup is not None:
                     print(f"    as CUDA graphs (no launch overhead): dense "
@@ -221,3 +263,28 @@ def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
     finally:
         wk.close()
     return keys
+
+
+def _x(v) -> str:
+    return "-" if v is None or v != v else f"{v:.2f}x"
+
+
+def print_engines(m) -> None:
+    """Every engine's latency, then the headline: against the best dense engine measured in
+    this run (naming it and those it was the best of), against eager, and DeepSparse."""
+    rows = json.loads(m.engines) if m.engines else []
+    for r in rows:
+        if r["status"] == Status.OK.value and r.get("latency_s"):
+            alone = (f", alone {r['alone_s'] * 1e3:.2f} ms" if r.get("alone_s") else "")
+            print(f"    {r['variant']:<28} {r['latency_s'] * 1e3:9.2f} ms  (interleaved "
+                  f"{r['interleaved_s'] * 1e3:.2f} ms{alone}; CPU/wall "
+                  f"{r.get('cpu_per_wall') or 0:.2f})" + (f"  {r['alone_note']}"
+                                                          if r.get("alone_note") else ""))
+        else:
+            print(f"    {r['variant']:<28} {r['status']}: {r.get('reason')}")
+    if m.speedup_best is not None:
+        print(f"    sparse {m.sparse_latency_s * 1e3:.2f} ms: {_x(m.speedup_best)} against the "
+              f"best dense engine ({m.best_dense_engine}, {m.best_dense_s * 1e3:.2f} ms; best of "
+              f"{m.dense_engines}), {_x(m.speedup_eager)} against PyTorch eager, "
+              + (f"{_x(m.vs_deepsparse)} DeepSparse's time on the same masks"
+                 if m.vs_deepsparse is not None else "DeepSparse not measured"), flush=True)

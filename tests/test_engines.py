@@ -1,0 +1,144 @@
+"""Whole-network engines (``harness.engines``): each real engine computes the masked network it
+is given, an engine that answers wrongly is recorded and never timed, one that is not installed
+is one line, and the headline speedup is against the fastest dense engine of the run."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_harness import ROOT, env
+from torch import nn
+
+import harness
+from harness import engines
+from harness import sparse_model as sm
+from harness.records import EngineResult, engine_summary
+from harness.store import Store
+from harness.timing import interleaved_cpu
+from shapes.models import build
+
+PEERS = ["onnxruntime", "openvino", "deepsparse"]
+
+
+def installed(name):
+    """The engine, or a skip where it is not installed. ``nox -s tests`` installs every peer
+    this Python can have and says so (SPARSECONV_PEERS): there a missing one fails."""
+    e = engines.get(name)
+    why = e.available()
+    if why:
+        wanted = os.environ.get("SPARSECONV_PEERS", "").split(",")
+        if name in wanted:
+            pytest.fail(f"the tests session installed the peers, yet {why}")
+        pytest.skip(why)
+    return e
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet18_masked():
+    """ResNet18 at a reduced input, masked as sparsify masks it (CS at 93.75%)."""
+    sparse = harness.sparsify(build("resnet18"), "cs", 0.9375, input_size=(3, 64, 64))
+    return sm.masked_dense(sparse).eval()
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_each_engine_computes_the_network_it_is_given(name, resnet18_masked):
+    e = installed(name)
+    for model, x in ((small_net(), torch.rand(2, 3, 24, 24)),
+                     (resnet18_masked, torch.rand(1, 3, 64, 64) * 2 - 1)):
+        with torch.no_grad():
+            want = copy.deepcopy(model).double()(x.double())
+        run = e.prepare(model, x, threads=1)
+        assert rel(run(x), want) < 1e-4
+        assert e.version() and e.settings(1)
+    # the masked network really has its zeros: at least 90% of the conv weights are zero
+    w = torch.cat([m.weight.flatten() for m in resnet18_masked.modules()
+                   if isinstance(m, nn.Conv2d) and m.in_channels % 32 == 0])
+    assert (w == 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", ["eager_nchw", "eager_channels_last", *PEERS])
+def test_an_engine_given_one_thread_uses_one_core(name):
+    """CPU time over wall time within threads + 10%, blocks timed as e2e times them."""
+    e = installed(name) if name in PEERS else engines.get(name)
+    model, x = build("resnet18"), torch.rand(1, 3, 96, 96)
+    torch.set_num_threads(1)
+    try:
+        run = e.prepare(sm.dense_folded(model, (3, 96, 96))[0], x, threads=1)
+        with torch.inference_mode():
+            t = interleaved_cpu({name: (run, x)}, rounds=3, min_sample=0.05, gap=0.02)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert t.cpu_per_wall[name] <= 1.1, t.cpu_per_wall
+
+
+def row(variant, role, s, status="ok"):
+    engine, _, network = variant.partition("@")
+    return EngineResult(variant=variant, engine=engine, network=network, role=role, label=engine,
+                        status=status, interleaved_s=s, latency_s=s)
+
+
+def test_the_headline_is_against_the_fastest_dense_engine():
+    rows = [row("eager_nchw@dense", "dense", 0.060), row("eager_channels_last@dense", "dense", 0.050),
+            row("openvino@dense", "dense", 0.040), row("onnxruntime@dense", "dense", 0.001,
+                                                       status="incorrect"),
+            row("openvino@masked", "control", 0.030), row("deepsparse@masked", "peer", 0.018),
+            row("project@sparse", "project", 0.020)]
+    s = engine_summary(json.dumps([r.__dict__ for r in rows]))
+    # a control on the masked network and an engine that failed its gate are never the baseline
+    assert s["best_dense_engine"] == "openvino" and s["best_dense_s"] == 0.040
+    assert s["dense_engines"] == "eager_channels_last, eager_nchw, openvino"
+    assert s["speedup_best"] == pytest.approx(2.0) and s["speedup_eager"] == pytest.approx(2.5)
+    assert s["vs_deepsparse"] == pytest.approx(0.9)
+
+
+def test_an_alone_figure_replaces_the_interleaved_one_only_beyond_ten_percent():
+    r = row("openvino@dense", "dense", 0.040)
+    assert r.with_alone(0.043).latency_s == 0.040  # 7.5%: the interleaved figure stands
+    far = r.with_alone(0.030)
+    assert far.latency_s == 0.030 and "-25%" in far.alone_note and far.interleaved_s == 0.040
+    assert r.with_alone(None, note="not timed alone: exit 1").latency_s == 0.040
+
+
+def test_e2e_records_wrong_missing_and_fast_engines(tmp_path):
+    """Through the command: a wrong engine is incorrect and untimed (on both networks), a
+    missing one is one line and the run goes on, and a stand-in made fast is the baseline."""
+    r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(tmp_path / "e.sqlite"),
+                        "--nets", "resnet18", "--patterns", "cs", "--size", "32", "--rounds", "3",
+                        "--threads", "1", "--min-sample", "0.002", "--plans", str(tmp_path),
+                        "--engines", "standin_wrong,standin_fast,standin_missing"],
+                       cwd=ROOT, env=env(HARNESS_PLUGINS="standin_engines"),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "engine standin_missing: not measured: standin_missing is not installed" in r.stdout
+    (m,) = Store(tmp_path / "e.sqlite").e2e().itertuples()
+    rows = {e["variant"]: e for e in json.loads(m.engines)}
+    assert set(rows) == {"eager_nchw@dense", "eager_channels_last@dense", "standin_wrong@dense",
+                         "standin_wrong@masked", "standin_fast@dense", "standin_missing@dense",
+                         "standin_missing@masked", "project@sparse"}
+    for v in ("standin_wrong@dense", "standin_wrong@masked"):
+        assert rows[v]["status"] == "incorrect" and rows[v]["rel_err"] > 1e-3
+        assert rows[v]["interleaved_s"] is None and rows[v]["latency_s"] is None
+    assert rows["standin_missing@masked"]["status"] == "unsupported"
+    assert m.best_dense_engine == "standin_fast"
+    assert m.speedup_best == pytest.approx(m.best_dense_s / m.sparse_latency_s)
+    assert m.speedup_best < m.speedup_eager  # the fast stand-in, not eager, is the baseline
+    # every measured engine, and the project's network, was timed alone in its own process too
+    for v in ("eager_nchw@dense", "standin_fast@dense", "project@sparse"):
+        assert rows[v]["alone_s"] > 0, rows[v]
+    assert "against the best dense engine (standin_fast" in r.stdout
