@@ -42,9 +42,23 @@ def dense_baselines(df: pd.DataFrame) -> pd.DataFrame:
 GROUP = GroupKey.columns(layer=False)
 
 
+def flagged(df: pd.DataFrame) -> pd.Series:
+    """Rows whose timing cannot be taken at face value: a ratio above the FLOP ideal that a
+    re-measurement confirmed (``implausible``), or rounds that stayed contended by other work
+    after their retakes (``contended``). They stay in the store and the full table, marked;
+    no best figure is taken from them."""
+    out = pd.Series(False, index=df.index)
+    if "implausible" in df:
+        out |= df.implausible.notna() & (df.implausible != "")
+    if "contended" in df:
+        out |= df.contended.fillna(0).astype(bool)
+    return out
+
+
 def best_per_layer(df: pd.DataFrame) -> pd.DataFrame:
-    """Best ok sparse case per (group, layer, pattern, sparsity) by end-to-end speedup."""
-    s = with_speedups(df[(df.pattern != "dense") & (df.status == Status.OK)])
+    """Best ok, unflagged sparse case per (group, layer, pattern, sparsity) by end-to-end
+    speedup."""
+    s = with_speedups(df[(df.pattern != "dense") & (df.status == Status.OK) & ~flagged(df)])
     if s.empty:
         return s
     keys = GROUP + ["layer", "pattern", "sparsity"]
@@ -95,3 +109,20 @@ def geomean(x) -> float:
     x = np.asarray(list(x), dtype=float)
     x = x[np.isfinite(x) & (x > 0)]
     return float(np.exp(np.log(x).mean())) if len(x) else float("nan")
+
+
+def trust_summary(df: pd.DataFrame) -> str | None:
+    """One line on the rows a run could not take at face value: re-measured for plausibility,
+    flagged implausible, contended by other work (largest share seen), rounds retaken."""
+    if df.empty or "remeasured" not in df:
+        return None
+    ok = df[df.status == Status.OK]
+    rem = int(ok.remeasured.fillna(0).sum())
+    imp = int((ok.implausible.notna() & (ok.implausible != "")).sum())
+    con = int(ok.contended.fillna(0).astype(bool).sum())
+    ret = int(ok.retaken.fillna(0).sum())
+    share = ok.contention.max() if ok.contention.notna().any() else 0.0
+    return (f"trust: {rem} row(s) re-measured for a ratio above the FLOP ideal, {imp} still "
+            f"above it (flagged implausible), {con} contended by other work after retakes "
+            f"(flagged), {ret} round(s) retaken; largest other-work share in a kept round "
+            f"{share:.2f} of a core; flagged rows feed no best figure")

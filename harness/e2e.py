@@ -283,4 +283,6 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         graph_note=graph_note,
         noisy=any(s.noisy for s in st.values()), samples=json.dumps(samples),
         engines=json.dumps([dataclasses.asdict(r) for r in rows.values()]),
+        **({"contention": seen.share, "retaken": seen.retaken, "contended": seen.contended}
+           if (seen := timing_.contention) else {}),
         **(watch.finish() if watch else {}), **info)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -167,15 +168,31 @@ class Candidate:
         return f"{self.kernel} {self.config.to_json()}"
 
 
+def default_max_contention() -> float | None:
+    """``SPARSECONV_MAX_CONTENTION``: the share of a core other work may hold while a round is
+    timed before the round is retaken ('off': never retake; default 0.25)."""
+    v = os.environ.get("SPARSECONV_MAX_CONTENTION", "").strip()
+    if v.lower() in ("off", "none"):
+        return None
+    try:
+        return float(v) if v else 0.25
+    except ValueError:
+        raise ValueError(f"SPARSECONV_MAX_CONTENTION must be a number of cores or 'off', "
+                         f"got {v!r}") from None
+
+
 @dataclass(frozen=True)
 class TimingOptions:
-    """How a case is timed (seconds). ``resident``: also time the kernel-only path."""
+    """How a case is timed (seconds). ``resident``: also time the kernel-only path.
+    ``max_contention``: a round taken while other work held more than this share of a core is
+    retaken (``harness.contention``; None: never)."""
 
     rounds: int = 7
     min_sample: float = 2e-3
     warmup: float = 0.05
     time_per_case: float = 30.0
     resident: bool = True
+    max_contention: float | None = field(default_factory=default_max_contention)
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -307,6 +324,20 @@ class CaseResult:
     timing_mode: str | None = None  # TimingMode's value
     gpu_clocks: str | None = None  # JSON (harness.gpu.Watch): clocks at the timing's start, end
     gpu_others: str | None = None  # JSON: other processes NVML listed on the device meanwhile
+    # trust (harness.contention, plausibility, intervals): other work's largest share of a
+    # core in a kept round, our threads' run-queue wait over wall time, rounds retaken, a kept
+    # round still over the limit; a ratio above the FLOP ideal re-measured, and why it stands
+    contention: float | None = None
+    runq_wait: float | None = None
+    retaken: int | None = None
+    contended: bool | None = None
+    remeasured: int | None = None
+    implausible: str | None = None
+    # bootstrap 95% intervals of the speedups from the interleaved sample pairs (>= 5 rounds)
+    speedup_lo: float | None = None
+    speedup_hi: float | None = None
+    kernel_speedup_lo: float | None = None
+    kernel_speedup_hi: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "status", Status(self.status))
@@ -371,6 +402,20 @@ class Measurement:
     gpu_clocks: str | None = None  # JSON: SM and memory clocks at the timing's start and end
     gpu_others: str | None = None  # JSON: other processes on the GPU while the case ran
     cudnn: str | None = None  # cuDNN version (GPU rows; part of their case key)
+    # trust (harness.contention, plausibility, intervals): other work's largest share of a
+    # core in a kept round, our threads' run-queue wait over wall time, rounds retaken, a kept
+    # round still over the limit; a ratio above the FLOP ideal re-measured, and why it stands
+    contention: float | None = None
+    runq_wait: float | None = None
+    retaken: int | None = None
+    contended: bool | None = None
+    remeasured: int | None = None
+    implausible: str | None = None
+    # bootstrap 95% intervals of the speedups from the interleaved sample pairs (>= 5 rounds)
+    speedup_lo: float | None = None
+    speedup_hi: float | None = None
+    kernel_speedup_lo: float | None = None
+    kernel_speedup_hi: float | None = None
 
     @classmethod
     def of(cls, case: Case, result: CaseResult, run_id: int, fp_hash: str, machine_hash: str,
@@ -394,8 +439,9 @@ class Measurement:
         """Column -> SQL value."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["status"] = self.status.value
-        if out["noisy"] is not None:
-            out["noisy"] = int(out["noisy"])
+        for b in ("noisy", "contended"):
+            if out[b] is not None:
+                out[b] = int(out[b])
         return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in out.items()}
 
@@ -551,6 +597,9 @@ class E2EResult:
     gpu_clocks: str | None = None  # as CaseResult's, over the whole network's timing
     gpu_others: str | None = None
     engines: str | None = None  # JSON: one EngineResult dict per engine and network
+    contention: float | None = None  # as CaseResult's, over the whole network's timing
+    retaken: int | None = None
+    contended: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "status", Status(self.status))
@@ -736,6 +785,9 @@ class E2EMeasurement:
     speedup_eager: float | None = None
     deepsparse_s: float | None = None  # DeepSparse on the very masked network
     vs_deepsparse: float | None = None  # deepsparse_s / sparse_latency_s: > 1, the project wins
+    contention: float | None = None  # other work's largest share of a core in a kept round
+    retaken: int | None = None
+    contended: bool | None = None
 
     @classmethod
     def of(cls, case: E2ECase, res: E2EResult, run_id: int, fp_hash: str, machine_hash: str,
@@ -770,13 +822,14 @@ class E2EMeasurement:
                    graph_note=res.graph_note,
                    noisy=res.noisy, samples=res.samples, node=node,
                    gpu_clocks=res.gpu_clocks, gpu_others=res.gpu_others, cudnn=case.cudnn,
-                   engines=res.engines,
+                   engines=res.engines, contention=res.contention, retaken=res.retaken,
+                   contended=res.contended,
                    **(engine_summary(res.engines) if res.status is Status.OK else {}))
 
     def row(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["status"] = self.status.value
-        for b in ("noisy", "classifier"):
+        for b in ("noisy", "classifier", "contended"):
             if out[b] is not None:
                 out[b] = int(out[b])
         return out

@@ -198,10 +198,12 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None,
     ok = df[(df.status == Status.OK) & (df.pattern != "dense")]
     best = analysis.best_per_layer(raw)
     net = analysis.network_table(raw)
+    trust = {fp[:6]: analysis.trust_summary(g) for fp, g in raw.groupby("fp_hash")}
     if not net.empty:
         net["machine"] = net.fp_hash.str[:6]
     ctx = {"generated": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "db": str(path),
-           "machines": machines, "counts": everything.status.value_counts().to_dict(),
+           "machines": machines, "trust": trust,
+           "counts": everything.status.value_counts().to_dict(),
            "nets": [], "net_img": None, "net_table": None}
     for n in sorted(best.net.unique()) if not best.empty else []:
         ctx["nets"].append({"net": n, "img": figures.layer_bars(best, n, "speedup"),

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from . import contention
 from .records import Device, TimingMode, TimingOptions
 
 NOISY_IQR = 0.10  # IQR / median above this flags a measurement as noisy
@@ -48,6 +49,7 @@ class Timings:
     mode: TimingMode
     note: str | None = None
     cpu_per_wall: dict | None = None  # CPU: per variant, the process's CPU time over wall time
+    contention: contention.Contention | None = None  # CPU: other work seen while timing
 
     def __iter__(self):
         return iter((self.stats, self.samples))
@@ -93,11 +95,14 @@ def calibrate(fn, arg, min_sample: float, max_reps: int = 10000) -> int:
 
 def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
                     warmup: float = 0.05, deadline: float | None = None, max_reps: int = 10000,
-                    gap: float = 0.0):
+                    gap: float = 0.0, max_contention: float | None = None, monitor=None):
     """Time ``{name: (fn, arg)}`` in interleaved rounds on the host clock: ``Timings``
     (unpacks as ``({name: Stats}, {name: samples})``). ``gap``: seconds of sleep before each
     block, untimed, so thread pools that spin after a call (OpenMP's, an engine's) go idle
-    before the next variant runs; each variant's CPU time over wall time is recorded too."""
+    before the next variant runs; each variant's CPU time over wall time is recorded too.
+    ``max_contention``: a round taken while other work held more than this share of a core is
+    retaken, a bounded number of times (``harness.contention``); None: rounds are only
+    watched."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     reps = {}
@@ -109,7 +114,9 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
         reps[name] = calibrate(fn, arg, min_sample, max_reps)
     samples: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
-    for done in range(1, rounds + 1):
+
+    def take_round():
+        kept = len(next(iter(samples.values())))
         for name, (fn, arg) in variants.items():
             if gap:  # a pause, then one untimed call: each block starts from steady state
                 time.sleep(gap)
@@ -118,10 +125,20 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
             t = _time_reps(fn, arg, reps[name])
             cpu[name].append((time.process_time() - c0) / max(t * reps[name], 1e-9))
             samples[name].append(t)
-        if deadline is not None and done >= min(3, rounds) and time.perf_counter() > deadline:
-            break
+
+        def drop():  # the round is retaken: its samples go, for every variant alike
+            for k in samples:
+                del samples[k][kept:], cpu[k][kept:]
+        return drop
+
+    seen = contention.rounds(
+        take_round, rounds, max_share=max_contention if max_contention is not None else
+        float("inf"), monitor=monitor,
+        stop_early=lambda done: deadline is not None and done >= min(3, rounds)
+        and time.perf_counter() > deadline)
     return Timings({k: stats(v, reps[k]) for k, v in samples.items()}, samples, TimingMode.HOST,
-                   cpu_per_wall={k: statistics.median(v) for k, v in cpu.items()})
+                   cpu_per_wall={k: statistics.median(v) for k, v in cpu.items()},
+                   contention=seen)
 
 
 def graphed(fn, arg):
@@ -234,7 +251,36 @@ def timed(device: Device, variants: dict, opts: TimingOptions, graphs: bool = Tr
                                max_reps=1)
     return interleaved_cpu(variants, rounds=opts.rounds, min_sample=opts.min_sample,
                            warmup=opts.warmup, deadline=time.perf_counter() + opts.time_per_case,
-                           gap=gap)
+                           gap=gap, max_contention=opts.max_contention)
+
+
+MIN_INTERVAL_ROUNDS = 5  # no interval is claimed from fewer interleaved rounds
+
+
+def ratio_interval(num, den, level: float = 0.95, n_boot: int = 2000,
+                   seed: int = 0) -> tuple[float | None, float | None]:
+    """A bootstrap interval (bootstrap-t, on the mean of the per-round log ratios) of the ratio
+    ``num / den`` from interleaved sample pairs: round r timed both, so drift cancels within a
+    pair. (None, None) from fewer than ``MIN_INTERVAL_ROUNDS`` pairs."""
+    import numpy as np
+
+    n = min(len(num) if num is not None else 0, len(den) if den is not None else 0)
+    if n < MIN_INTERVAL_ROUNDS:
+        return None, None
+    r = np.log(np.asarray(num[:n], dtype=float)) - np.log(np.asarray(den[:n], dtype=float))
+    m, se = r.mean(), r.std(ddof=1) / np.sqrt(n)
+    if not np.isfinite(m):
+        return None, None
+    if se == 0:
+        return float(np.exp(m)), float(np.exp(m))
+    rng = np.random.default_rng(seed)
+    b = r[rng.integers(0, n, size=(n_boot, n))]
+    bse = b.std(axis=1, ddof=1) / np.sqrt(n)
+    ok = bse > 0
+    t = (b.mean(axis=1)[ok] - m) / bse[ok]
+    a = (1 - level) / 2
+    t_lo, t_hi = np.quantile(t, [a, 1 - a])
+    return float(np.exp(m - t_hi * se)), float(np.exp(m - t_lo * se))
 
 
 def win_rate(mine, first) -> float | None:

@@ -8,6 +8,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# test files run in parallel on a few cores: every timed round would count the other files as
+# contention and be retaken; the retake logic has its own tests (test_contention.py), fed
+# recorded readings. Commands the tests start inherit this.
+os.environ.setdefault("SPARSECONV_MAX_CONTENTION", "off")
 # Triton kernels run on CPU tensors through the interpreter (read when @triton.jit decorates, so
 # it must be set before kernels.triton_kernels is imported), except with
 # SPARSECONV_TEST_DEVICE=cuda on a GPU machine: then tests/test_kernels_triton.py compiles and

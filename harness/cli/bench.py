@@ -11,7 +11,7 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import UsageError, analysis, cases, cluster, env, runner
+from .. import UsageError, analysis, cases, cluster, contention, env, runner
 from ..records import Device, Status, TimingOptions
 from ..store import Store
 from .common import (
@@ -138,6 +138,9 @@ def run(args) -> int:
         f"{threads} threads"
     print(f"bench: {len(todo)} cases on {where}, batch {args.batch}, {args.dtype}, "
           f"device {device}; db {args.db}")
+    busy = contention.busy_now()
+    if busy:
+        print(busy, flush=True)
     if device.interpreted:
         print("device cuda-interpret: the GPU kernels run through Triton's interpreter on the "
               "CPU; its timings check the pipeline and are not GPU timings")
@@ -169,6 +172,9 @@ def run(args) -> int:
               f"{args.batch}, {args.dtype}, {machine_words(fp, device, threads)}):")
         with pd.option_context("display.width", 200, "display.max_rows", None):
             print(s.to_string(index=False))
+    line = analysis.trust_summary(df)
+    if line and not device.interpreted:
+        print("\n" + line)
     bad = df[df.status.map(lambda st: Status(st).failed)]
     if len(bad):
         print(f"\n{len(bad)} case(s) failed; see the report or `python -m harness export`:")

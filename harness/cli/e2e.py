@@ -11,7 +11,7 @@ import pandas as pd
 import shapes
 from kernels import patterns as P
 
-from .. import cluster, engines, env, gpu, plan
+from .. import cluster, contention, engines, env, gpu, plan
 from ..e2e import source_hash as e2e_source_hash
 from ..interrupts import by_sigterm
 from ..records import (
@@ -158,6 +158,9 @@ def run(args) -> int:
           f"{machine_words(fp, device, threads)}, batch {args.batch}, {size}x{size} input, "
           f"device {device}")
     jobs = [(net, pattern, S) for net in nets for pattern in pats for S in sparsities]
+    busy = contention.busy_now() if not device.interpreted else None
+    if busy:
+        print(busy, flush=True)
     chosen = engine_list(args.engines, device)
     if args.dense_compile and "torch_compile" not in chosen:
         chosen.append("torch_compile")

@@ -56,6 +56,14 @@ def run(args) -> int:
     # never mix rows measured under different conditions
     table = GroupKey.columns(layer=False) + ["kernel", "sparsity"]
     keys = table + ["layer"]
+    bad = analysis.flagged(df)
+    if bad.any():  # no best figure from a row whose timing cannot be taken at face value
+        print(f"{int(bad.sum())} row(s) flagged implausible or contended are left out of the "
+              f"best figures (`python -m harness export` lists them)")
+        df = df[~bad]
+        if df.empty:
+            raise UsageError("every matching row is flagged implausible or contended: "
+                             "measure again on a quieter machine")
     best = df.loc[df.groupby(keys)["speedup"].idxmax()]
     kbest = df.groupby(keys)["kernel_speedup"].max().rename("kernel-only")
     best = best.join(kbest, on=keys)

@@ -1,0 +1,171 @@
+"""Other work on the machine while a round is timed, measured rather than guessed.
+
+Per round: the CPU time the whole machine used (``/proc/stat``: every busy state, steal
+included, since a hypervisor's other guests take cores too), minus what this process used
+(``os.times``: every thread, and children it waited for), over the round's wall time: the
+share of cores other work held. The worker threads' run-queue wait
+(``/proc/self/task/*/schedstat``, second field) says how long our own threads were ready but
+not running. A round where other work held more than ``MAX_SHARE`` of a core is retaken after
+a short back-off, at most ``RETAKES`` times; a round that stays contended is kept and the row
+flagged with the share measured. Where ``/proc`` is not there, nothing is measured (share 0)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass
+
+MAX_SHARE = 0.25  # of one core: more than this, and the round is retaken
+RETAKES = 3  # per round
+BACKOFF = 0.2  # seconds before the first retake, doubled for each further one
+
+
+class ProcReader:
+    """Cumulative readings: machine busy CPU seconds, this process's CPU seconds, our threads'
+    run-queue wait seconds."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def machine_busy(self) -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                cols = f.readline().split()[1:]
+        except OSError:
+            return None
+        v = [int(c) for c in cols]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        guest = sum(v[8:10]) if len(v) > 9 else 0  # already counted in user and nice
+        return (sum(v) - idle - guest) / self.tick
+
+    def own_cpu(self) -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def runq_wait(self) -> float:
+        total = 0
+        for f in glob.glob("/proc/self/task/*/schedstat"):
+            try:
+                with open(f) as fh:
+                    total += int(fh.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / 1e9
+
+
+@dataclass
+class Reading:
+    wall: float
+    busy: float | None
+    own: float
+    wait: float
+
+
+class Monitor:
+    """``start()`` then ``stop()`` around a round: (other work's share of cores, our threads'
+    run-queue wait over wall time)."""
+
+    def __init__(self, reader=None, clock=time.perf_counter):
+        self.reader = reader or ProcReader()
+        self.clock = clock
+        self._start: Reading | None = None
+
+    def _read(self) -> Reading:
+        r = self.reader
+        return Reading(self.clock(), r.machine_busy(), r.own_cpu(), r.runq_wait())
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> tuple[float, float]:
+        a, b = self._start, self._read()
+        wall = max(b.wall - a.wall, 1e-9)
+        if a.busy is None or b.busy is None:
+            return 0.0, (b.wait - a.wait) / wall
+        other = (b.busy - a.busy) - (b.own - a.own)
+        return max(other, 0.0) / wall, (b.wait - a.wait) / wall
+
+
+@dataclass
+class Contention:
+    """What a timing saw: the largest other-work share among the rounds kept, how many rounds
+    were retaken, and whether a kept round was still over the limit."""
+
+    share: float = 0.0
+    runq: float = 0.0
+    retaken: int = 0
+    contended: bool = False
+
+
+def rounds(take_round, n: int, monitor: Monitor | None = None, max_share: float = MAX_SHARE,
+           retakes: int = RETAKES, backoff: float = BACKOFF, sleep=time.sleep,
+           stop_early=None) -> Contention:
+    """Call ``take_round(keep)`` for ``n`` rounds: it times one round and, where ``keep`` is
+    False afterwards, the caller's samples of that round are dropped (``take_round`` returns a
+    function that drops them). A round taken while other work held more than ``max_share`` of
+    a core is retaken after ``backoff`` (doubled each time), at most ``retakes`` times; then it
+    is kept and flagged. ``stop_early(done)`` ends the rounds early (a deadline)."""
+    mon = monitor or Monitor()
+    seen = Contention()
+    for done in range(1, n + 1):
+        for attempt in range(retakes + 1):
+            mon.start()
+            drop = take_round()
+            share, runq = mon.stop()
+            if share <= max_share:
+                break
+            if attempt == retakes:
+                seen.contended = True
+                break
+            drop()
+            seen.retaken += 1
+            sleep(backoff * 2 ** attempt)
+        seen.share = max(seen.share, share)
+        seen.runq = max(seen.runq, runq)
+        if stop_early is not None and stop_early(done):
+            break
+    return seen
+
+
+def busiest_others(n: int = 3) -> list[str]:
+    """The processes other than ours using the most CPU right now (psutil, over 0.2 s), as
+    'name (pid) NN%'; empty where psutil is not installed."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    me = {os.getpid(), os.getppid()}
+    procs = []
+    for p in psutil.process_iter(["pid", "name"]):
+        if p.info["pid"] in me:
+            continue
+        try:
+            p.cpu_percent(None)
+            procs.append(p)
+        except psutil.Error:
+            continue
+    time.sleep(0.2)
+    use = []
+    for p in procs:
+        try:
+            use.append((p.cpu_percent(None), p.info["name"], p.info["pid"]))
+        except psutil.Error:
+            continue
+    return [f"{name} ({pid}) {pct:.0f}%" for pct, name, pid in sorted(use, reverse=True)[:n]
+            if pct >= 5]
+
+
+def busy_now(seconds: float = 0.5, max_share: float = MAX_SHARE, monitor=None) -> str | None:
+    """One warning line where other work holds more than ``max_share`` of a core right now
+    (naming the busiest other processes), else None. It never waits for the machine to calm."""
+    mon = monitor or Monitor()
+    mon.start()
+    time.sleep(seconds)
+    share, _ = mon.stop()
+    if share <= max_share:
+        return None
+    who = busiest_others()
+    return (f"warning: other work is using {share:.2f} of a core on this machine"
+            + (f" ({', '.join(who)})" if who else "") + "; rounds taken while it runs are "
+            "retaken or flagged contended (SPARSECONV_MAX_CONTENTION)")

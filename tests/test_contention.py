@@ -1,0 +1,199 @@
+"""Numbers that hold on a busy machine: rounds taken while other work ran are retaken (a bounded
+number of times) or flagged, a ratio above the FLOP ideal is re-measured and flagged when it
+stays, intervals cover the true ratio, and flagged rows feed no best figure. None of these
+tests reads the machine's real timing: readings are recorded, delays far above any noise."""
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from harness import analysis, contention, measure
+from harness.cases import make_case
+from harness.records import CaseRequest, DenseRef, Status, TimingOptions
+from harness.timing import ratio_interval
+from kernels.registry import _REGISTRY
+from shapes import ConvLayer
+
+
+class Recorded:
+    """A stand-in for /proc: each reading advances the clock by one second; the machine's busy
+    CPU by ``own + others[i]`` seconds for round i, this process's by ``own``."""
+
+    def __init__(self, others, own=1.0):
+        self.others, self.own = list(others), own
+        self.t = self.busy = self.mine = 0.0
+        self.calls = 0
+
+    def clock(self):
+        return self.t
+
+    def machine_busy(self):
+        return self.busy
+
+    def own_cpu(self):
+        return self.mine
+
+    def runq_wait(self):
+        return 0.0
+
+    def advance(self):  # one round: what the machine did meanwhile
+        other = self.others[min(self.calls, len(self.others) - 1)]
+        self.calls += 1
+        self.t += 1.0
+        self.mine += self.own
+        self.busy += self.own + other
+
+
+def run_rounds(others, n, **kw):
+    rec = Recorded(others)
+    mon = contention.Monitor(reader=rec, clock=rec.clock)
+    kept, dropped, slept = [], [], []
+
+    def take_round():
+        rec.advance()
+        kept.append(rec.calls)
+
+        def drop():
+            dropped.append(kept.pop())
+        return drop
+
+    seen = contention.rounds(take_round, n, monitor=mon, sleep=slept.append, **kw)
+    return seen, kept, dropped, slept
+
+
+def test_a_round_taken_while_other_work_ran_is_retaken():
+    # round 1 saw other work hold a whole core, its retake 0.1: it is kept
+    seen, kept, dropped, slept = run_rounds([1.0, 0.1, 0.0, 0.0], 3, max_share=0.25)
+    assert dropped == [1] and kept == [2, 3, 4]
+    assert seen.retaken == 1 and not seen.contended and seen.share == pytest.approx(0.1)
+    assert slept == [contention.BACKOFF]
+
+
+def test_a_round_that_stays_contended_is_kept_flagged_and_retaken_at_most_the_bound():
+    seen, kept, dropped, slept = run_rounds([0.8], 2, max_share=0.25, retakes=3)
+    assert seen.contended and seen.share == pytest.approx(0.8)
+    assert seen.retaken == 6 and len(kept) == 2  # 3 retakes per round, then kept
+    assert slept[:3] == [contention.BACKOFF * 2 ** i for i in range(3)]
+
+
+def test_an_idle_machine_retakes_nothing():
+    seen, kept, dropped, _ = run_rounds([0.0, 0.2, 0.1], 3, max_share=0.25)
+    assert seen.retaken == 0 and not seen.contended and not dropped
+
+
+def test_the_proc_reader_sees_this_process_as_its_own():
+    """Our own busy loop is not counted as other work."""
+    mon = contention.Monitor()
+    mon.start()
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.3:
+        pass
+    share, _ = mon.stop()
+    assert share < 0.9  # one core of our own work; another core's noise at most
+
+
+@pytest.mark.parametrize("n", [5, 7, 15])
+def test_the_bootstrap_interval_covers_a_known_ratio_90_to_98_percent(n):
+    rng = np.random.default_rng(n)
+    truth, hits = 3.0, 0
+    for _ in range(500):
+        drift = rng.lognormal(0, 0.05, n)  # both sides of a round see the same drift
+        sparse = 1e-3 * drift * rng.lognormal(0, 0.08, n)
+        dense = truth * 1e-3 * drift * rng.lognormal(0, 0.08, n)
+        lo, hi = ratio_interval(dense, sparse, seed=int(rng.integers(1 << 30)), n_boot=600)
+        hits += lo <= truth <= hi
+    assert 0.90 * 500 <= hits <= 0.98 * 500, hits
+
+
+def test_no_interval_from_fewer_than_five_rounds():
+    assert ratio_interval([2.0] * 4, [1.0] * 4) == (None, None)
+
+
+LAYER = ConvLayer(net="t", name="t", index=0, cin=32, cout=32, kh=3, kw=3, stride=1, padding=1, h=12,
+                  w=12)
+
+
+class _Plain(kernels.Kernel):
+    """The masked weight through torch's own convolution: no faster than dense."""
+
+    pattern, device, space = "unstructured", "cpu", {"variant": (0,)}
+    name = "test_plain_masked"
+
+    def _prepare(self, layer, weight, sparsity, config):
+        wm = self.make_pattern(sparsity, config).apply(weight)
+
+        def call(x, out=None):
+            y = F.conv2d(x, wm, padding=layer.padding)
+            return y if out is None else out.copy_(y)
+
+        return kernels.Run(wm, call)
+
+
+class _Sleepy(kernels.Kernel):
+    """A dense convolution that sleeps 20 ms on every other call."""
+
+    pattern, device, baseline = "dense", "cpu", True
+    space = {"layout": ("nchw",)}
+    name = "test_sleepy_dense"
+
+    def _prepare(self, layer, weight, sparsity, config):
+        calls = [0]
+
+        def call(x, out=None):
+            calls[0] += 1
+            if calls[0] % 2:
+                time.sleep(0.02)
+            y = F.conv2d(x, weight, padding=layer.padding)
+            return y if out is None else out.copy_(y)
+
+        return kernels.Run(weight, call, layout=lambda x: x, resident=call)
+
+
+@pytest.fixture
+def test_kernels():
+    for k in (_Plain(), _Sleepy()):
+        _REGISTRY[k.name] = k
+    yield
+    for name in ("test_plain_masked", "test_sleepy_dense"):
+        _REGISTRY.pop(name, None)
+
+
+def execute(dense_kernel):
+    case = make_case(LAYER, kernels.get("test_plain_masked"), 0.5, {"variant": 0}, 1, "float32",
+                     "cpu", 1)
+    opts = TimingOptions(rounds=5, min_sample=1e-3, warmup=0.0, max_contention=None)
+    torch.manual_seed(0)
+    return measure.execute(CaseRequest(case, opts, DenseRef(dense_kernel, "nchw", "nchw")))
+
+
+def test_a_dense_run_slowed_by_sleeps_is_re_measured_and_flagged_implausible(test_kernels):
+    r = execute("test_sleepy_dense")
+    assert r.status is Status.OK and r.remeasured == 1
+    assert r.implausible and "above the FLOP ideal 2.00x" in r.implausible
+    assert r.dense_median_s / r.median_s > 2.1
+
+
+def test_a_plausible_ratio_is_neither_re_measured_nor_flagged(test_kernels):
+    r = execute("dense_cpu")
+    assert r.status is Status.OK and r.remeasured == 0 and r.implausible is None
+    assert r.speedup_lo is not None and r.speedup_lo <= r.speedup_hi
+
+
+def test_a_flagged_lucky_row_never_reaches_a_best_figure():
+    base = dict(fp_hash="f", machine_hash="m", net="resnet50", layer="l1", batch=1,
+                dtype="float32", device="cpu", threads=2, pattern="cs", sparsity=0.9375,
+                status="ok", dense_median_s=1e-3, dense_kernel_median_s=1e-3, flops=1e9,
+                contended=0, implausible=None)
+    rows = pd.DataFrame([
+        {**base, "kernel": "k", "config": "a", "median_s": 1e-3 / 6, "kernel_median_s": 1e-3 / 6},
+        {**base, "kernel": "k", "config": "lucky", "median_s": 1e-3 / 30,
+         "kernel_median_s": 1e-3 / 30, "implausible": "30x above the FLOP ideal"},
+        {**base, "kernel": "k", "config": "busy", "median_s": 1e-3 / 12,
+         "kernel_median_s": 1e-3 / 12, "contended": 1}])
+    best = analysis.best_per_layer(rows)
+    assert list(best.config) == ["a"] and best.best_kernel_speedup.iloc[0] == pytest.approx(6)
