@@ -270,7 +270,7 @@ def _engines(e2e: pd.DataFrame) -> tuple[list, list]:
         for e in json.loads(r.engines) if isinstance(getattr(r, "engines", None), str) else []:
             rows.append({"machine": r.fp_hash[:6], "net": r.net, "pattern": r.pattern,
                          "sparsity": r.sparsity, "batch": r.batch, **e,
-                         "bad": e["status"] not in ("ok", "unsupported")})
+                         "bad": Status(e["status"]).failed})
             if e.get("version") is not None:
                 settings[(e["engine"], e["version"])] = {
                     "engine": e["engine"], "label": e["label"], "version": e["version"],

@@ -128,6 +128,7 @@ def run(args) -> int:
         return 0
     if args.executor == "ray":
         cluster.require_ray(args.ray_address)
+    busy = contention.busy_now() if not device.interpreted else None
     store = Store(args.db)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
@@ -138,7 +139,6 @@ def run(args) -> int:
         f"{threads} threads"
     print(f"bench: {len(todo)} cases on {where}, batch {args.batch}, {args.dtype}, "
           f"device {device}; db {args.db}")
-    busy = contention.busy_now()
     if busy:
         print(busy, flush=True)
     if device.interpreted:

@@ -150,6 +150,12 @@ def run(args) -> int:
     threads = threads_of(args)
     opts = TimingOptions(rounds=1, min_sample=0.0, warmup=0.0) if device.interpreted else \
         TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
+    # before the run is recorded: from there on a signal must find it in the try below
+    chosen = engine_list(args.engines, device)
+    if args.dense_compile and "torch_compile" not in chosen:
+        chosen.append("torch_compile")
+    versions = engines.versions(tuple(chosen))
+    busy = contention.busy_now() if not device.interpreted else None
     store = Store(args.db)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
@@ -158,16 +164,11 @@ def run(args) -> int:
           f"{machine_words(fp, device, threads)}, batch {args.batch}, {size}x{size} input, "
           f"device {device}")
     jobs = [(net, pattern, S) for net in nets for pattern in pats for S in sparsities]
-    busy = contention.busy_now() if not device.interpreted else None
-    if busy:
-        print(busy, flush=True)
-    chosen = engine_list(args.engines, device)
-    if args.dense_compile and "torch_compile" not in chosen:
-        chosen.append("torch_compile")
-    versions = engines.versions(tuple(chosen))
     for name, v in versions.items():
         if v is None:
             print(f"  engine {name}: not measured: {engines.get(name).available()}")
+    if busy:
+        print(busy, flush=True)
 
     def make_request(job, identity):
         net, pattern, S = job

@@ -25,12 +25,14 @@ def check(case, rows: dict, nets: dict, x, opts) -> dict:
     """``rows`` ({variant: EngineResult}) with every measured one timed alone as well."""
     import torch
 
+    from ..records import Status
+
     out = dict(rows)
     with tempfile.TemporaryDirectory(prefix="sparseconv-alone-") as tmp:
         files = {}
         torch.save(x.cpu(), f"{tmp}/x.pt")
         for name, row in rows.items():
-            if row.status != "ok" or not row.interleaved_s:
+            if row.status != Status.OK.value or not row.interleaved_s:
                 continue
             spec = {"variant": name, "x": f"{tmp}/x.pt", "threads": case.threads,
                     "opts": dataclasses.asdict(opts)}
