@@ -180,6 +180,10 @@ def busiest_others(n: int = 3) -> list[str]:
 def busy_now(seconds: float = 0.5, max_share: float = MAX_SHARE, monitor=None) -> str | None:
     """One warning line where other work holds more than ``max_share`` of a core right now
     (naming the busiest other processes), else None. It never waits for the machine to calm."""
+    from .records import default_max_contention
+
+    if monitor is None and default_max_contention() is None:  # off: nothing acts on it
+        return None
     mon = monitor or Monitor()
     mon.start()
     time.sleep(seconds)
