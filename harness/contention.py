@@ -17,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from .records import default_max_contention
+
 MAX_SHARE = 0.25  # of one core: more than this, and the round is retaken
 RETAKES = 3  # per round
 BACKOFF = 0.2  # seconds before the first retake, doubled for each further one
@@ -180,8 +182,6 @@ def busiest_others(n: int = 3) -> list[str]:
 def busy_now(seconds: float = 0.5, max_share: float = MAX_SHARE, monitor=None) -> str | None:
     """One warning line where other work holds more than ``max_share`` of a core right now
     (naming the busiest other processes), else None. It never waits for the machine to calm."""
-    from .records import default_max_contention
-
     if monitor is None and default_max_contention() is None:  # off: nothing acts on it
         return None
     mon = monitor or Monitor()

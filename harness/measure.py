@@ -65,11 +65,12 @@ def execute(req: CaseRequest) -> CaseResult:
             variants["dense_resident"] = (krun.resident, krun.layout(x))
     watch = gpu.Watch() if device is Device.CUDA else None  # clocks, other processes
     try:
+        flops = layer.flops(case.batch)
         got = timing.timed(device, variants, opts)
-        remeasured, why = 0, _implausible(got, case.sparsity, layer.flops(case.batch))
+        remeasured, why = 0, _implausible(got, case.sparsity, flops)
         if why:  # above what skipping the zeros can give: measured once more before belief
             got, remeasured = timing.timed(device, variants, opts), 1
-            why = _implausible(got, case.sparsity, layer.flops(case.batch))
+            why = _implausible(got, case.sparsity, flops)
     except Exception as e:  # noqa: BLE001
         return CaseResult(status_of(e), "timing: " + error_text(e), **checked)
     st, samples = got

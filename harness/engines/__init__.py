@@ -15,6 +15,7 @@ zeros?) also runs the masked network, the very masks the project's kernels use."
 from __future__ import annotations
 
 import functools
+import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,13 +32,19 @@ class Engine:
     install: str = ""  # how to get it, e.g. "pip install '.[peers]'"
     masked: str | None = None
     default: bool = True  # run unless left out; False: only when asked for by name
-    torch_module: bool = False  # runs the torch module itself (no export)
+    module: str | None = None  # the Python package it needs: available() and version() ask it
 
     def available(self) -> str | None:
+        if self.module is None:
+            return None
+        try:
+            importlib.import_module(self.module)
+        except ImportError:
+            return f"{self.module} is not installed ({self.install})"
         return None
 
     def version(self) -> str:
-        return ""
+        return importlib.import_module(self.module).__version__ if self.module else ""
 
     def settings(self, threads: int) -> dict:
         return {}
@@ -62,8 +69,6 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
-    import importlib
-
     from kernels.registry import import_plugin, plugin_modules
 
     for mod in pkgutil.iter_modules(__path__):

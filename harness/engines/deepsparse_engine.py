@@ -11,23 +11,15 @@ from . import Engine, _onnx, register
 
 
 class DeepSparse(Engine):
-    name, label, masked = "deepsparse", "DeepSparse", "peer"
+    name, label, masked, module = "deepsparse", "DeepSparse", "peer", "deepsparse"
     install = "pip install '.[deepsparse]' (Python <= 3.11)"
 
     def available(self):
         os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # no network calls from a benchmark
         try:
-            import deepsparse  # noqa: F401
-        except ImportError:
-            return f"deepsparse is not installed ({self.install})"
+            return super().available()
         except Exception as e:  # noqa: BLE001 - e.g. an unsupported CPU or numpy
             return f"deepsparse cannot be loaded here: {type(e).__name__}: {e}"[:200]
-        return None
-
-    def version(self):
-        import deepsparse
-
-        return deepsparse.__version__
 
     def settings(self, threads):
         return {"num_cores": threads, "batch_size": "the run's batch"}

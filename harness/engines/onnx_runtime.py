@@ -7,20 +7,8 @@ from . import Engine, _onnx, register
 
 
 class OnnxRuntime(Engine):
-    name, label, masked = "onnxruntime", "ONNX Runtime", "control"
+    name, label, masked, module = "onnxruntime", "ONNX Runtime", "control", "onnxruntime"
     install = "pip install '.[peers]' (onnxruntime)"
-
-    def available(self):
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return f"onnxruntime is not installed ({self.install})"
-        return None
-
-    def version(self):
-        import onnxruntime
-
-        return onnxruntime.__version__
 
     def settings(self, threads):
         return {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": threads,

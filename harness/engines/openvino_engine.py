@@ -8,20 +8,11 @@ from . import Engine, _onnx, register
 
 
 class OpenVINO(Engine):
-    name, label, masked = "openvino", "OpenVINO", "control"
+    name, label, masked, module = "openvino", "OpenVINO", "control", "openvino"
     install = "pip install '.[peers]' (openvino)"
 
-    def available(self):
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            return f"openvino is not installed ({self.install})"
-        return None
-
     def version(self):
-        import openvino
-
-        return openvino.__version__.split("-")[0]
+        return super().version().split("-")[0]  # 2026.4.1-22982-...: the release
 
     def settings(self, threads):
         return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",

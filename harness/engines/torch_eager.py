@@ -11,10 +11,7 @@ from . import Engine, register
 
 
 class EagerNCHW(Engine):
-    name, label, torch_module = "eager_nchw", "PyTorch eager (NCHW)", True
-
-    def version(self) -> str:
-        return torch.__version__
+    name, label, module = "eager_nchw", "PyTorch eager (NCHW)", "torch"
 
     def settings(self, threads: int) -> dict:
         return {"torch.set_num_threads": threads}
