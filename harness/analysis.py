@@ -55,18 +55,56 @@ def flagged(df: pd.DataFrame) -> pd.Series:
     return out
 
 
+def confirmed(df: pd.DataFrame) -> pd.Series:
+    """Rows whose confirmation race (``harness.confirm``) timed them clean: not contended, not
+    above the FLOP ideal, not failed."""
+    if "conf_rank" not in df:
+        return pd.Series(False, index=df.index)
+    return (df.conf_rank.notna() & df.conf_speedup.notna() & ~_text(df.conf_reason)
+            & ~df.conf_contended.fillna(0).astype(bool) & ~_text(df.conf_implausible))
+
+
+def _text(col: pd.Series) -> pd.Series:
+    return col.notna() & (col.astype(str) != "")
+
+
 def best_per_layer(df: pd.DataFrame) -> pd.DataFrame:
     """Best ok, unflagged sparse case per (group, layer, pattern, sparsity) by end-to-end
-    speedup."""
+    speedup. Where a confirmation race ran for the slot, only the rows it timed clean take
+    part, with the race's figures and intervals (``confirmed`` True; ``tied_with`` names the
+    runner-up where their intervals overlap, so neither is claimed faster); elsewhere the sweep's
+    rows, ``confirmed`` False."""
     s = with_speedups(df[(df.pattern != "dense") & (df.status == Status.OK) & ~flagged(df)])
     if s.empty:
         return s
     keys = GROUP + ["layer", "pattern", "sparsity"]
+    s["confirmed"] = confirmed(s)
+    if "conf_rank" in s:
+        raced = s.groupby(keys, dropna=False)["conf_rank"].transform(lambda v: v.notna().any())
+        s = s[~raced.astype(bool) | s.confirmed].copy()
+        c = s.confirmed
+        for col in ("speedup", "speedup_lo", "speedup_hi", "kernel_speedup",
+                    "kernel_speedup_lo", "kernel_speedup_hi"):
+            if "conf_" + col in s:
+                s[col] = s[col].astype(float).where(~c, s["conf_" + col].astype(float))
+        if s.empty:
+            return s
+    s["_slot"] = s.groupby(keys, dropna=False).ngroup()
     idx = s.groupby(keys)["speedup"].idxmax()
     best = s.loc[idx].copy()
+    best["tied_with"] = None
+    if "conf_vs_other_lo" in best:
+        for i, r in best.iterrows():
+            lo, hi = r.get("conf_vs_other_lo"), r.get("conf_vs_other_hi")
+            if not r.confirmed or pd.isna(lo) or not lo <= 1 <= hi:
+                continue
+            same = (s._slot == r._slot) & (s.index != i) & s.confirmed
+            if same.any():
+                o = s[same].iloc[0]
+                best.at[i, "tied_with"] = f"{o.kernel} {o.config}"
     kbest = s.groupby(keys, as_index=False)["kernel_speedup"].max().rename(
         columns={"kernel_speedup": "best_kernel_speedup"})
-    return best.merge(kbest, on=keys)
+    return best.drop(columns="_slot").merge(kbest, on=keys)
 
 
 def network_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -122,7 +160,14 @@ def trust_summary(df: pd.DataFrame) -> str | None:
     con = int(ok.contended.fillna(0).astype(bool).sum())
     ret = int(ok.retaken.fillna(0).sum())
     share = ok.contention.max() if ok.contention.notna().any() else 0.0
-    return (f"trust: {rem} row(s) re-measured for a ratio above the FLOP ideal, {imp} still "
-            f"above it (flagged implausible), {con} contended by other work after retakes "
-            f"(flagged), {ret} round(s) retaken; largest other-work share in a kept round "
-            f"{share:.2f} of a core; flagged rows feed no best figure")
+    raced = ""
+    if "conf_rank" in ok and ok.conf_rank.notna().any():
+        n = int(ok.conf_rank.notna().sum())
+        out = int((ok.conf_rank.notna() & ~confirmed(ok)).sum())
+        raced = (f"; {n} best and runner-up row(s) raced again in confirmation, {out} of them "
+                 f"flagged or failed there")
+    return (f"trust: {rem} row(s) re-measured for a ratio above the FLOP ideal or a slow "
+            f"dense run beside them, {imp} still so (flagged implausible), {con} contended by "
+            f"other work after retakes (flagged), {ret} round(s) retaken; largest other-work "
+            f"share in a kept round {share:.2f} of a core{raced}; flagged rows feed no best "
+            f"figure")

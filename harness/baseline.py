@@ -9,6 +9,7 @@ runner, the autotuner and the analysis all ask here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -61,7 +62,9 @@ class Choice:
     def ref(self) -> DenseRef | None:
         if self.kernel is None:
             return None
-        return DenseRef(self.kernel, self.layout, self.resident_layout or self.layout)
+        resident = self.resident_seconds if math.isfinite(self.resident_seconds) else None
+        return DenseRef(self.kernel, self.layout, self.resident_layout or self.layout,
+                        self.seconds, resident)
 
 
 class Baselines:

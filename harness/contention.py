@@ -7,8 +7,9 @@ share of cores other work held. The worker threads' run-queue wait
 (``/proc/self/task/*/schedstat``, second field) says how long our own threads were ready but
 not running. Rounds are judged in windows of at least ``WINDOW`` seconds (the counters tick
 every 10 ms); a window where other work held more than ``MAX_SHARE`` of a core is retaken after
-a short back-off, at most ``RETAKES`` times; one that stays contended is kept and the row
-flagged with the share measured. Where ``/proc`` is not there, nothing is measured (share 0)."""
+a short back-off, at most ``RETAKES`` times and within a time ``Budget`` per process; one that
+stays contended is kept and the row flagged with the share measured. Where ``/proc`` is not
+there, nothing is measured (share 0)."""
 
 from __future__ import annotations
 
@@ -111,16 +112,38 @@ class Contention:
 WINDOW = 0.25
 
 
+@dataclass
+class Budget:
+    """Retakes cost time; a machine that stays busy would have every window retaken. Over a
+    process (a worker's whole sweep), retaken windows and their back-offs may take at most
+    ``share`` of the time of the windows kept, plus ``allowance`` seconds: past that a
+    contended window is kept and flagged at once, so a busy machine costs a bounded share more
+    time, not a multiple."""
+
+    share: float = 0.5
+    allowance: float = 2.0
+    kept: float = 0.0
+    retaken: float = 0.0
+
+    def allows(self) -> bool:
+        return self.retaken < self.share * self.kept + self.allowance
+
+
+BUDGET = Budget()  # this process's
+
+
 def rounds(take_round, n: int, monitor: Monitor | None = None, max_share: float = MAX_SHARE,
            retakes: int = RETAKES, backoff: float = BACKOFF, sleep=time.sleep,
-           stop_early=None, window: float = WINDOW) -> Contention:
+           stop_early=None, window: float = WINDOW, budget: Budget | None = None) -> Contention:
     """Call ``take_round()`` for ``n`` rounds; it times one round and returns a function that
     drops that round's samples (and every later one's). Rounds are judged over windows of at
     least ``window`` seconds: a window in which other work held more than ``max_share`` of a
     core is dropped and retaken after ``backoff`` (doubled each time), at most ``retakes``
     times in a row; then it is kept and flagged. ``stop_early(done)`` ends the rounds early
-    (a deadline); a last window too short to judge is kept unjudged."""
+    (a deadline); a last window too short to judge is kept unjudged. ``budget`` bounds the
+    time all retakes of the process take (``Budget``; default this process's)."""
     mon = monitor or Monitor()
+    budget = budget if budget is not None else BUDGET
     seen = Contention()
     done, attempt, pending = 0, 0, []
     mon.start()
@@ -132,16 +155,19 @@ def rounds(take_round, n: int, monitor: Monitor | None = None, max_share: float 
             if not last:
                 continue
             break  # too short to judge: kept as it is
+        took = mon.elapsed()
         share, runq = mon.stop()
-        if share > max_share and attempt < retakes:
+        if share > max_share and attempt < retakes and budget.allows():
             pending[0]()  # drops this window's rounds
             done -= len(pending)
             seen.retaken += len(pending)
             pending = []
+            budget.retaken += took + backoff * 2 ** attempt
             sleep(backoff * 2 ** attempt)
             attempt += 1
             mon.start()
             continue
+        budget.kept += took
         seen.contended |= share > max_share
         seen.share, seen.runq = max(seen.share, share), max(seen.runq, runq)
         attempt, pending = 0, []

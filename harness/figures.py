@@ -32,9 +32,14 @@ def layer_bars(best: pd.DataFrame, net: str, col: str = "speedup") -> str:
     sps = sorted(d.sparsity.unique())
     fig, axes = plt.subplots(len(sps), 1, figsize=(max(8, 0.42 * len(order) + 3), 2.6 * len(sps)),
                              sharex=True, squeeze=False)
+    kinds = sorted(d.kernel.unique())
+    lo, hi = _interval_columns(d, col)
     for ax, S in zip(axes[:, 0], sps):
-        sns.barplot(data=d[d.sparsity == S], x="layer", y=col, hue="kernel", order=order, ax=ax,
-                    errorbar=None)
+        part = d[d.sparsity == S]
+        sns.barplot(data=part, x="layer", y=col, hue="kernel", order=order, hue_order=kinds,
+                    ax=ax, errorbar=None)
+        if lo is not None:  # the stored 95% intervals (the confirmation race's where it ran)
+            _error_bars(ax, part, order, kinds, col, lo, hi)
         ax.axhline(1.0, color="black", lw=1, ls="--")
         ax.set_ylabel(f"S={S:g}\nspeedup")
         ax.set_xlabel("")
@@ -42,6 +47,38 @@ def layer_bars(best: pd.DataFrame, net: str, col: str = "speedup") -> str:
     axes[-1, 0].tick_params(axis="x", rotation=75, labelsize=7)
     fig.suptitle(f"{net}: per-layer speedup vs best dense ({'end-to-end' if col == 'speedup' else 'kernel-only'})")
     return _png(fig)
+
+
+def _interval_columns(d: pd.DataFrame, col: str):
+    """The interval columns of a bar column, where the rows hold them: the end-to-end speedup's,
+    or the kernel-only one's where the best kernel-only figure is the row's own."""
+    lo, hi = ("speedup_lo", "speedup_hi") if col == "speedup" else (
+        "kernel_speedup_lo", "kernel_speedup_hi")
+    if lo not in d or not d[lo].notna().any():
+        return None, None
+    if col != "speedup" and "kernel_speedup" in d:
+        same = (d[col] - d.kernel_speedup).abs() <= 1e-9 * d[col].abs()
+        d[lo], d[hi] = d[lo].where(same), d[hi].where(same)
+    return lo, hi
+
+
+def _error_bars(ax, part: pd.DataFrame, order, kinds, col: str, lo: str, hi: str) -> None:
+    """One error bar per drawn bar: bars are matched to rows by hue (containers follow
+    ``kinds``) and by the layer at the bar's centre."""
+    for kind, bars in zip(kinds, ax.containers):
+        rows = part[part.kernel == kind].set_index("layer")
+        for bar in bars:
+            i = int(round(bar.get_x() + bar.get_width() / 2))
+            if not 0 <= i < len(order) or order[i] not in rows.index:
+                continue
+            r = rows.loc[order[i]]
+            r = r.iloc[0] if isinstance(r, pd.DataFrame) else r
+            if pd.isna(r[lo]) or pd.isna(r[hi]):
+                continue
+            y = float(r[col])
+            ax.errorbar(bar.get_x() + bar.get_width() / 2, y,
+                        yerr=[[max(y - float(r[lo]), 0)], [max(float(r[hi]) - y, 0)]],
+                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
 
 
 def network_lines(net_table: pd.DataFrame) -> str:

@@ -67,10 +67,10 @@ def execute(req: CaseRequest) -> CaseResult:
     try:
         flops = layer.flops(case.batch)
         got = timing.timed(device, variants, opts)
-        remeasured, why = 0, _implausible(got, case.sparsity, flops)
+        remeasured, why = 0, _implausible(got, case.sparsity, flops, dense)
         if why:  # above what skipping the zeros can give: measured once more before belief
             got, remeasured = timing.timed(device, variants, opts), 1
-            why = _implausible(got, case.sparsity, flops)
+            why = _implausible(got, case.sparsity, flops, dense)
     except Exception as e:  # noqa: BLE001
         return CaseResult(status_of(e), "timing: " + error_text(e), **checked)
     st, samples = got
@@ -103,28 +103,43 @@ def execute(req: CaseRequest) -> CaseResult:
 
 # a speedup above the FLOP ideal 1/(1-S) by more than this is re-measured, then flagged
 PLAUSIBLE = 1.05
+# a dense run beside a sparse case slower than its own baseline row by more than this factor
+# is re-measured, then flagged: something else slowed it, and the ratio over it would be inflated
+DENSE_SLOWER = 1.5
 
 
-def _implausible(got, sparsity: float, flops: float) -> str | None:
+def _implausible(got, sparsity: float, flops: float, dense=None) -> str | None:
     """Why the timing's ratio cannot be taken at face value (None: it can): end to end or
-    kernel-only above ``PLAUSIBLE`` times the FLOP ideal. It can be real (sparse weights that
-    fit in a cache the dense ones do not), so a row that stays there is flagged, not dropped."""
+    kernel-only above ``PLAUSIBLE`` times the FLOP ideal, or the dense run beside the case
+    ``DENSE_SLOWER`` times slower than the same layout's own baseline row (``dense``: a
+    ``DenseRef`` with those medians). A super-linear ratio can be real (sparse weights that fit
+    in a cache the dense ones do not), so a row that stays there is flagged, not dropped."""
     st = got.stats
     if "dense" not in st or sparsity >= 1:
         return None
     ideal = 1 / (1 - sparsity)
-    for what, d, s in (("end to end", "dense", "kernel"),
-                       ("kernel-only", "dense_resident", "resident")):
-        if d in st and s in st and st[d].median / st[s].median > PLAUSIBLE * ideal:
+    pairs = (("end to end", "dense", "kernel", getattr(dense, "seconds", None)),
+             ("kernel-only", "dense_resident", "resident",
+              getattr(dense, "resident_seconds", None)))
+    for what, d, s, own in pairs:
+        if d not in st or s not in st:
+            continue
+        rate = f"{flops / st[d].median / 1e9:.1f} GFLOP/s"
+        if st[d].median / st[s].median > PLAUSIBLE * ideal:
             return (f"{what} {st[d].median / st[s].median:.2f}x is above the FLOP ideal "
                     f"{ideal:.2f}x after a re-measurement; the dense run beside it reached "
-                    f"{flops / st[d].median / 1e9:.1f} GFLOP/s")
+                    f"{rate}")
+        if own and st[d].median > DENSE_SLOWER * own:
+            return (f"{what}: the dense run beside it reached {rate} after a re-measurement, "
+                    f"against {flops / own / 1e9:.1f} GFLOP/s in its own baseline row")
     return None
 
 
 def race(req: RaceRequest) -> RaceReply:
-    """Time several candidates of one layer interleaved in one run. Each passes the correctness
-    gate first; one that fails gets None and its reason."""
+    """Time several candidates of one layer interleaved in one run (the one race: the tuner's
+    confirmation and the sweep's, :mod:`harness.confirm`). Each passes the correctness gate
+    first; one that fails gets None and its reason. With ``resident``, each candidate's
+    kernel-only run (input already in its layout) is timed in the same rounds."""
     layer, device = req.layer, req.device
     torch.set_num_threads(req.threads)
     timing.gpu_settings(device)
@@ -141,11 +156,19 @@ def race(req: RaceRequest) -> RaceReply:
         reasons.append(why)
         if why is None:
             variants[i] = (run, x)
-    st, samples = timing.timed(device, variants, req.timing)
-    return RaceReply(medians=tuple(st[i].median if i in st else None
-                                   for i in range(len(reasons))), reasons=tuple(reasons),
-                     win_rates=tuple(timing.win_rate(samples.get(i), samples.get(0))
-                                     for i in range(len(reasons))))
+            if req.resident and run.has_resident:
+                variants[(i, "resident")] = (run.resident, run.layout(x))
+    got = timing.timed(device, variants, req.timing)
+    st, samples = got
+    n = range(len(reasons))
+    seen = got.contention
+    return RaceReply(medians=tuple(st[i].median if i in st else None for i in n),
+                     reasons=tuple(reasons),
+                     win_rates=tuple(timing.win_rate(samples.get(i), samples.get(0)) for i in n),
+                     samples=tuple(tuple(samples.get(i, ())) for i in n),
+                     resident_samples=tuple(tuple(samples.get((i, "resident"), ())) for i in n),
+                     contention=seen.share if seen else None,
+                     contended=bool(seen and seen.contended))
 
 
 def init(req: InitRequest) -> InitReply:

@@ -296,6 +296,10 @@ class DenseRef:
     kernel: str
     layout: str
     resident_layout: str
+    # the baseline rows' own medians: a dense run beside a sparse case far slower than its own
+    # row means something else slowed it (harness.measure re-measures, then flags it)
+    seconds: float | None = None
+    resident_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -484,6 +488,7 @@ class RaceRequest:
     sparsity: float
     cands: tuple  # of Candidate
     timing: TimingOptions
+    resident: bool = False  # also time each candidate with its input already laid out
 
 
 @dataclass(frozen=True)
@@ -493,6 +498,47 @@ class RaceReply:
     # per candidate: the fraction of interleaved rounds in which it was faster than the first
     # candidate (None where either was not timed)
     win_rates: tuple = ()
+    # per candidate: its samples, one per interleaved round (() where not timed), end to end
+    # and, with ``resident``, kernel-only
+    samples: tuple = ()
+    resident_samples: tuple = ()
+    contention: float | None = None  # the largest other-work share of a kept round
+    contended: bool = False
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """One candidate of a confirmation race, a row of the confirmations table: after a sweep,
+    the best and the runner-up configuration of a layer, pattern and sparsity race the dense
+    baseline interleaved (``harness.confirm``). ``measurement_id`` is the sweep row it
+    confirms; its figures, not the sweep row's, feed every best figure."""
+
+    measurement_id: int
+    case_key: str
+    fp_hash: str
+    run_id: int
+    rank: int  # 1: the sweep's best, 2: its runner-up
+    speedup: float | None = None  # end to end, dense median / this median, from the race
+    speedup_lo: float | None = None
+    speedup_hi: float | None = None
+    kernel_speedup: float | None = None
+    kernel_speedup_lo: float | None = None
+    kernel_speedup_hi: float | None = None
+    # the other raced candidate's time over this one's (above 1: this one is faster)
+    vs_other: float | None = None
+    vs_other_lo: float | None = None
+    vs_other_hi: float | None = None
+    contention: float | None = None
+    contended: bool = False
+    implausible: str | None = None  # a ratio above the FLOP ideal in the race too
+    reason: str | None = None  # why the candidate was not timed
+    created: float | None = None
+
+    def row(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["contended"] = int(out["contended"])
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -600,6 +646,8 @@ class E2EResult:
     contention: float | None = None  # as CaseResult's, over the whole network's timing
     retaken: int | None = None
     contended: bool | None = None
+    remeasured: int | None = None  # timed once more for a ratio above the FLOP ideal
+    implausible: str | None = None  # why the ratio stayed there
 
     def __post_init__(self):
         object.__setattr__(self, "status", Status(self.status))
@@ -709,6 +757,8 @@ class TuningRecord:
     dense_median_s: float | None = None
     rel_err: float | None = None
     created: float | None = None
+    # why the timing is not taken at face value (implausible, contended): never chosen
+    flagged: str | None = None
 
     def __post_init__(self):
         if isinstance(self.config, Mapping):
@@ -788,6 +838,8 @@ class E2EMeasurement:
     contention: float | None = None  # other work's largest share of a core in a kept round
     retaken: int | None = None
     contended: bool | None = None
+    remeasured: int | None = None
+    implausible: str | None = None
 
     @classmethod
     def of(cls, case: E2ECase, res: E2EResult, run_id: int, fp_hash: str, machine_hash: str,
@@ -823,7 +875,8 @@ class E2EMeasurement:
                    noisy=res.noisy, samples=res.samples, node=node,
                    gpu_clocks=res.gpu_clocks, gpu_others=res.gpu_others, cudnn=case.cudnn,
                    engines=res.engines, contention=res.contention, retaken=res.retaken,
-                   contended=res.contended,
+                   contended=res.contended, remeasured=res.remeasured,
+                   implausible=res.implausible,
                    **(engine_summary(res.engines) if res.status is Status.OK else {}))
 
     def row(self) -> dict:

@@ -24,7 +24,14 @@ from pathlib import Path
 import pandas as pd
 
 from . import UsageError
-from .records import E2EMeasurement, Measurement, RunStatus, Status, TuningRecord
+from .records import (
+    Confirmation,
+    E2EMeasurement,
+    Measurement,
+    RunStatus,
+    Status,
+    TuningRecord,
+)
 
 APP = "sparseconv-bench"
 SCHEMA_VERSION = 2  # 2: columns from records.Measurement (source hash, element-wise error, ...)
@@ -43,6 +50,8 @@ def _sql_type(annotation: str) -> str:
 MEASUREMENT_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(Measurement)}
 # column -> SQL type, one per field of records.E2EMeasurement
 E2E_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(E2EMeasurement)}
+# column -> SQL type, one per field of records.Confirmation
+CONFIRMATION_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(Confirmation)}
 # column -> SQL type, one per field of records.TuningRecord
 TUNING_COLUMNS = {f.name: _sql_type(f.type) for f in dataclasses.fields(TuningRecord)}
 
@@ -63,6 +72,10 @@ CREATE TABLE IF NOT EXISTS e2e (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     {", ".join(f"{k} {v}" for k, v in E2E_COLUMNS.items())});
 CREATE INDEX IF NOT EXISTS e_case ON e2e (fp_hash, case_key);
+CREATE TABLE IF NOT EXISTS confirmations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    {", ".join(f"{k} {v}" for k, v in CONFIRMATION_COLUMNS.items())});
+CREATE INDEX IF NOT EXISTS c_measurement ON confirmations (measurement_id);
 CREATE TABLE IF NOT EXISTS lease (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER, step INTEGER, step_name TEXT,
     kind TEXT, name TEXT, status TEXT, value REAL, unit TEXT, detail TEXT, created REAL);
@@ -266,7 +279,8 @@ class Store:
                                 (str(SCHEMA_VERSION),))
             self._check_meta(dict(self.db.execute("SELECT key, value FROM meta")))
             for table, columns in (("measurements", MEASUREMENT_COLUMNS), ("e2e", E2E_COLUMNS),
-                                   ("tuning", TUNING_COLUMNS)):
+                                   ("tuning", TUNING_COLUMNS),
+                                   ("confirmations", CONFIRMATION_COLUMNS)):
                 have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
                 for name, kind in columns.items():  # nullable columns a newer release added
                     if name not in have:
@@ -347,7 +361,30 @@ class Store:
                  f"{where} GROUP BY fp_hash, case_key) ORDER BY id")
         else:
             q = f"SELECT * FROM measurements {where} ORDER BY id"
-        return pd.read_sql_query(q, self.db, params=params)
+        df = pd.read_sql_query(q, self.db, params=params)
+        return self._with_confirmations(df)
+
+    def _with_confirmations(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The rows with their latest confirmation (``harness.confirm``) beside them, as
+        ``conf_*`` columns (empty where a row was not raced)."""
+        cols = [c for c in CONFIRMATION_COLUMNS if c not in ("measurement_id", "case_key",
+                                                             "fp_hash")]
+        conf = pd.read_sql_query(
+            "SELECT * FROM confirmations WHERE id IN (SELECT MAX(id) FROM confirmations GROUP "
+            "BY measurement_id)", self.db) if "confirmations" in self._tables() else None
+        if conf is None or conf.empty:
+            for c in cols:
+                df["conf_" + c] = pd.Series([None] * len(df), index=df.index, dtype=object)
+            return df
+        conf = conf.set_index("measurement_id")[cols].add_prefix("conf_")
+        return df.join(conf, on="id")
+
+    def add_confirmation(self, c: Confirmation) -> None:
+        """Append one confirmation row and commit it."""
+        row = c.row()
+        with self._tx():
+            self.db.execute(f"INSERT INTO confirmations ({', '.join(row)}) VALUES "
+                            f"({', '.join('?' * len(row))})", list(row.values()))
 
     @_guarded
     def runs(self) -> pd.DataFrame:

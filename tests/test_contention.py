@@ -3,6 +3,8 @@ number of times) or flagged, a ratio above the FLOP ideal is re-measured and fla
 stays, intervals cover the true ratio, and flagged rows feed no best figure. None of these
 tests reads the machine's real timing: readings are recorded, delays far above any noise."""
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -10,11 +12,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from test_harness import ROOT, env
 
 import kernels
 from harness import analysis, contention, measure
 from harness.cases import make_case
 from harness.records import CaseRequest, DenseRef, Status, TimingOptions
+from harness.store import Store
 from harness.timing import ratio_interval
 from kernels.registry import _REGISTRY
 from shapes import ConvLayer
@@ -62,6 +66,7 @@ def run_rounds(others, n, **kw):
             dropped.append(kept.pop())
         return drop
 
+    kw.setdefault("budget", contention.Budget(allowance=1e9))
     seen = contention.rounds(take_round, n, monitor=mon, sleep=slept.append, **kw)
     return seen, kept, dropped, slept
 
@@ -79,6 +84,22 @@ def test_a_round_that_stays_contended_is_kept_flagged_and_retaken_at_most_the_bo
     assert seen.contended and seen.share == pytest.approx(0.8)
     assert seen.retaken == 6 and len(kept) == 2  # 3 retakes per round, then kept
     assert slept[:3] == [contention.BACKOFF * 2 ** i for i in range(3)]
+
+
+def test_a_machine_that_stays_busy_spends_at_most_the_retake_budget():
+    """Persistent load: retakes stop once their time (windows and back-offs) passes the
+    budget's share of the time kept, and every later contended window is kept and flagged."""
+    budget = contention.Budget(share=0.5, allowance=0.0)
+    budget.kept = 4.0  # four one-second windows kept earlier in the process
+    seen, kept, dropped, slept = run_rounds([0.8], 10, max_share=0.25, budget=budget)
+    assert seen.contended and len(kept) == 10
+    assert budget.kept == pytest.approx(14.0)
+    # without the budget: 3 retakes per window, 30 in all; with it, each retake is taken only
+    # while the time spent retaking is below half the time kept, so it overshoots by one
+    # retake (one window and its longest back-off) at most
+    assert 0 < seen.retaken < 10
+    assert budget.retaken == pytest.approx(seen.retaken + sum(slept))
+    assert budget.retaken <= 0.5 * budget.kept + 1 + 4 * contention.BACKOFF
 
 
 def test_an_idle_machine_retakes_nothing():
@@ -199,3 +220,68 @@ def test_a_flagged_lucky_row_never_reaches_a_best_figure():
          "kernel_median_s": 1e-3 / 12, "contended": 1}])
     best = analysis.best_per_layer(rows)
     assert list(best.config) == ["a"] and best.best_kernel_speedup.iloc[0] == pytest.approx(6)
+
+
+# ---- the confirmation pass ------------------------------------------------------------------
+def test_a_lucky_row_slower_when_raced_again_never_reaches_a_best_figure(tmp_path):
+    """``test_lucky`` is the layer's best in the sweep and 20 ms slower per call in the
+    confirmation race; ``test_steady`` (2 ms slower than dense, always) overtakes it there, and
+    every best figure (the per-layer best and the network table the report's answer sums) is
+    the race's figure for ``test_steady``."""
+    shapes = tmp_path / "one.csv"
+    shapes.write_text("name,cin,cout,kh,kw,stride,padding,h,w\na,32,32,3,3,1,1,10,10\n")
+    db = tmp_path / "r.sqlite"
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes), "--nets", "",
+         "--db", str(db), "--rounds", "5", "--min-sample", "0.0002", "--threads", "1",
+         "--no-progress", "--kernels", "test_lucky,test_steady", "--sparsities", "0.5"],
+        cwd=ROOT, env=env(HARNESS_PLUGINS="lucky_kernels", LUCKY_STATE=str(tmp_path / "lucky")),
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "1 overtaken by the runner-up" in r.stdout, r.stdout
+    df = analysis.with_speedups(Store(db, create=False).measurements()).set_index("kernel")
+    lucky, steady = df.loc["test_lucky"], df.loc["test_steady"]
+    assert lucky.speedup > 5 * steady.speedup  # the sweep's best, by far
+    assert lucky.conf_rank == 1 and steady.conf_rank == 2
+    assert lucky.conf_speedup < steady.conf_speedup / 5  # raced again: far slower
+    assert steady.conf_vs_other_lo > 1  # and the interval says so
+    best = analysis.best_per_layer(Store(db, create=False).measurements())
+    assert list(best.kernel) == ["test_steady"] and bool(best.confirmed.iloc[0])
+    assert best.speedup.iloc[0] == pytest.approx(steady.conf_speedup)
+    assert best.tied_with.iloc[0] is None
+    net = analysis.network_table(Store(db, create=False).measurements())
+    assert net.speedup.iloc[0] == pytest.approx(steady.conf_speedup)
+
+
+def test_overlapping_race_intervals_are_a_tie_not_a_ranking():
+    base = dict(fp_hash="f", machine_hash="m", net="n", layer="l1", batch=1, dtype="float32",
+                device="cpu", threads=2, pattern="cs", sparsity=0.75, status="ok",
+                dense_median_s=1e-3, dense_kernel_median_s=1e-3, flops=1e9, contended=0,
+                implausible=None, conf_reason=None, conf_contended=0, conf_implausible=None,
+                conf_kernel_speedup=None)
+    rows = pd.DataFrame([
+        {**base, "kernel": "a", "config": "{}", "median_s": 1e-3 / 3.3,
+         "kernel_median_s": 1e-3 / 3, "conf_rank": 1, "conf_speedup": 3.0,
+         "conf_vs_other": 1.02, "conf_vs_other_lo": 0.97, "conf_vs_other_hi": 1.08},
+        {**base, "kernel": "b", "config": "{}", "median_s": 1e-3 / 3.1,
+         "kernel_median_s": 1e-3 / 3, "conf_rank": 2, "conf_speedup": 2.94,
+         "conf_vs_other": 0.98, "conf_vs_other_lo": 0.93, "conf_vs_other_hi": 1.03},
+        {**base, "layer": "l2", "kernel": "a", "config": "{}", "median_s": 1e-3 / 3.3,
+         "kernel_median_s": 1e-3 / 3, "conf_rank": 1, "conf_speedup": 3.2,
+         "conf_vs_other": 1.3, "conf_vs_other_lo": 1.2, "conf_vs_other_hi": 1.4},
+        {**base, "layer": "l2", "kernel": "b", "config": "{}", "median_s": 1e-3 / 2.5,
+         "kernel_median_s": 1e-3 / 3, "conf_rank": 2, "conf_speedup": 2.4,
+         "conf_vs_other": 0.77, "conf_vs_other_lo": 0.71, "conf_vs_other_hi": 0.83},
+        # raced, but contended in the race: its sweep figure (6x) counts for nothing
+        {**base, "layer": "l3", "kernel": "a", "config": "{}", "median_s": 1e-3 / 6,
+         "kernel_median_s": 1e-3 / 6, "conf_rank": 1, "conf_speedup": 3.9,
+         "conf_contended": 1},
+        # never raced: its sweep figure, marked unconfirmed
+        {**base, "layer": "l4", "kernel": "a", "config": "{}", "median_s": 1e-3 / 2,
+         "kernel_median_s": 1e-3 / 2}])
+    best = analysis.best_per_layer(rows).set_index("layer")
+    assert best.loc["l1", "kernel"] == "a" and best.loc["l1", "tied_with"] == "b {}"
+    assert best.loc["l1", "speedup"] == pytest.approx(3.0)  # the race's, not the sweep's 3.3
+    assert best.loc["l2", "tied_with"] is None and best.loc["l2", "speedup"] == pytest.approx(3.2)
+    assert "l3" not in best.index
+    assert not best.loc["l4", "confirmed"] and best.loc["l4", "speedup"] == pytest.approx(2.0)

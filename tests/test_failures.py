@@ -114,7 +114,7 @@ def tiny_csv(tmp_path: Path, text: str = SHAPES) -> Path:
 
 def bench_args(tmp_path, *args, db=None):
     return ["bench", "--shapes-csv", tiny_csv(tmp_path), "--nets", "", "--no-progress",
-            "--threads", "1", "--db", db or tmp_path / "r.sqlite", *args]
+            "--no-confirm", "--threads", "1", "--db", db or tmp_path / "r.sqlite", *args]
 
 
 # ---- 1. a refused file is not modified; reading commands open the database read-only ---------

@@ -24,7 +24,7 @@ b,64,64,1,1,1,0,8,8
 c,32,64,3,3,2,1,12,12
 d,64,32,1,1,2,0,9,9
 """
-FAST = ["--rounds", "3", "--min-sample", "0.0002", "--no-progress", "--nets", "",
+FAST = ["--rounds", "3", "--min-sample", "0.0002", "--no-progress", "--no-confirm", "--nets", "",
         "--threads", "1"]
 
 

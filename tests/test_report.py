@@ -9,6 +9,8 @@ import pytest
 from test_harness import ROOT, bench, env, rows
 
 import kernels
+from harness import analysis
+from harness.store import Store
 
 SECTIONS = ["answer", "e2e", "machine", "per-layer", "network", "sensitivity", "roofline", "autotune", "paper",
             "gpu", "failures", "results"]
@@ -22,11 +24,12 @@ def db(tmp_path_factory):
     """A real CPU sweep, then the GPU pipeline through Triton's interpreter (with a wrong
     Triton plugin) into the same database."""
     tmp = tmp_path_factory.mktemp("report")
+    # confirmed, with at least 5 rounds: the charts draw the race's intervals as error bars
     r = bench(tmp, "--kernels", "cs_cpu_direct,bsr_1xn_cpu,cci_cpu", "--sparsities",
-              "0.75,0.9375", "--layers", "a,b")
+              "0.75,0.9375", "--layers", "a,b", "--confirm", "--rounds", "5")
     assert r.returncode == 0, r.stderr
     # one interpreter round per case: the interpreter's times are never read as timings
-    r = bench(tmp, "--device", "cuda", "--interpret", "--quick", "--layers", "b,c",
+    r = bench(tmp, "--device", "cuda", "--interpret", "--quick", "--layers", "b,d",
               "--sparsities", "0.5", "--rounds", "1", plugins="faulty_kernels,faulty_triton")
     assert r.returncode == 0, r.stderr
     assert "not GPU timings" in r.stdout
@@ -53,6 +56,16 @@ def test_interpreter_run_checks_every_gpu_kernel_and_catches_the_wrong_one(db):
     # sparse interpreter rows were timed against the interpreter run's own dense baseline
     sparse = gpu[(gpu.pattern != "dense") & (gpu.status == "ok")]
     assert sparse.dense_median_s.notna().all()
+
+
+def test_the_cpu_sweep_is_confirmed_and_its_bests_carry_the_race_intervals(db):
+    df = Store(db, create=False).measurements()
+    cpu = df[df.device == "cpu"]
+    best = analysis.best_per_layer(cpu)
+    assert len(best) == 2 * 3 * 2  # layers a, b x three patterns x two sparsities
+    assert best.confirmed.all()  # every best was raced again, and its figure is the race's
+    assert (best.speedup == best.conf_speedup).all()
+    assert (best.speedup_lo.notna() & (best.speedup_lo <= best.speedup_hi)).all()
 
 
 @pytest.fixture(scope="module")

@@ -136,8 +136,8 @@ def _run(root, tmp, *args):
     e = {**env(), "PYTHONPATH": f"{root}{':'}{ROOT / 'tests'}"}
     return subprocess.run([sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes),
                            "--db", str(tmp / "r.sqlite"), "--rounds", "3", "--min-sample",
-                           "0.0002", "--no-progress", "--nets", "", "--threads", "1",
-                           "--layers", "b", "--sparsities", "0.5", *args], cwd=root, env=e,
+                           "0.0002", "--no-progress", "--no-confirm", "--nets", "", "--threads",
+                           "1", "--layers", "b", "--sparsities", "0.5", *args], cwd=root, env=e,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -217,8 +217,9 @@ def test_editing_one_plugin_re_measures_only_that_plugin(tmp_path):
         shapes.write_text(SHAPES)
         return subprocess.run([sys.executable, "-m", "harness", "bench", "--shapes-csv",
                                str(shapes), "--db", str(tmp_path / "r.sqlite"), "--rounds", "3",
-                               "--min-sample", "0.0002", "--no-progress", "--nets", "",
-                               "--threads", "1", "--kernels", "plug_a,plug_b", "--sparsities",
+                               "--min-sample", "0.0002", "--no-progress", "--no-confirm",
+                               "--nets", "", "--threads", "1", "--kernels", "plug_a,plug_b",
+                               "--sparsities",
                                "0.5,0.75"], cwd=ROOT, env=e, capture_output=True, text=True,
                               timeout=600)
 

@@ -132,7 +132,8 @@ class Evaluator:
         if row is None:
             dense = None
             if not case.is_dense and self.dense_layout is not None:
-                dense = DenseRef(self.base.name, self.dense_layout, self.dense_layout)
+                dense = DenseRef(self.base.name, self.dense_layout, self.dense_layout,
+                                 self.dense_s if self.dense_s != math.inf else None)
             res = run_case(self.worker, CaseRequest(case, self.timing, dense), self.timeout)
             self.measured += 1
             row = TuningRecord(
@@ -140,10 +141,12 @@ class Evaluator:
                 source_hash=case.source_hash, shape=self._shape(), batch=self.batch,
                 dtype=self.dtype, pattern=kern.pattern, sparsity=S, config=dict(cand.config),
                 status=res.status.value, median_s=res.median_s,
-                dense_median_s=res.dense_median_s, rel_err=res.rel_err)
+                dense_median_s=res.dense_median_s, rel_err=res.rel_err,
+                flagged=res.implausible or ("contended by other work" if res.contended
+                                            else None))
             self.store.add_tuning(row)
         med, dm = row.seconds, row.dense_median_s
-        if med is None:
+        if med is None or row.flagged:  # a timing not to be taken at face value: not chosen
             return math.inf
         if kern.pattern != "dense" and dm and dm == dm and self.dense_s:
             return self.dense_s * med / float(dm)

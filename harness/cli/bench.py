@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import UsageError, analysis, cases, cluster, contention, env, runner
+from .. import UsageError, analysis, cases, cluster, confirm, contention, env, runner
 from ..records import Device, Status, TimingOptions
+from ..runner import CaseRunner
 from ..store import Store
 from .common import (
     add_common,
@@ -46,6 +48,10 @@ def add_parser(sub):
                    help="interleaved timing rounds per case")
     p.add_argument("--min-sample", type=positive(float, 0), default=2e-3,
                    help="seconds per timing sample")
+    p.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=True,
+                   help="end with the confirmation pass: per layer, pattern and sparsity, the "
+                        "best and runner-up configurations race dense once more, and the raced "
+                        "figures feed the best figures (default; --no-confirm skips it)")
     p.add_argument("--no-progress", action="store_true")
     add_executor(p)
     p.set_defaults(func=run)
@@ -119,6 +125,23 @@ def summary(df: pd.DataFrame, requested: dict[str, int]) -> pd.DataFrame:
         "covered": "layers covered"}).round(3)
 
 
+def _confirm(df, byk, store, run_id, timing, args) -> dict:
+    """The confirmation pass (``harness.confirm``) on a worker of this machine."""
+    slots = confirm.pending(df, keys=set(byk))
+    if not slots:
+        return {}
+    runner = CaseRunner(timing, args.case_timeout)
+    try:
+        runner.prepare([byk[k] for top in slots for k in top.case_key])
+        return confirm.run(df, byk, runner, store, run_id, timing,
+                           timeout=args.case_timeout * 2, progress=not args.no_progress)
+    except BaseException:
+        runner.abandon()
+        raise
+    finally:
+        runner.close()
+
+
 def run(args) -> int:
     t0 = time.time()
     todo, device, threads, notes = plan(args)
@@ -157,11 +180,25 @@ def run(args) -> int:
                                 retry_failed=args.retry_failed, case_timeout=args.case_timeout,
                                 timing=timing, progress=not args.no_progress,
                                 node=fp.get("hostname"))
-    counts = recorded_sweep(store, run_id, sweep)
+    byk = {c.key: c for c in todo}
+    confirmed = {}
+
+    def sweep_and_confirm():
+        counts = sweep()
+        if args.confirm and not counts.get("not run (stopped)") and not device.interpreted:
+            # on this machine: rows a Ray node of another identity measured stay unconfirmed
+            df = store.measurements(fp_hash=fph)
+            confirmed.update(_confirm(df[df.case_key.isin(byk)], byk, store, run_id, timing,
+                                      args))
+        return counts
+
+    counts = recorded_sweep(store, run_id, sweep_and_confirm)
     print("\ncases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    line = confirm.summary(confirmed)
+    if line:
+        print(line)
     df = store.measurements(fp_hash=None if args.executor == "ray" else fph)
-    keys = {c.key for c in todo}
-    df = df[df.case_key.isin(keys)]
+    df = df[df.case_key.isin(byk)]
     requested = {}
     for c in todo:
         requested.setdefault(c.layer.net, set()).add(c.layer.name)
@@ -186,6 +223,11 @@ def run(args) -> int:
               f"{len(todo)} case(s) not run, so layers without a dense baseline have no network "
               f"figure; run the same command again (without --fresh) to measure the rest; "
               f"results in {args.db}")
+        return 130
+    if confirmed.get("not raced (stopped)"):
+        print(f"\nbench stopped (Ctrl-C) in its confirmation pass after {time.time() - t0:.0f} "
+              f"s: the slots not raced keep their sweep figures, marked unconfirmed; results "
+              f"in {args.db}")
         return 130
     print(f"\nbench finished in {time.time() - t0:.0f} s; results in {args.db}")
     return 0

@@ -57,13 +57,20 @@ def run(args) -> int:
     table = GroupKey.columns(layer=False) + ["kernel", "sparsity"]
     keys = table + ["layer"]
     bad = analysis.flagged(df)
+    if "conf_rank" in df:  # raced after the sweep and flagged there
+        bad |= df.conf_rank.notna() & ~analysis.confirmed(df)
     if bad.any():  # no best figure from a row whose timing cannot be taken at face value
-        print(f"{int(bad.sum())} row(s) flagged implausible or contended are left out of the "
-              f"best figures (`python -m harness export` lists them)")
+        print(f"{int(bad.sum())} row(s) flagged implausible or contended (in the sweep or its "
+              f"confirmation race) are left out of the best figures (`python -m harness export` lists them)")
         df = df[~bad]
         if df.empty:
             raise UsageError("every matching row is flagged implausible or contended: "
                              "measure again on a quieter machine")
+    conf = analysis.confirmed(df)  # raced once more after the sweep: the race's figures
+    for col in ("speedup", "speedup_lo", "speedup_hi", "kernel_speedup"):
+        if "conf_" + col in df and col in df:
+            df[col] = df[col].astype(float).where(~conf, df["conf_" + col].astype(float))
+    df["confirmed"] = conf
     best = df.loc[df.groupby(keys)["speedup"].idxmax()]
     kbest = df.groupby(keys)["kernel_speedup"].max().rename("kernel-only")
     best = best.join(kbest, on=keys)
@@ -71,7 +78,9 @@ def run(args) -> int:
         g = g.sort_values("layer_index")
         out = pd.DataFrame({"layer": g.layer, "shape": g["shape"], "count": g["count"],
                             "dense ms": g.dense_median_s * 1e3, "kernel ms": g.median_s * 1e3,
-                            "e2e x": g.speedup, "kernel-only x": g["kernel-only"],
+                            "e2e x": g.speedup, "e2e 95%": _interval(g),
+                            "kernel-only x": g["kernel-only"],
+                            "confirmed": g.confirmed.map({True: "raced", False: ""}),
                             "noisy": g.noisy.map({1: "noisy", 0: ""}), "config": g.config})
         interpreted = Device(device).interpreted
         note = " [interpreter: a pipeline check, not GPU timings]" if interpreted else ""
@@ -87,6 +96,14 @@ def run(args) -> int:
               f"{analysis.geomean(nonstem.speedup):.2f}x, kernel-only "
               f"{analysis.geomean(nonstem['kernel-only']):.2f}x")
     return 0
+
+
+def _interval(g: pd.DataFrame) -> pd.Series:
+    """'lo-hi' of each row's end-to-end speedup interval ('-' from fewer than 5 rounds)."""
+    if "speedup_lo" not in g:
+        return pd.Series("-", index=g.index)
+    return pd.Series([f"{lo:.2f}-{hi:.2f}" if pd.notna(lo) and pd.notna(hi) else "-"
+                      for lo, hi in zip(g.speedup_lo, g.speedup_hi)], index=g.index)
 
 
 def run_plan(args) -> int:
@@ -159,7 +176,10 @@ def run_plan(args) -> int:
             got = df[df.case_key == key].iloc[-1]
             row.update(config=str(entry.config), status=got.status)
             if got.status == Status.OK:
+                flag = analysis.flagged(df.loc[[got.name]]).iloc[0]
                 row.update({"sparse ms": got.median_s * 1e3, "e2e x": got.speedup,
+                            "e2e 95%": _interval(df.loc[[got.name]]).iloc[0],
+                            "flag": (got.implausible or "contended") if flag else "",
                             "kernel-only x": got.kernel_speedup, "s_s": got.median_s,
                             "s_k": got.kernel_median_s, "d_s": got.dense_median_s,
                             "d_k": got.dense_kernel_median_s, "dense ms":
