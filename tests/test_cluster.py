@@ -27,6 +27,7 @@ def merge(*args):
                           env=env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # three sweeps (66 s): CI runs it with the other slow tests
 def test_a_merge_of_two_shards_equals_one_unsharded_run(tmp_path):
     sweep = ["--kernels", "cs_cpu_direct", "--sparsities", "0.5,0.75", "--quick"]
     for i in range(2):
