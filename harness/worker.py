@@ -30,8 +30,10 @@ def serve(conn, parent_pid: int | None = None) -> None:
     import signal
 
     from .interrupts import follow_parent
+    from .timing import steady_allocator
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
+    steady_allocator()  # every variant timed in one allocator regime (see harness.timing)
     if parent_pid is not None:
         follow_parent(parent_pid)
     conn.send(WorkerReady(os.getpid()))

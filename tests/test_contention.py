@@ -229,7 +229,8 @@ def test_a_lucky_row_slower_when_raced_again_never_reaches_a_best_figure(tmp_pat
     every best figure (the per-layer best and the network table the report's answer sums) is
     the race's figure for ``test_steady``."""
     shapes = tmp_path / "one.csv"
-    shapes.write_text("name,cin,cout,kh,kw,stride,padding,h,w\na,32,32,3,3,1,1,10,10\n")
+    # big enough (~1 ms dense) that its dense runs are not at the mercy of scheduling noise
+    shapes.write_text("name,cin,cout,kh,kw,stride,padding,h,w\na,64,64,3,3,1,1,28,28\n")
     db = tmp_path / "r.sqlite"
     r = subprocess.run(
         [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes), "--nets", "",
@@ -238,12 +239,13 @@ def test_a_lucky_row_slower_when_raced_again_never_reaches_a_best_figure(tmp_pat
         cwd=ROOT, env=env(HARNESS_PLUGINS="lucky_kernels", LUCKY_STATE=str(tmp_path / "lucky")),
         capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "1 overtaken by the runner-up" in r.stdout, r.stdout
     df = analysis.with_speedups(Store(db, create=False).measurements()).set_index("kernel")
     lucky, steady = df.loc["test_lucky"], df.loc["test_steady"]
-    assert lucky.speedup > 5 * steady.speedup  # the sweep's best, by far
+    assert not analysis.flagged(df.loc[["test_lucky", "test_steady"]]).any(), df.implausible
+    assert "1 overtaken by the runner-up" in r.stdout, (r.stdout, df[["speedup", "conf_speedup"]])
+    assert lucky.speedup > 2 * steady.speedup  # the sweep's best, by far
     assert lucky.conf_rank == 1 and steady.conf_rank == 2
-    assert lucky.conf_speedup < steady.conf_speedup / 5  # raced again: far slower
+    assert lucky.conf_speedup < steady.conf_speedup / 3  # raced again: far slower
     assert steady.conf_vs_other_lo > 1  # and the interval says so
     best = analysis.best_per_layer(Store(db, create=False).measurements())
     assert list(best.kernel) == ["test_steady"] and bool(best.confirmed.iloc[0])
@@ -285,3 +287,56 @@ def test_overlapping_race_intervals_are_a_tie_not_a_ranking():
     assert best.loc["l2", "tied_with"] is None and best.loc["l2", "speedup"] == pytest.approx(3.2)
     assert "l3" not in best.index
     assert not best.loc["l4", "confirmed"] and best.loc["l4", "speedup"] == pytest.approx(2.0)
+
+
+# ---- the cause found on an idle machine: the allocator ---------------------------------------
+FAULTS = """
+import resource, sys
+import torch
+import kernels, shapes
+from harness import gate, timing
+if sys.argv[1] == "steady":
+    assert timing.steady_allocator()
+torch.set_num_threads(2)  # with one thread glibc reuses the block either way
+lay = [lay for lay in shapes.load("resnet50") if lay.name == "layer1.0.conv3"][0]
+w, x = gate.make_inputs(lay, 1, torch.float32, "cpu")
+run = kernels.get("dense_cpu").prepare(lay, w, 0.0, {"layout": "nchw"})
+for _ in range(5):
+    run(x)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    run(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.parametrize("regime", ["default", "steady"])
+def test_in_the_workers_allocator_regime_a_convolution_does_not_page_fault(regime):
+    """With glibc's default, moving thresholds, resnet50 layer1.0.conv3's dense run page-faults
+    its 3.2 MB output in on every call (over a thousand faults), and whether it does depended
+    on the calls before it: the dense run beside a sparse kernel was slower than in its own row
+    on an idle machine. The workers fix the thresholds: no faults. Counted, not timed."""
+    r = subprocess.run([sys.executable, "-c", FAULTS, regime], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    faults = float(r.stdout.split()[-1])
+    assert (faults > 500) if regime == "default" else (faults < 5), faults
+
+
+def test_the_worker_serves_in_the_steady_regime(monkeypatch):
+    import harness.worker as worker
+
+    called = []
+    monkeypatch.setattr(contention.time, "sleep", lambda s: None)
+    monkeypatch.setattr("harness.timing.steady_allocator", lambda: called.append(1) or True)
+
+    class Conn:
+        def send(self, msg):
+            pass
+
+        def recv(self):
+            raise EOFError
+
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    worker.serve(Conn())
+    assert called == [1]

@@ -34,7 +34,8 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="sweep layers x sparsities x kernels and store timings")
     add_common(p)
     p.add_argument("--quick", action="store_true",
-                   help="a few layers and each kernel's default pattern parameter (~1 minute)")
+                   help="a few layers and each kernel's default pattern parameter (a few minutes "
+                        "with the confirmation pass)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="skip cases already measured with this fingerprint (default)")

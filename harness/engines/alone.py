@@ -69,8 +69,9 @@ def main(spec_file: str) -> int:
 
     from .. import engines
     from ..records import Device, E2ECase, TimingOptions
-    from ..timing import interleaved_cpu
+    from ..timing import interleaved_cpu, steady_allocator
 
+    steady_allocator()  # as in the worker: one allocator regime for every timing
     spec = json.loads(Path(spec_file).read_text())
     threads = spec["threads"]
     torch.set_num_threads(threads)
