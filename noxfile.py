@@ -103,7 +103,7 @@ def lint(session):
 @nox.session(venv_params=VENV)
 def bench(session):
     """Main job: sweep ResNet50 and VGG19 over every CPU kernel and sparsity, then report.
-    Pass `-- --quick` for the one-minute version, or any `python -m harness bench` flags."""
+    Pass `-- --quick` for the few-minute version, or any `python -m harness bench` flags."""
     install(session, "test")
     args = session.posargs or []
     session.run("python", "-m", "harness", "bench", *args)
