@@ -103,7 +103,7 @@ def run(df: pd.DataFrame, cases: dict, runner, store, run_id: int, timing, *, ti
     if not slots:
         return counts
     opts = dataclasses.replace(timing, rounds=max(timing.rounds, MIN_INTERVAL_ROUNDS))
-    bar = progress_bar(len(slots), progress, desc="confirm")
+    bar = progress_bar(len(slots), progress, desc="confirm", unit="race")
     with Stop() as stop:
         for top in slots:
             if stop.requested:

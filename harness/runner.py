@@ -147,8 +147,8 @@ class CaseRunner:
         self.worker.kill()
 
 
-def progress_bar(total: int, enabled: bool, desc: str = "bench"):
-    return tqdm(total=total, desc=desc, unit="case", disable=not enabled, dynamic_ncols=True,
+def progress_bar(total: int, enabled: bool, desc: str = "bench", unit: str = "case"):
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
                 file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
 
 
