@@ -310,9 +310,12 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
             compared = ok.groupby(keys + ["size"])["pattern"].agg(
                 lambda p: ", ".join(sorted(set(p))))
             # the fastest pattern: against the best dense engine where engines ran (the same
-            # baseline for every pattern of a key), else against eager
+            # baseline for every pattern of a key), else against eager; a network whose timing
+            # is flagged (contended, or above the FLOP ideal after a re-measurement) is no answer
+            ok = ok[~analysis.flagged(ok)]
             ok = ok.assign(rank=ok.speedup_best.fillna(ok.speedup))
-            for r in ok.loc[ok.groupby(keys + ["size"])["rank"].idxmax()].itertuples():
+            for r in (ok.loc[ok.groupby(keys + ["size"])["rank"].idxmax()].itertuples()
+                      if len(ok) else ()):
                 used = json.loads(r.kernels) if isinstance(r.kernels, str) else {}
                 k = tuple(getattr(r, c) for c in keys)
                 # a bench answer for the same key stays beside it when its pattern was not

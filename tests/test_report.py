@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from test_harness import ROOT, bench, env, rows
 
@@ -66,6 +67,23 @@ def test_the_cpu_sweep_is_confirmed_and_its_bests_carry_the_race_intervals(db):
     assert best.confirmed.all()  # every best was raced again, and its figure is the race's
     assert (best.speedup == best.conf_speedup).all()
     assert (best.speedup_lo.notna() & (best.speedup_lo <= best.speedup_hi)).all()
+
+
+def test_a_flagged_network_timing_is_never_the_answer(db, tmp_path):
+    from harness import report as report_mod
+
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(db, copy)
+    store = Store(copy)
+    e2e = store.e2e()
+    first = report_mod._e2e(e2e, pd.DataFrame())["answer"]
+    assert [a["pattern"] for a in first] and first[0]["source"].startswith("e2e")
+    won = first[0]["pattern"]
+    store.db.execute("UPDATE e2e SET implausible = 'planted' WHERE pattern = ?", (won,))
+    store.db.commit()
+    then = report_mod._e2e(store.e2e(), pd.DataFrame())["answer"]
+    assert won not in [a["pattern"] for a in then]
+    assert all(a["pattern"] != won for a in then)
 
 
 @pytest.fixture(scope="module")
