@@ -84,11 +84,15 @@ def best_per_layer(df: pd.DataFrame) -> pd.DataFrame:
         s = s[~raced.astype(bool) | s.confirmed].copy()
         c = s.confirmed
         for col in ("speedup", "speedup_lo", "speedup_hi", "kernel_speedup",
-                    "kernel_speedup_lo", "kernel_speedup_hi"):
+                    "kernel_speedup_lo", "kernel_speedup_hi", "median_s", "dense_median_s"):
             if "conf_" + col in s:
-                s[col] = s[col].astype(float).where(~c, s["conf_" + col].astype(float))
+                conf = s["conf_" + col].astype(float)
+                keep = ~c | (conf.isna() if col.endswith("median_s") else False)
+                s[col] = s[col].astype(float).where(keep, conf)
         if s.empty:
             return s
+        if "flops" in s:
+            s["gflops"] = s["flops"] / s["median_s"] / 1e9
     s["_slot"] = s.groupby(keys, dropna=False).ngroup()
     idx = s.groupby(keys)["speedup"].idxmax()
     best = s.loc[idx].copy()

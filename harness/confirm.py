@@ -71,7 +71,9 @@ def confirmations(top: pd.DataFrame, reply: RaceReply, run_id: int, ideal: float
         mine = reply.samples[i]
         why = reply.reasons[i] or (None if mine else "not timed")
         sp = _ratio(dense, mine)
-        ksp = _ratio(dense_k, reply.resident_samples[i] if reply.resident_samples else ())
+        # kernel-only: as the sweep, a kernel without a resident run counts its end-to-end one
+        ksp = _ratio(dense_k, (reply.resident_samples[i] if reply.resident_samples else ())
+                     or mine)
         others = [reply.samples[first + o] for o in range(len(top)) if o != j]
         vs = _ratio(others[0], mine) if others and others[0] else (None, None, None)
         high = [f"{what} {v:.2f}x" for what, v in (("end to end", sp[0]),
@@ -79,7 +81,9 @@ def confirmations(top: pd.DataFrame, reply: RaceReply, run_id: int, ideal: float
                 if v is not None and v > PLAUSIBLE * ideal]
         out.append(Confirmation(
             measurement_id=int(r.id), case_key=r.case_key, fp_hash=r.fp_hash, run_id=run_id,
-            rank=j + 1, speedup=sp[0], speedup_lo=sp[1], speedup_hi=sp[2],
+            rank=j + 1, median_s=statistics.median(mine) if mine else None,
+            dense_median_s=statistics.median(dense) if dense else None,
+            speedup=sp[0], speedup_lo=sp[1], speedup_hi=sp[2],
             kernel_speedup=ksp[0], kernel_speedup_lo=ksp[1], kernel_speedup_hi=ksp[2],
             vs_other=vs[0], vs_other_lo=vs[1], vs_other_hi=vs[2],
             contention=reply.contention, contended=bool(reply.contended),

@@ -518,6 +518,8 @@ class Confirmation:
     fp_hash: str
     run_id: int
     rank: int  # 1: the sweep's best, 2: its runner-up
+    median_s: float | None = None  # this candidate's median in the race, end to end
+    dense_median_s: float | None = None  # the dense baseline's, in the same race
     speedup: float | None = None  # end to end, dense median / this median, from the race
     speedup_lo: float | None = None
     speedup_hi: float | None = None
