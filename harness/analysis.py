@@ -49,7 +49,7 @@ def flagged(df: pd.DataFrame) -> pd.Series:
     no best figure is taken from them."""
     out = pd.Series(False, index=df.index)
     if "implausible" in df:
-        out |= df.implausible.notna() & (df.implausible != "")
+        out |= _text(df.implausible)
     if "contended" in df:
         out |= df.contended.fillna(0).astype(bool)
     return out
@@ -68,6 +68,27 @@ def _text(col: pd.Series) -> pd.Series:
     return col.notna() & (col.astype(str) != "")
 
 
+RACED = ("speedup", "speedup_lo", "speedup_hi", "kernel_speedup", "kernel_speedup_lo",
+         "kernel_speedup_hi", "median_s", "dense_median_s")
+
+
+def with_race_figures(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (with speedups) where each ``confirmed`` row's figures are its confirmation
+    race's (``RACED``; a median the race did not store stays the sweep's), and a ``confirmed``
+    column."""
+    df = df.copy()
+    c = confirmed(df)
+    for col in RACED:
+        if "conf_" + col in df and col in df:
+            conf = df["conf_" + col].astype(float)
+            keep = ~c | (conf.isna() if col.endswith("median_s") else False)
+            df[col] = df[col].astype(float).where(keep, conf)
+    if "flops" in df and "median_s" in df:
+        df["gflops"] = df["flops"] / df["median_s"] / 1e9
+    df["confirmed"] = c
+    return df
+
+
 def best_per_layer(df: pd.DataFrame) -> pd.DataFrame:
     """Best ok, unflagged sparse case per (group, layer, pattern, sparsity) by end-to-end
     speedup. Where a confirmation race ran for the slot, only the rows it timed clean take
@@ -78,21 +99,12 @@ def best_per_layer(df: pd.DataFrame) -> pd.DataFrame:
     if s.empty:
         return s
     keys = GROUP + ["layer", "pattern", "sparsity"]
-    s["confirmed"] = confirmed(s)
-    if "conf_rank" in s:
+    s = with_race_figures(s)
+    if "conf_rank" in s:  # in a raced slot only the rows the race timed clean count
         raced = s.groupby(keys, dropna=False)["conf_rank"].transform(lambda v: v.notna().any())
         s = s[~raced.astype(bool) | s.confirmed].copy()
-        c = s.confirmed
-        for col in ("speedup", "speedup_lo", "speedup_hi", "kernel_speedup",
-                    "kernel_speedup_lo", "kernel_speedup_hi", "median_s", "dense_median_s"):
-            if "conf_" + col in s:
-                conf = s["conf_" + col].astype(float)
-                keep = ~c | (conf.isna() if col.endswith("median_s") else False)
-                s[col] = s[col].astype(float).where(keep, conf)
         if s.empty:
             return s
-        if "flops" in s:
-            s["gflops"] = s["flops"] / s["median_s"] / 1e9
     s["_slot"] = s.groupby(keys, dropna=False).ngroup()
     idx = s.groupby(keys)["speedup"].idxmax()
     best = s.loc[idx].copy()
@@ -160,7 +172,7 @@ def trust_summary(df: pd.DataFrame) -> str | None:
         return None
     ok = df[df.status == Status.OK]
     rem = int(ok.remeasured.fillna(0).sum())
-    imp = int((ok.implausible.notna() & (ok.implausible != "")).sum())
+    imp = int(_text(ok.implausible).sum())
     con = int(ok.contended.fillna(0).astype(bool).sum())
     ret = int(ok.retaken.fillna(0).sum())
     share = ok.contention.max() if ok.contention.notna().any() else 0.0

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 import pandas as pd
 
 from . import analysis, baseline
 from .interrupts import Stop
+from .measure import PLAUSIBLE
 from .records import Candidate, Config, Confirmation, RaceReply, RaceRequest, Status
-from .runner import WorkerDied, WorkerTimeout, progress_bar
+from .runner import CaseRunner, WorkerDied, WorkerTimeout, progress_bar
 from .timing import MIN_INTERVAL_ROUNDS, ratio_interval
 
 TOP = 2  # the best configuration and its runner-up
@@ -89,23 +89,34 @@ def confirmations(top: pd.DataFrame, reply: RaceReply, run_id: int, ideal: float
             contention=reply.contention, contended=bool(reply.contended),
             implausible=(f"{' and '.join(high)} above the FLOP ideal {ideal:.2f}x in the "
                          f"confirmation race too") if high else None,
-            reason=why, created=time.time()))
+            reason=why))
     return out
 
 
-PLAUSIBLE = 1.05  # as harness.measure: a race ratio above 1.05 x the FLOP ideal is flagged
-
-
-def run(df: pd.DataFrame, cases: dict, runner, store, run_id: int, timing, *, timeout: float,
+def run(df: pd.DataFrame, cases: dict, store, run_id: int, timing, *, case_timeout: float,
         progress: bool = True) -> dict:
-    """Race every pending slot (``pending``) on ``runner``'s worker and store the
+    """Race every pending slot (``pending``) on a worker process of this machine and store the
     confirmations as they arrive; ``cases``: case key -> Case (the sweep's). Ctrl-C stops
-    after the race in flight; the slots not raced stay unconfirmed. Returns counts."""
+    after the race in flight; the slots not raced stay unconfirmed. Returns counts (empty where
+    nothing was pending)."""
     slots = pending(df, keys=set(cases))
+    if not slots:
+        return {}
+    runner = CaseRunner(timing, case_timeout)
+    try:
+        runner.prepare([cases[k] for top in slots for k in top.case_key])
+        return _race_all(slots, cases, runner, store, run_id, timing, case_timeout * 2,
+                         progress)
+    except BaseException:
+        runner.abandon()
+        raise
+    finally:
+        runner.close()
+
+
+def _race_all(slots, cases, runner, store, run_id, timing, timeout, progress) -> dict:
     counts = {"raced": 0, "held": 0, "overtaken": 0, "tied": 0, "flagged": 0, "not timed": 0,
               "not raced (stopped)": 0}
-    if not slots:
-        return counts
     opts = dataclasses.replace(timing, rounds=max(timing.rounds, MIN_INTERVAL_ROUNDS))
     bar = progress_bar(len(slots), progress, desc="confirm", unit="race")
     with Stop() as stop:
@@ -138,7 +149,7 @@ def run(df: pd.DataFrame, cases: dict, runner, store, run_id: int, timing, *, ti
                 for j, r in enumerate(top.itertuples()):
                     store.add_confirmation(Confirmation(
                         measurement_id=int(r.id), case_key=r.case_key, fp_hash=r.fp_hash,
-                        run_id=run_id, rank=j + 1, reason=why, created=time.time()))
+                        run_id=run_id, rank=j + 1, reason=why))
                 bar.update(1)
                 continue
             rows = confirmations(top, reply, run_id, 1 / (1 - case.sparsity),

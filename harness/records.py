@@ -168,6 +168,19 @@ class Candidate:
         return f"{self.kernel} {self.config.to_json()}"
 
 
+def sql_row(record, bools=()) -> dict:
+    """A record's fields as one store row: enums by value, the ``bools`` as 0/1, NaN as NULL."""
+    out = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    for k, v in out.items():
+        if isinstance(v, Enum):
+            out[k] = v.value
+        elif k in bools and v is not None:
+            out[k] = int(v)
+        elif isinstance(v, float) and math.isnan(v):
+            out[k] = None
+    return out
+
+
 def default_max_contention() -> float | None:
     """``SPARSECONV_MAX_CONTENTION``: the share of a core other work may hold while a round is
     timed before the round is retaken ('off': never retake; default 0.25)."""
@@ -441,13 +454,7 @@ class Measurement:
 
     def row(self) -> dict:
         """Column -> SQL value."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["status"] = self.status.value
-        for b in ("noisy", "contended"):
-            if out[b] is not None:
-                out[b] = int(out[b])
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in out.items()}
+        return sql_row(self, ("noisy", "contended"))
 
 
 # ---- worker protocol ------------------------------------------------------------------------
@@ -537,10 +544,7 @@ class Confirmation:
     created: float | None = None
 
     def row(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["contended"] = int(out["contended"])
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in out.items()}
+        return sql_row(self, ("contended",))
 
 
 @dataclass(frozen=True)
@@ -882,9 +886,4 @@ class E2EMeasurement:
                    **(engine_summary(res.engines) if res.status is Status.OK else {}))
 
     def row(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["status"] = self.status.value
-        for b in ("noisy", "classifier", "contended"):
-            if out[b] is not None:
-                out[b] = int(out[b])
-        return out
+        return sql_row(self, ("noisy", "classifier", "contended"))

@@ -330,18 +330,21 @@ class Store:
         self.finish_run(self.start_run(fp, fp_hash, machine_hash, args))
 
     # ---- measurements --------------------------------------------------------------------
-    @_guarded
-    def add(self, m: Measurement) -> None:
-        """Append one measurement and commit it (the unit of crash safety)."""
-        if not isinstance(m, Measurement):
-            raise TypeError(f"Store.add takes a records.Measurement, got {type(m).__name__}")
-        row = m.row()
+    def _insert(self, table: str, row: dict) -> None:
+        """Append one row (stamped now unless it carries its time) and commit it: the unit of
+        crash safety."""
         if row["created"] is None:
             row["created"] = time.time()
-        cols = ", ".join(row)
         with self._tx():
-            self.db.execute(f"INSERT INTO measurements ({cols}) VALUES "
+            self.db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES "
                             f"({', '.join('?' * len(row))})", list(row.values()))
+
+    @_guarded
+    def add(self, m: Measurement) -> None:
+        """Append one measurement and commit it."""
+        if not isinstance(m, Measurement):
+            raise TypeError(f"Store.add takes a records.Measurement, got {type(m).__name__}")
+        self._insert("measurements", m.row())
 
     @_guarded
     def done_keys(self, fp_hash: str, retry_failed: bool = False) -> set[str]:
@@ -369,22 +372,20 @@ class Store:
         ``conf_*`` columns (empty where a row was not raced)."""
         cols = [c for c in CONFIRMATION_COLUMNS if c not in ("measurement_id", "case_key",
                                                              "fp_hash")]
-        conf = pd.read_sql_query(
+        conf = pd.read_sql_query(  # always there: created, or a TEMP one for an older file
             "SELECT * FROM confirmations WHERE id IN (SELECT MAX(id) FROM confirmations GROUP "
-            "BY measurement_id)", self.db) if "confirmations" in self._tables() else None
-        if conf is None or conf.empty:
+            "BY measurement_id)", self.db)
+        if conf.empty:
             for c in cols:
                 df["conf_" + c] = pd.Series([None] * len(df), index=df.index, dtype=object)
             return df
         conf = conf.set_index("measurement_id")[cols].add_prefix("conf_")
         return df.join(conf, on="id")
 
+    @_guarded
     def add_confirmation(self, c: Confirmation) -> None:
         """Append one confirmation row and commit it."""
-        row = c.row()
-        with self._tx():
-            self.db.execute(f"INSERT INTO confirmations ({', '.join(row)}) VALUES "
-                            f"({', '.join('?' * len(row))})", list(row.values()))
+        self._insert("confirmations", c.row())
 
     @_guarded
     def runs(self) -> pd.DataFrame:
@@ -393,12 +394,7 @@ class Store:
     # ---- whole networks -------------------------------------------------------------------
     @_guarded
     def add_e2e(self, m: E2EMeasurement) -> None:
-        row = m.row()
-        if row["created"] is None:
-            row["created"] = time.time()
-        with self._tx():
-            self.db.execute(f"INSERT INTO e2e ({', '.join(row)}) VALUES "
-                            f"({', '.join('?' * len(row))})", list(row.values()))
+        self._insert("e2e", m.row())
 
     @_guarded
     def e2e_done(self, fp_hash: str) -> set[str]:
@@ -416,12 +412,7 @@ class Store:
     # ---- tuning ------------------------------------------------------------------------------
     @_guarded
     def add_tuning(self, record: TuningRecord) -> None:
-        row = dataclasses.asdict(record)
-        if row["created"] is None:
-            row["created"] = time.time()
-        with self._tx():
-            self.db.execute(f"INSERT INTO tuning ({', '.join(row)}) VALUES "
-                            f"({', '.join('?' * len(row))})", list(row.values()))
+        self._insert("tuning", dataclasses.asdict(record))
 
     @_guarded
     def tuning(self) -> pd.DataFrame:

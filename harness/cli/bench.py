@@ -14,7 +14,6 @@ from kernels import patterns as P
 
 from .. import UsageError, analysis, cases, cluster, confirm, contention, env, runner
 from ..records import Device, Status, TimingOptions
-from ..runner import CaseRunner
 from ..store import Store
 from .common import (
     add_common,
@@ -126,23 +125,6 @@ def summary(df: pd.DataFrame, requested: dict[str, int]) -> pd.DataFrame:
         "covered": "layers covered"}).round(3)
 
 
-def _confirm(df, byk, store, run_id, timing, args) -> dict:
-    """The confirmation pass (``harness.confirm``) on a worker of this machine."""
-    slots = confirm.pending(df, keys=set(byk))
-    if not slots:
-        return {}
-    runner = CaseRunner(timing, args.case_timeout)
-    try:
-        runner.prepare([byk[k] for top in slots for k in top.case_key])
-        return confirm.run(df, byk, runner, store, run_id, timing,
-                           timeout=args.case_timeout * 2, progress=not args.no_progress)
-    except BaseException:
-        runner.abandon()
-        raise
-    finally:
-        runner.close()
-
-
 def run(args) -> int:
     t0 = time.time()
     todo, device, threads, notes = plan(args)
@@ -189,8 +171,9 @@ def run(args) -> int:
         if args.confirm and not counts.get("not run (stopped)") and not device.interpreted:
             # on this machine: rows a Ray node of another identity measured stay unconfirmed
             df = store.measurements(fp_hash=fph)
-            confirmed.update(_confirm(df[df.case_key.isin(byk)], byk, store, run_id, timing,
-                                      args))
+            confirmed.update(confirm.run(df[df.case_key.isin(byk)], byk, store, run_id, timing,
+                                         case_timeout=args.case_timeout,
+                                         progress=not args.no_progress))
         return counts
 
     counts = recorded_sweep(store, run_id, sweep_and_confirm)

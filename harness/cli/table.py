@@ -66,13 +66,7 @@ def run(args) -> int:
         if df.empty:
             raise UsageError("every matching row is flagged implausible or contended: "
                              "measure again on a quieter machine")
-    conf = analysis.confirmed(df)  # raced once more after the sweep: the race's figures
-    for col in ("speedup", "speedup_lo", "speedup_hi", "kernel_speedup", "median_s",
-                "dense_median_s"):
-        if "conf_" + col in df and col in df:
-            raced = df["conf_" + col].astype(float)
-            df[col] = df[col].astype(float).where(~conf | raced.isna(), raced)
-    df["confirmed"] = conf
+    df = analysis.with_race_figures(df)  # raced once more after the sweep: the race's figures
     best = df.loc[df.groupby(keys)["speedup"].idxmax()]
     kbest = df.groupby(keys)["kernel_speedup"].max().rename("kernel-only")
     best = best.join(kbest, on=keys)
