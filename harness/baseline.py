@@ -9,6 +9,7 @@ runner, the autotuner and the analysis all ask here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -79,6 +80,14 @@ class Baselines:
     def ref(self, group: GroupKey) -> DenseRef | None:
         c = self._best.get(group)
         return c.ref() if c else None
+
+    def choice(self, group: GroupKey) -> Choice | None:
+        """The group's best dense times so far (None: none measured)."""
+        return self._best.get(group)
+
+    def adopt(self, group: GroupKey, choice: Choice) -> None:
+        """Start a group from best dense times measured elsewhere (a stored earlier run)."""
+        self._best[group] = dataclasses.replace(choice)
 
     def note_rows(self, df: pd.DataFrame) -> None:
         """Feed stored rows (e.g. from an interrupted earlier run of the same identity)."""

@@ -15,10 +15,9 @@ import statistics
 import pandas as pd
 
 from . import analysis, baseline
-from .interrupts import Stop
 from .measure import PLAUSIBLE
 from .records import Candidate, Config, Confirmation, RaceReply, RaceRequest, Status
-from .runner import CaseRunner, WorkerDied, WorkerTimeout, progress_bar
+from .runner import progress_bar
 from .timing import MIN_INTERVAL_ROUNDS, ratio_interval
 
 TOP = 2  # the best configuration and its runner-up
@@ -93,73 +92,59 @@ def confirmations(top: pd.DataFrame, reply: RaceReply, run_id: int, ideal: float
     return out
 
 
-def run(df: pd.DataFrame, cases: dict, store, run_id: int, timing, *, case_timeout: float,
-        progress: bool = True) -> dict:
-    """Race every pending slot (``pending``) on a worker process of this machine and store the
-    confirmations as they arrive; ``cases``: case key -> Case (the sweep's). Ctrl-C stops
-    after the race in flight; the slots not raced stay unconfirmed. Returns counts (empty where
-    nothing was pending)."""
+def run(df: pd.DataFrame, cases: dict, store, run_id: int, timing, executor, *,
+        case_timeout: float, progress: bool = True) -> dict:
+    """Race every pending slot (``pending``) on ``executor`` (this machine's: the rows it
+    confirms were measured here) and store the confirmations as they arrive; ``cases``: case
+    key -> Case (the sweep's). Ctrl-C stops after the race in flight; the slots not raced stay
+    unconfirmed. Returns counts (empty where nothing was pending)."""
     slots = pending(df, keys=set(cases))
     if not slots:
         return {}
-    runner = CaseRunner(timing, case_timeout)
-    try:
-        runner.prepare([cases[k] for top in slots for k in top.case_key])
-        return _race_all(slots, cases, runner, store, run_id, timing, case_timeout * 2,
-                         progress)
-    except BaseException:
-        runner.abandon()
-        raise
-    finally:
-        runner.close()
-
-
-def _race_all(slots, cases, runner, store, run_id, timing, timeout, progress) -> dict:
     counts = {"raced": 0, "held": 0, "overtaken": 0, "tied": 0, "flagged": 0, "not timed": 0,
               "not raced (stopped)": 0}
     opts = dataclasses.replace(timing, rounds=max(timing.rounds, MIN_INTERVAL_ROUNDS))
     bar = progress_bar(len(slots), progress, desc="confirm", unit="race")
-    with Stop() as stop:
-        for top in slots:
-            if stop.requested:
-                counts["not raced (stopped)"] += 1
-                continue
-            first = top.iloc[0]
-            case = cases[first.case_key]
-            dense_k = baseline.kernel_for(case.device).name
-            e2e, res = _dense_layouts(first)
-            cands = [Candidate(dense_k, Config({baseline.LAYOUT: e2e}))]
-            if res != e2e:
-                cands.append(Candidate(dense_k, Config({baseline.LAYOUT: res})))
-            cands += [Candidate(cases[k].kernel, cases[k].config) for k in top.case_key]
-            req = RaceRequest(layer=case.layer, batch=case.batch, dtype=case.dtype,
-                              device=case.device, threads=case.threads, sparsity=case.sparsity,
-                              cands=tuple(cands), timing=opts, resident=True)
-            bar.set_postfix_str(f"{case.layer.net}:{case.layer.name} {case.pattern} "
-                                f"S={case.sparsity:g}", refresh=False)
-            try:
-                reply = runner.worker.call(req, timeout)
-            except (WorkerTimeout, WorkerDied) as e:
-                reply = str(e)
-            if not isinstance(reply, RaceReply) or not reply.samples or not reply.samples[0]:
-                why = reply if isinstance(reply, str) else (
-                    f"the dense baseline failed in the race: {reply.reasons[0]}"
-                    if isinstance(reply, RaceReply) else "the worker failed")
-                counts["not timed"] += 1
-                for j, r in enumerate(top.itertuples()):
-                    store.add_confirmation(Confirmation(
-                        measurement_id=int(r.id), case_key=r.case_key, fp_hash=r.fp_hash,
-                        run_id=run_id, rank=j + 1, reason=why))
-                bar.update(1)
-                continue
-            rows = confirmations(top, reply, run_id, 1 / (1 - case.sparsity),
-                                 resident_at=len(cands) - len(top) - 1)
+
+    def call(info, top):
+        case = cases[top.iloc[0].case_key]
+        dense_k = baseline.kernel_for(case.device).name
+        e2e, res = _dense_layouts(top.iloc[0])
+        cands = [Candidate(dense_k, Config({baseline.LAYOUT: e2e}))]
+        if res != e2e:
+            cands.append(Candidate(dense_k, Config({baseline.LAYOUT: res})))
+        cands += [Candidate(cases[k].kernel, cases[k].config) for k in top.case_key]
+        bar.set_postfix_str(f"{case.layer.net}:{case.layer.name} {case.pattern} "
+                            f"S={case.sparsity:g}", refresh=False)
+        return "race", (RaceRequest(layer=case.layer, batch=case.batch, dtype=case.dtype,
+                                    device=case.device, threads=case.threads,
+                                    sparsity=case.sparsity, cands=tuple(cands), timing=opts,
+                                    resident=True), case_timeout * 2)
+
+    def done(info, top, reply):
+        sparsity = cases[top.iloc[0].case_key].sparsity
+        if not isinstance(reply, RaceReply) or not reply.samples or not reply.samples[0]:
+            why = reply if isinstance(reply, str) else (
+                f"the dense baseline failed in the race: {reply.reasons[0]}"
+                if isinstance(reply, RaceReply) else "the worker failed")
+            counts["not timed"] += 1
+            for j, r in enumerate(top.itertuples()):
+                store.add_confirmation(Confirmation(
+                    measurement_id=int(r.id), case_key=r.case_key, fp_hash=r.fp_hash,
+                    run_id=run_id, rank=j + 1, reason=why))
+        else:
+            n_dense = len(reply.samples) - len(top)
+            rows = confirmations(top, reply, run_id, 1 / (1 - sparsity), resident_at=n_dense - 1)
             for c in rows:
                 store.add_confirmation(c)
             counts["raced"] += 1
             counts[verdict(rows)] += 1
-            bar.update(1)
-    bar.close()
+        bar.update(1)
+
+    try:
+        counts["not raced (stopped)"] = len(executor.run(slots, call, done))
+    finally:
+        bar.close()
     return counts
 
 

@@ -1,8 +1,7 @@
-"""Sweep runner: cases go one at a time to a worker process; each result is committed to the
-store as it arrives. A case that passes its time limit is recorded as ``timeout`` and the worker
-is replaced; one that kills the worker is ``runtime_error``. Ctrl-C stops after the case in
-flight (a second Ctrl-C aborts at once), SIGTERM abandons it (see :mod:`harness.interrupts`);
-everything finished is already saved."""
+"""Cases on a worker process: ``Worker`` starts and talks to the process, ``CaseRunner`` runs
+cases one at a time on it (what a node of ``harness.execute`` holds). A case that passes its
+time limit becomes ``timeout`` and the worker is replaced; one that kills the worker is
+``runtime_error``."""
 
 from __future__ import annotations
 
@@ -15,13 +14,11 @@ from tqdm import tqdm
 
 from . import baseline
 from . import worker as worker_mod
-from .interrupts import Stop
 from .records import (
     CaseRequest,
     CaseResult,
     InitRequest,
     KernelState,
-    Measurement,
     Status,
     StopRequest,
     TimingOptions,
@@ -109,8 +106,8 @@ class Worker:
 class CaseRunner:
     """Runs cases one at a time on a worker process of this machine: builds each kernel once,
     turns unsupported combinations and kernels that cannot run here into typed results, and
-    gives every sparse case the dense baseline measured before it in its group. Used by the
-    local sweep and by each node of a cluster."""
+    gives every sparse case the dense baseline measured before it in its group. Held by each
+    node of an executor (``harness.execute.node``)."""
 
     def __init__(self, timing: TimingOptions, case_timeout: float, init_timeout: float = 1800.0):
         self.timing, self.case_timeout, self.init_timeout = timing, case_timeout, init_timeout
@@ -150,43 +147,6 @@ class CaseRunner:
 def progress_bar(total: int, enabled: bool, desc: str = "bench", unit: str = "case"):
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
                 file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
-
-
-def sweep(cases, store, run_id, fp_hash, machine_hash, *, resume=True, retry_failed=False,
-          case_timeout=300.0, init_timeout=1800.0, timing=None, progress=True, node=None):
-    """Run every case not yet recorded under this identity; returns counts by status for this
-    call. Each case's result is committed as it arrives."""
-    timing = timing or TimingOptions()
-    done = store.done_keys(fp_hash, retry_failed=retry_failed) if resume else set()
-    todo = [c for c in cases if c.key not in done]
-    counts = {"skipped (already measured)": len(cases) - len(todo)}
-    runner = CaseRunner(timing, case_timeout, init_timeout)
-    if resume:  # dense baselines measured by an earlier, interrupted run of the same identity
-        runner.dense.note_rows(store.measurements(fp_hash=fp_hash))
-    bar = progress_bar(len(todo), progress)
-    try:
-        with Stop() as stop:
-            bar.set_postfix_str("building / loading kernels")
-            runner.prepare(todo)
-            for case in todo:
-                if stop.requested:
-                    counts["not run (stopped)"] = counts.get("not run (stopped)", 0) + 1
-                    continue
-                lay = case.layer
-                bar.set_postfix_str(f"{case.kernel} {lay.net}:{lay.name} "
-                                    f"S={case.sparsity:g}", refresh=False)
-                m = Measurement.of(case, runner.run(case), run_id, fp_hash, machine_hash,
-                                   node=node)
-                store.add(m)
-                counts[m.status.value] = counts.get(m.status.value, 0) + 1
-                bar.update(1)
-    except BaseException:
-        runner.abandon()
-        raise
-    finally:
-        bar.close()
-        runner.close()
-    return counts
 
 
 def init_kernels(wk: Worker, names, timeout: float) -> dict:

@@ -376,12 +376,18 @@ class _Ref:  # an object ref: hashable, like Ray's
         self.actor, self.job = actor, job
 
 
+def _info(node_id):
+    from harness.execute import NodeInfo
+
+    return NodeInfo({}, "identity", "machine", f"ray:{node_id}", node_id)
+
+
 def _runners(*dead, node=None):
-    return [({"name": n, "dead": d}, {"node_id": node or n}) for n, d in zip("abcd", dead)]
+    return [({"name": n, "dead": d}, _info(node or n)) for n, d in zip("abcd", dead)]
 
 
 def _dispatch(ray, runners, jobs, **kw):
-    from harness import cluster
+    import harness.execute.ray as cluster
 
     done, lost = [], []
 
@@ -390,7 +396,7 @@ def _dispatch(ray, runners, jobs, **kw):
         return None if job in kw.get("skip", ()) else _Ref(actor, job)
 
     unrun = cluster.dispatch(ray, runners, jobs, submit,
-                             lambda info, job, res: done.append((info["node_id"], job, res)),
+                             lambda info, job, res: done.append((info.node_id, job, res)),
                              lambda info, job: lost.append(job), stop=kw.get("stop"))
     return done, lost, unrun
 
@@ -405,18 +411,19 @@ def test_dispatch_moves_a_dead_nodes_job_to_a_live_node_and_never_uses_the_dead_
 
 
 def test_dispatch_records_a_job_lost_after_its_retries_and_raises_when_no_node_is_left():
-    from harness import UsageError, cluster
+    import harness.execute.ray as cluster
+    from harness import UsageError
 
     ray, lost = _FakeRay(), []
     with pytest.raises(UsageError, match="every node"):
         cluster.dispatch(ray, _runners(True, True, True), [7], lambda a, i, j: _Ref(a, j),
-                         lambda *a: None, lambda info, job: lost.append((info["node_id"], job)))
+                         lambda *a: None, lambda info, job: lost.append((info.node_id, job)))
     assert lost == [("c", 7)]  # tried on a, then on b and c (MAX_RETRIES more), then lost
     assert cluster.MAX_RETRIES == 2
     ray, lost, done = _FakeRay(), [], []  # three dead nodes and a live one
-    runners = _runners(True, True, True) + [({"name": "d", "dead": False}, {"node_id": "d"})]
+    runners = _runners(True, True, True) + [({"name": "d", "dead": False}, _info("d"))]
     cluster.dispatch(ray, runners, [7, 8], lambda a, i, j: _Ref(a, j),
-                     lambda info, job, res: done.append((info["node_id"], job)),
+                     lambda info, job, res: done.append((info.node_id, job)),
                      lambda info, job: lost.append(job))
     # 7: a, c died (2 tries), d; 8: b died, d. Both finish on the live node, nothing is lost
     assert not lost and sorted(done) == [("d", 7), ("d", 8)]
@@ -436,18 +443,18 @@ def test_dispatch_skips_what_submit_declines_and_returns_what_a_stop_left_unstar
 def test_dispatch_gives_no_more_work_to_any_runner_of_a_node_that_died():
     """A GPU node runs one actor per GPU: when one of them dies with its node, the others on that
     node must not use up the job's retries."""
-    from harness import cluster
+    import harness.execute.ray as cluster
 
     ray, done, lost = _FakeRay(), [], []
     gpu_node = _runners(True, True, node="g")  # two actors (GPUs) of one node, which dies
-    live = [({"name": "z", "dead": False}, {"node_id": "z"})]
+    live = [({"name": "z", "dead": False}, _info("z"))]
 
     def submit(actor, info, job):
         ray.calls.append((actor["name"], job))
         return _Ref(actor, job)
 
     cluster.dispatch(ray, gpu_node + live, [1], submit,
-                     lambda info, job, res: done.append((info["node_id"], job)),
+                     lambda info, job, res: done.append((info.node_id, job)),
                      lambda info, job: lost.append(job))
     # the job's retry skips the idle sibling on the dead node and goes to the live one
     assert ray.calls == [("a", 1), ("z", 1)] and done == [("z", 1)] and not lost

@@ -224,8 +224,8 @@ def test_a_flagged_lucky_row_never_reaches_a_best_figure():
 
 # ---- the confirmation pass ------------------------------------------------------------------
 def test_a_lucky_row_slower_when_raced_again_never_reaches_a_best_figure(tmp_path):
-    """``test_lucky`` is the layer's best in the sweep and 20 ms slower per call in the
-    confirmation race; ``test_steady`` (2 ms slower than dense, always) overtakes it there, and
+    """``test_lucky`` is the layer's best in the sweep and 40 ms slower per call in the
+    confirmation race; ``test_steady`` (4 ms slower than dense, always) overtakes it there, and
     every best figure (the per-layer best and the network table the report's answer sums) is
     the race's figure for ``test_steady``."""
     shapes = tmp_path / "one.csv"

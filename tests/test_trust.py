@@ -327,12 +327,12 @@ def test_no_quoted_status_name_outside_the_records_module():
 
 
 def test_a_sweep_that_dies_is_recorded_failed(tmp_path, monkeypatch):
-    from harness import cli, runner
+    from harness import cli, drivers
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(runner, "sweep", boom)
+    monkeypatch.setattr(drivers, "sweep", boom)
     shapes = tmp_path / "tiny.csv"
     shapes.write_text(SHAPES)
     with pytest.raises(RuntimeError, match="disk on fire"):

@@ -227,4 +227,65 @@ def tune_layer(ev: Evaluator, patterns, strategy_name, budget=None, seed=0, dead
                        candidates=len(cands), history=dict(strat.history) if strat else {})
 
 
-__all__ = ["tune_layer", "confirm", "candidates", "Evaluator", "LayerResult", "shape_key"]
+@dataclass(frozen=True)
+class TuneJob:
+    """One layer to tune, as the autotune driver sends it to a node: ``seconds`` is the layer's
+    share of ``--time-budget`` (None: no limit); ``compare`` names strategies to run too and
+    race against exhaustive's pick (which then replaces ``strategy``)."""
+
+    layer: object
+    patterns: tuple
+    sparsity: float
+    batch: int
+    dtype: str
+    device: object
+    threads: int
+    strategy: str
+    budget: int | None = None
+    seed: int = 0
+    seconds: float | None = None
+    compare: tuple = ()
+
+    def run(self, evaluator, skip=()):
+        """``(LayerResult, races, comparison rows)``; ``evaluator(quiet=False)`` makes a fresh
+        ``Evaluator`` of this layer on the node."""
+        deadline = None if self.seconds is None else time.monotonic() + self.seconds
+        ev = evaluator()
+        base = "exhaustive" if self.compare else self.strategy
+        r = tune_layer(ev, self.patterns, base, self.budget, self.seed, deadline, skip=skip)
+        rows = []
+        if self.compare:  # regret from one interleaved race of the confirmed picks
+            picks, evals = {"exhaustive": r.best}, {}
+            for name in self.compare:
+                r2 = tune_layer(evaluator(quiet=True), self.patterns, name, self.budget,
+                                self.seed, skip=skip)
+                picks[name], evals[name] = r2.best, r2.evaluations
+            names = list(picks)
+            times = dict(zip(names, ev.race([picks[n] for n in names])[0]))
+            for name in self.compare:
+                rows.append({
+                    "layer": self.layer.name, "strategy": name, "evals": evals[name],
+                    "exhaustive evals": r.evaluations,
+                    "fraction": evals[name] / max(1, r.evaluations),
+                    "pick": picks[name].label(), "same pick": picks[name] == picks["exhaustive"],
+                    "pick ms": times[name] * 1e3, "exhaustive pick ms": times["exhaustive"] * 1e3,
+                    "regret %": 100 * (times[name] / times["exhaustive"] - 1)})
+        return r, ev.raced, rows
+
+
+@dataclass(frozen=True)
+class TuneOutcome:
+    """What a node sends back for one ``TuneJob``: the result, the tuning records it measured
+    (the driver stores them), its race count, the comparison rows, the kernels left out because
+    they did not build (name -> reason) and the tuner's notes."""
+
+    result: LayerResult
+    records: tuple
+    raced: int
+    compared: tuple = ()
+    broken: dict = field(default_factory=dict)
+    notes: tuple = ()
+
+
+__all__ = ["tune_layer", "confirm", "candidates", "Evaluator", "LayerResult", "shape_key",
+           "TuneJob", "TuneOutcome"]

@@ -12,11 +12,10 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import UsageError, cases, cluster, env, plan
+from .. import UsageError, cases, drivers, env, execute, plan
 from ..autotune import STRATEGIES
-from ..autotune.tuner import RACE, Evaluator, candidates, tune_layer
-from ..records import Status
-from ..runner import Worker, init_kernels
+from ..autotune.tuner import RACE, TIMING, TuneJob, candidates
+from ..records import Device
 from ..store import Store
 from .common import (
     DEFAULT_DB,
@@ -97,66 +96,29 @@ def run(args) -> int:
         if args.time_budget is not None:
             raise UsageError("--time-budget is for a tuning on this machine; with --executor "
                              "ray give --budget (evaluations per layer)")
-        cluster.require_ray(args.ray_address)
+        execute.check(args.executor, args.ray_address)
     store = Store(args.db)
     fp = env.fingerprint()
-    ident = env.identity_hash(fp)
-    if args.executor == "ray":
-        t0 = time.monotonic()
-        tuned_on = cluster.tune(store, layers, pats, S, args.batch, args.dtype, device, threads,
-                                args.strategy, args.budget, args.seed, address=args.ray_address)
-        return _finish(args, pats, S, device, threads, store, tuned_on, [], t0)
-    worker = Worker()
-    states = init_kernels(worker, kernels.names(device=device.kernel_device), 1800)
-    broken = {n: st for n, st in states.items() if st.status is Status.COMPILE_ERROR}
-    for n, st in broken.items():
-        print(f"warning: {n} is left out: {st.reason}")
-    t0 = time.monotonic()
-    results, compare_rows = [], []
     print(f"autotune {args.net} {'+'.join(pats)} S={S:g} on {machine_words(fp, device, threads)} "
           f"(device {device}, {args.dtype}), strategy {args.strategy}")
     if none:
         print(f"  no sparse candidate (these stay dense): {', '.join(none)}")
-    try:
-        for i, lay in enumerate(layers):
-            deadline = None
-            if args.time_budget:
-                left = args.time_budget - (time.monotonic() - t0)
-                deadline = time.monotonic() + max(0.0, left) / (len(layers) - i)
-            ev = Evaluator(store, worker, ident, lay, S, args.batch, args.dtype, device, threads)
-            base = "exhaustive" if compare else args.strategy
-            r = tune_layer(ev, pats, base, args.budget, args.seed, deadline, skip=broken)
-            results.append(r)
-            row = _layer_row(r)
-            print(f"  [{i + 1}/{len(layers)}] {lay.name:22s} {row['kernel']:14s} "
-                  f"{row['speedup']:5.2f}x  evals {r.evaluations}/{r.candidates} "
-                  f"(measured {r.measured}, raced {ev.raced})", flush=True)
-            picks = {"exhaustive": r.best}
-            evals = {}
-            for name in compare:
-                ev2 = Evaluator(store, worker, ident, lay, S, args.batch, args.dtype, device,
-                                threads, log=lambda *_: None)
-                r2 = tune_layer(ev2, pats, name, args.budget, args.seed, skip=broken)
-                picks[name], evals[name] = r2.best, r2.evaluations
-            if compare:  # regret from one interleaved race of the confirmed picks
-                names = list(picks)
-                times = dict(zip(names, ev.race([picks[n] for n in names])[0]))
-                for name in compare:
-                    compare_rows.append({
-                        "layer": lay.name, "strategy": name, "evals": evals[name],
-                        "exhaustive evals": r.evaluations,
-                        "fraction": evals[name] / max(1, r.evaluations),
-                        "pick": picks[name].label(),
-                        "same pick": picks[name] == picks["exhaustive"],
-                        "pick ms": times[name] * 1e3,
-                        "exhaustive pick ms": times["exhaustive"] * 1e3,
-                        "regret %": 100 * (times[name] / times["exhaustive"] - 1)})
-    except BaseException:  # SIGTERM, Ctrl-C: the candidate in flight is abandoned
-        worker.kill()
-        raise
-    finally:
-        worker.close()
-    return _finish(args, pats, S, device, threads, store, (fp, ident, results), compare_rows, t0)
+    jobs = [TuneJob(layer=lay, patterns=tuple(pats), sparsity=S, batch=args.batch,
+                    dtype=args.dtype, device=device, threads=threads, strategy=args.strategy,
+                    budget=args.budget, seed=args.seed, compare=tuple(compare))
+            for lay in layers]
+    t0 = time.monotonic()
+    with execute.make(args.executor, TIMING, 120.0, address=args.ray_address,
+                      gpus=device is Device.CUDA) as ex:
+        info, results, compare_rows, untuned = drivers.tune(
+            ex, store, jobs, time_budget=args.time_budget, log=lambda t: print(t, flush=True))
+    if untuned:
+        print(f"autotune stopped (Ctrl-C): {untuned} of {len(layers)} layer(s) not tuned, so no "
+              f"plan was written; the layers tuned are in the tuning records of {args.db} and "
+              f"are not measured again by the next run")
+        return 130
+    return _finish(args, pats, S, device, threads, store,
+                   (info.fingerprint, info.identity, results), compare_rows, t0)
 
 
 def _finish(args, pats, S, device, threads, store, tuned_on, compare_rows, t0) -> int:

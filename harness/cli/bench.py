@@ -12,7 +12,7 @@ import kernels
 import shapes
 from kernels import patterns as P
 
-from .. import UsageError, analysis, cases, cluster, confirm, contention, env, runner
+from .. import UsageError, analysis, cases, confirm, contention, drivers, env, execute
 from ..records import Device, Status, TimingOptions
 from ..store import Store
 from .common import (
@@ -132,8 +132,7 @@ def run(args) -> int:
         print(note)
     if not todo:  # an empty shard
         return 0
-    if args.executor == "ray":
-        cluster.require_ray(args.ray_address)
+    execute.check(args.executor, args.ray_address)
     busy = contention.busy_now() if not device.interpreted else None
     store = Store(args.db)
     fp = dict(env.fingerprint())
@@ -151,29 +150,26 @@ def run(args) -> int:
         print("device cuda-interpret: the GPU kernels run through Triton's interpreter on the "
               "CPU; its timings check the pipeline and are not GPU timings")
     timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
-    if args.executor == "ray":
-        def sweep():
-            return cluster.sweep(todo, store, run_id, address=args.ray_address,
-                                 resume=args.resume, retry_failed=args.retry_failed,
-                                 case_timeout=args.case_timeout, timing=timing,
-                                 progress=not args.no_progress)
-    else:
-        def sweep():
-            return runner.sweep(todo, store, run_id, fph, mh, resume=args.resume,
-                                retry_failed=args.retry_failed, case_timeout=args.case_timeout,
-                                timing=timing, progress=not args.no_progress,
-                                node=fp.get("hostname"))
     byk = {c.key: c for c in todo}
     confirmed = {}
 
     def sweep_and_confirm():
-        counts = sweep()
-        if args.confirm and not counts.get("not run (stopped)") and not device.interpreted:
-            # on this machine: rows a Ray node of another identity measured stay unconfirmed
-            df = store.measurements(fp_hash=fph)
-            confirmed.update(confirm.run(df[df.case_key.isin(byk)], byk, store, run_id, timing,
-                                         case_timeout=args.case_timeout,
-                                         progress=not args.no_progress))
+        with execute.make(args.executor, timing, args.case_timeout, address=args.ray_address,
+                          gpus=device is Device.CUDA) as ex:
+            counts = drivers.sweep(ex, todo, store, run_id, resume=args.resume,
+                                   retry_failed=args.retry_failed,
+                                   progress=not args.no_progress,
+                                   desc="bench (ray)" if ex.multinode else "bench")
+            if args.confirm and not counts.get(drivers.NOT_RUN) and not device.interpreted:
+                # on this machine: rows a Ray node of another identity measured stay
+                # unconfirmed
+                df = store.measurements(fp_hash=fph)
+                here = ex if not ex.multinode else execute.LocalExecutor(timing,
+                                                                         args.case_timeout)
+                with here:
+                    confirmed.update(confirm.run(df[df.case_key.isin(byk)], byk, store, run_id,
+                                                 timing, here, case_timeout=args.case_timeout,
+                                                 progress=not args.no_progress))
         return counts
 
     counts = recorded_sweep(store, run_id, sweep_and_confirm)

@@ -11,21 +11,18 @@ import pandas as pd
 import shapes
 from kernels import patterns as P
 
-from .. import cluster, contention, engines, env, gpu, plan
+from .. import contention, drivers, engines, env, execute, gpu, plan
 from ..e2e import source_hash as e2e_source_hash
 from ..interrupts import by_sigterm
 from ..records import (
     Device,
     E2ECase,
-    E2EMeasurement,
     E2ERequest,
-    E2EResult,
     RunStatus,
     Status,
     TimingOptions,
     handover_saved_s,
 )
-from ..runner import Worker, run_case
 from ..store import Store
 from .common import (
     DEFAULT_DB,
@@ -144,8 +141,7 @@ def run(args) -> int:
     pats = name_list(args.patterns, P.names(), "pattern")
     sparsities = sparsity_list(args.sparsities)
     device = device_of(args)
-    if args.executor == "ray":
-        cluster.require_ray(args.ray_address)
+    execute.check(args.executor, args.ray_address)
     size = args.size or (32 if device.interpreted else 224)
     threads = threads_of(args)
     opts = TimingOptions(rounds=1, min_sample=0.0, warmup=0.0) if device.interpreted else \
@@ -184,14 +180,13 @@ def run(args) -> int:
         return E2ERequest(case, opts, args.dense_compile, alone=args.alone), said
 
     try:
-        if args.executor == "ray":
-            keys = cluster.e2e(store, run_id, jobs, make_request, address=args.ray_address,
-                               timeout=args.case_timeout, fresh=args.fresh,
-                               log=lambda t: print(t, flush=True),
-                               gpus=device is Device.CUDA)
-        else:
-            keys = _local(store, run_id, jobs, make_request, args, fph, mh, fp)
-        store.finish_run(run_id)
+        with execute.make(args.executor, TimingOptions(), args.case_timeout,
+                          address=args.ray_address, gpus=device is Device.CUDA) as ex:
+            keys, unrun = drivers.e2e(
+                ex, store, run_id, jobs, make_request, timeout=args.case_timeout,
+                fresh=args.fresh, log=lambda t: print(t, flush=True), on_result=show,
+                label=lambda j: f"{j[0]} {j[1]} S={j[2]:g}")
+        store.finish_run(run_id, RunStatus.STOPPED if unrun else RunStatus.FINISHED)
     except KeyboardInterrupt as e:  # SIGTERM: stopped; Ctrl-C: aborted
         store.finish_run(run_id, RunStatus.STOPPED if by_sigterm(e) else RunStatus.ABORTED)
         raise
@@ -213,60 +208,41 @@ def run(args) -> int:
         if why:
             print(f"  {net}: {len(why)} layer(s) stay dense, e.g. "
                   f"{next(iter(why))}: {next(iter(why.values()))}")
+    if unrun:
+        print(f"e2e stopped (Ctrl-C) after {time.time() - t0:.0f} s: {unrun} network(s) not "
+              f"measured; run the same command again to measure them; results in {args.db}")
+        return 130
     print(f"e2e finished in {time.time() - t0:.0f} s; results in {args.db}")
     return 0
 
 
 
-def _local(store, run_id, jobs, make_request, args, fph, mh, fp) -> list[str]:
-    """Each network in turn on this machine's worker process."""
-    done = set() if args.fresh else store.e2e_done(fph)
-    wk = Worker()
-    keys = []
-    try:
-        for job in jobs:
-            req, said = make_request(job, fph)
-            net, pattern, S = job
-            keys.append(req.case.key)
-            print(f"  {net} {pattern} S={S:g}: {said}", flush=True)
-            if req.case.key in done:
-                print("    already measured with this identity (--fresh to repeat)")
-                continue
-            res = run_case(wk, req, args.case_timeout, result=E2EResult)
-            m = E2EMeasurement.of(req.case, res, run_id, fph, mh, node=fp.get("hostname"))
-            store.add_e2e(m)
-            if m.status is Status.OK:
-                print_engines(m)
-                print(f"    interleaved in one process: eager {m.dense_s * 1e3:.2f} ms "
-                      f"({m.dense_layout}), sparse {m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x; "
-                      f"{m.estimate:.2f}x summed convolutions", flush=True)
-                if m.graph_speedup is not None:
-                    print(f"    as CUDA graphs (no launch overhead): dense "
-                          f"{m.dense_graph_s * 1e3:.2f} ms, sparse {m.sparse_graph_s * 1e3:.2f} "
-                          f"ms: {m.graph_speedup:.2f}x", flush=True)
-                elif m.graph_note:
-                    print(f"    no CUDA graph: {m.graph_note}", flush=True)
-                if m.sparse_epilogue_s is not None and m.sparse_unfused_s is not None:
-                    pairs = json.loads(m.handover)
-                    saved = handover_saved_s(m.handover)
-                    print(f"    fused: {m.relu_fused} ReLU(s) and every bias in the kernels "
-                          f"save {(m.sparse_unfused_s - m.sparse_epilogue_s) * 1e3:.2f} ms "
-                          f"(whole network); {len(pairs)} layer pair(s) hand over in the "
-                          f"kernel's layout" + (f", saving {saved * 1e3:.2f} ms summed over the "
-                                                f"pairs (each timed on its own)"
-                                                if saved is not None else ""), flush=True)
-                    for a, b, *t in pairs[:4]:
-                        print(f"      {a} -> {b}" + (f": {t[0] * 1e6:.0f} us" if t else ""))
-                    if len(pairs) > 4:
-                        print(f"      ... {len(pairs) - 4} more (the e2e table's handover column)")
-            else:
-                print(f"    {m.status}: {m.reason}", flush=True)
-    except BaseException:  # SIGTERM, Ctrl-C: the network in flight is abandoned
-        wk.kill()
-        raise
-    finally:
-        wk.close()
-    return keys
+def show(m) -> None:
+    """What one whole-network measurement found, as it is stored."""
+    if m.status is not Status.OK:
+        print(f"    {m.status}: {m.reason}", flush=True)
+        return
+    print_engines(m)
+    print(f"    interleaved in one process: eager {m.dense_s * 1e3:.2f} ms "
+          f"({m.dense_layout}), sparse {m.sparse_s * 1e3:.2f} ms: {m.speedup:.2f}x; "
+          f"{m.estimate:.2f}x summed convolutions", flush=True)
+    if m.graph_speedup is not None:
+        print(f"    as CUDA graphs (no launch overhead): dense {m.dense_graph_s * 1e3:.2f} ms, "
+              f"sparse {m.sparse_graph_s * 1e3:.2f} ms: {m.graph_speedup:.2f}x", flush=True)
+    elif m.graph_note:
+        print(f"    no CUDA graph: {m.graph_note}", flush=True)
+    if m.sparse_epilogue_s is not None and m.sparse_unfused_s is not None:
+        pairs = json.loads(m.handover)
+        saved = handover_saved_s(m.handover)
+        print(f"    fused: {m.relu_fused} ReLU(s) and every bias in the kernels save "
+              f"{(m.sparse_unfused_s - m.sparse_epilogue_s) * 1e3:.2f} ms (whole network); "
+              f"{len(pairs)} layer pair(s) hand over in the kernel's layout"
+              + (f", saving {saved * 1e3:.2f} ms summed over the pairs (each timed on its own)"
+                 if saved is not None else ""), flush=True)
+        for a, b, *t in pairs[:4]:
+            print(f"      {a} -> {b}" + (f": {t[0] * 1e6:.0f} us" if t else ""))
+        if len(pairs) > 4:
+            print(f"      ... {len(pairs) - 4} more (the e2e table's handover column)")
 
 
 def _x(v) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 import kernels
 import shapes
 
-from .. import UsageError, analysis, baseline, cases, env, plan, runner
+from .. import UsageError, analysis, baseline, cases, drivers, env, execute, plan
 from ..records import Device, GroupKey, Status, TimingOptions
 from ..store import Store
 from .common import DEFAULT_DB, positive, recorded_sweep, sparsity_list
@@ -145,9 +145,13 @@ def run_plan(args) -> int:
           f"layer(s) on {fp['cpu']}, {threads} threads, batch {batch}, device {device}; "
           f"re-measured in run {run_id} of {args.db}")
     timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
-    counts = recorded_sweep(store, run_id, lambda: runner.sweep(
-        todo, store, run_id, fph, mh, resume=False, case_timeout=args.case_timeout,
-        timing=timing, progress=not args.no_progress, node=fp.get("hostname")))
+
+    def sweep():
+        with execute.LocalExecutor(timing, args.case_timeout) as ex:
+            return drivers.sweep(ex, todo, store, run_id, resume=False,
+                                 progress=not args.no_progress)
+
+    counts = recorded_sweep(store, run_id, sweep)
     if counts.get("not run (stopped)"):
         print(f"table --plan stopped (Ctrl-C): {counts['not run (stopped)']} of {len(todo)} "
               f"case(s) not run; the table needs every layer of the plan, run it again",
