@@ -14,8 +14,10 @@ epilogues and lets consecutive sparse layers hand activations over in the kernel
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-from collections import Counter
+import warnings
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -34,41 +36,115 @@ class SparsifyError(ValueError):
     """A plan or argument that cannot be applied (the CLI prints it as one line)."""
 
 
+SIZES_KEPT = 8  # input sizes a layer keeps prepared kernels for, besides its own (LRU)
+
+
 class SparseConv2d(nn.Module):
     """A convolution computed by a harness kernel (``run``), plus the folded bias.
 
     Made by :func:`fuse_layers` (C++ CPU kernels only): ``epilogue`` adds the bias in the kernel,
     ``relu`` applies the ReLU that followed the convolution there too, ``laid_in`` means the
     input arrives already in this kernel's layout and ``dest`` (the next layer's layout) that
-    the output is written straight into it."""
+    the output is written straight into it.
+
+    ``run`` is prepared for ``layer``'s input size (``sparsify``'s ``input_size``). An input of
+    another height and width gets the same kernel prepared for that size on first use, from
+    ``masked_weight`` (so the same weights and mask at every size), with ``config`` where the
+    kernel supports it there, else the kernel's default with the same pattern parameters; where
+    neither reproduces ``masked_weight`` exactly, the layer runs as a dense convolution over it.
+    At such a size the output is NCHW (no layout handover); the last ``SIZES_KEPT`` sizes stay
+    prepared."""
 
     def __init__(self, layer: shapes.ConvLayer, run, bias, kernel: str, config: dict,
-                 epilogue=False, relu=False, laid_in=False, dest=None):
+                 epilogue=False, relu=False, laid_in=False, dest=None, sparsity=None,
+                 tuned_at=None):
         super().__init__()
         self.layer, self.run, self.kernel, self.config = layer, run, kernel, dict(config)
         self.register_buffer("masked_weight", run.masked_weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.epilogue, self.relu, self.laid_in, self.dest = epilogue, relu, laid_in, dest
+        self.sparsity, self.tuned_at = sparsity, tuned_at
+        # a direct (NCHW) layout is what a producer hands over as a 4-D tensor; any other layout
+        # arrives as a 2-D buffer, so a 4-D input of the layer's own size is plain NCHW
+        self._direct_in = laid_in and CpuLayout.of(layer).direct
         self._out: dict = {}  # batch -> buffer in ``dest``'s layout (its padding stays zero)
+        self._sizes: OrderedDict = OrderedDict()  # (h, w) -> (run, how), other input sizes
 
     def fused_copy(self, **fusion) -> SparseConv2d:
         """The same layer (same run and weights) with the given fusion."""
         return type(self)(self.layer, self.run, self.bias, self.kernel, self.config,
-                          epilogue=True, **fusion)
+                          epilogue=True, sparsity=self.sparsity, tuned_at=self.tuned_at,
+                          **fusion)
 
     def forward(self, x):
+        L = self.layer
+        if x.dim() == 4 and (x.shape[2], x.shape[3]) != (L.h, L.w):
+            return self._other_size(x)
         if self.epilogue:
             out = None
             if self.dest is not None:
                 out = self._out.get(x.shape[0])
                 if out is None:
                     out = self._out[x.shape[0]] = self.dest.empty(x.shape[0])
-            return self.run.fused(x, laid_out=self.laid_in, bias=self.bias, relu=self.relu,
-                                  dest=self.dest, out=out)
+            return self.run.fused(x, laid_out=self.laid_in and (x.dim() == 2 or self._direct_in),
+                                  bias=self.bias, relu=self.relu, dest=self.dest, out=out)
         y = self.run(x.contiguous())
         if self.bias is not None:
             y.add_(self.bias.view(1, -1, 1, 1))
         return y
+
+    def prepared_at(self, h: int, w: int) -> str:
+        """How this layer runs at an input of ``h`` x ``w`` (prepared now if it is not yet):
+        its kernel and configuration, or the dense fallback with the reason."""
+        if (h, w) == (self.layer.h, self.layer.w):
+            return f"{self.kernel} {json.dumps(self.config, sort_keys=True)}"
+        return self._prepared(h, w)[1]
+
+    def _prepared(self, h: int, w: int):
+        key = (h, w)
+        if key in self._sizes:
+            self._sizes.move_to_end(key)
+            return self._sizes[key]
+        if self.tuned_at:
+            warnings.warn(f"sparsify: {self.tuned_at} runs at another input size: its kernels "
+                          f"are prepared for that size on first use with the plan's "
+                          f"configurations where they apply, not tuned for it", stacklevel=4)
+        lay = dataclasses.replace(self.layer, h=h, w=w)
+        k = kernels.get(self.kernel)
+        pinned = {p: self.config[p] for p in k.pattern_params if p in self.config}
+        why = "no configuration of the kernel supports it"
+        for cfg in (self.config, k.default_config(lay, self.sparsity, pinned)):
+            if cfg is None or k.supports(lay, self.sparsity, cfg, "float32"):
+                continue
+            try:
+                run = k.prepare(lay, self.masked_weight, self.sparsity, cfg)
+            except ValueError as e:
+                why = str(e)
+                continue
+            if torch.equal(run.masked_weight.to(self.masked_weight), self.masked_weight):
+                found = (run, f"{k.name} {json.dumps(cfg, sort_keys=True)}")
+                break
+            why = "its mask at this size differs from the layer's"
+        else:
+            found = (self._dense, f"dense over masked_weight ({self.kernel}: {why})")
+        self._sizes[key] = found
+        while len(self._sizes) > SIZES_KEPT:
+            self._sizes.popitem(last=False)
+        return found
+
+    def _dense(self, x, out=None):
+        L = self.layer
+        return F.conv2d(x, self.masked_weight, None, L.stride, L.padding, L.dilation, L.groups)
+
+    def _other_size(self, x):
+        run = self._prepared(int(x.shape[2]), int(x.shape[3]))[0]
+        fused = getattr(run, "fused", None)
+        if self.epilogue and fused is not None:
+            return fused(x, bias=self.bias, relu=self.relu)
+        y = run(x.contiguous())
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y.relu_() if self.epilogue and self.relu else y
 
     def extra_repr(self):
         fused = [w for w, on in (("bias+relu" if self.relu else "bias", self.epilogue),
@@ -332,7 +408,12 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     or kernel source is refused with a one-line :class:`SparsifyError`. With ``fuse`` the result
     goes through :func:`fuse_layers` (epilogues and layout handover on the CPU). With ``linear``
     every ``nn.Linear`` (the classifier) is sparsified too, as the 1x1 convolution it is
-    (:class:`SparseLinear`); the report's ``classifier`` says what happened."""
+    (:class:`SparseLinear`); the report's ``classifier`` says what happened.
+
+    ``input_size`` (C, H, W) is the size the kernels are prepared for first (and the size a
+    plan's layer shapes are matched at); the model takes any other height, width and batch as
+    the dense one does: each sparse layer prepares its kernel for a new size on first use
+    (:class:`SparseConv2d`), with the same masks."""
     from kernels import patterns as P
 
     dev = Device(device)
@@ -345,6 +426,9 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
         except PlanError as e:
             raise SparsifyError(str(e)) from None
     by_shape = plan.by_shape if plan is not None else {}
+    tuned_at = None if plan is None else (f"the plan for {plan.net} {plan.pattern} "
+                                          f"S={plan.sparsity:g} at a {input_size[-2]}x"
+                                          f"{input_size[-1]} input")
     m, layers, folded = dense_folded(model, input_size)
     m = m.to(dev.tensor_device)
     report = Report(pattern=pattern, sparsity=sparsity, folded=folded,
@@ -367,7 +451,8 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
             continue
         run = k.prepare(layer, conv.weight.detach().to(dev.tensor_device), sparsity, cfg)
         bias = None if conv.bias is None else conv.bias.detach().to(dev.tensor_device)
-        _set(m, name, SparseConv2d(layer, run, bias, k.name, cfg))
+        _set(m, name, SparseConv2d(layer, run, bias, k.name, cfg, sparsity=sparsity,
+                                   tuned_at=tuned_at if entry is not None else None))
         report.replaced[name] = {"kernel": k.name, "config": json.dumps(cfg, sort_keys=True)}
     if linear:
         _sparsify_linears(m, input_size, pattern, sparsity, by_shape, dev, report)
@@ -394,7 +479,7 @@ def _sparsify_linears(m, input_size, pattern, sparsity, by_shape, dev, report) -
         run = k.prepare(layer, lin.weight.detach().view(*lin.weight.shape, 1, 1)
                         .to(dev.tensor_device), sparsity, cfg)
         bias = None if lin.bias is None else lin.bias.detach().to(dev.tensor_device)
-        _set(m, name, SparseLinear(layer, run, bias, k.name, cfg))
+        _set(m, name, SparseLinear(layer, run, bias, k.name, cfg, sparsity=sparsity))
         report.replaced[name] = {"kernel": k.name, "config": json.dumps(cfg, sort_keys=True)}
         done.append(name)
     report.classifier = (f"sparsified: {len(done)} Linear layer(s) ({', '.join(done)})"

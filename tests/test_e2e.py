@@ -65,6 +65,80 @@ def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
 
 
+@pytest.mark.parametrize("pattern", ["cs", "1xn"])
+def test_a_sparsified_model_takes_any_input_size_and_batch_as_the_dense_one_does(pattern):
+    """Prepared at 32x32, the fused ResNet18 runs at other sizes and batches (each sparse layer
+    prepares its kernel for a new size on first use, from its masked weight) and equals the
+    masked dense network at every one, the first size again included."""
+    model = build("resnet18", seed=6)
+    sparse = harness.sparsify(model, pattern, 0.9375, input_size=(3, 32, 32))
+    assert sparse.sparsify_report.handover  # the fused, handed-over network at its own size
+    ref = sm.masked_dense(sparse).double()
+    for n, h, w in [(1, 32, 32), (2, 40, 56), (3, 17, 19), (2, 32, 32)]:
+        x = torch.rand(n, 3, h, w) * 2 - 1
+        with torch.no_grad():
+            y = sparse(x)
+            assert rel(y, ref(x.double())) < 1e-4, (n, h, w)
+        assert y.shape == (n, 1000)
+    convs = [m for m in sparse.modules() if isinstance(m, sm.SparseConv2d)]
+    for m in convs:  # the same kernel at the other sizes: the masks reproduce exactly
+        assert all(how.startswith(m.kernel) for _, how in m._sizes.values()), m._sizes
+    # two new sizes for most layers (the last stage can meet its own 1x1 or 2x2 again)
+    assert sum(len(m._sizes) for m in convs) > 1.5 * len(convs)
+
+
+def test_a_layer_keeps_a_bounded_set_of_sizes_and_falls_back_to_its_masked_weight(monkeypatch):
+    """A size whose kernel would not reproduce the layer's mask runs as a dense convolution over
+    ``masked_weight`` (still the same function); only the last ``SIZES_KEPT`` sizes stay
+    prepared."""
+    torch.manual_seed(0)
+    model = UserNet().eval()
+    sparse = harness.sparsify(model, "cs", 0.75, input_size=(16, 12, 12))
+    ref = sm.masked_dense(sparse).double()
+    a = sparse.get_submodule("a")
+    k = kernels.get(a.kernel)
+    real = k.prepare
+
+    def other_mask(layer, weight, sparsity, config=None):  # layer a: a mask of its own at 9x9
+        run = real(layer, weight, sparsity, config)
+        if (layer.name, layer.h) == ("a", 9):
+            run.masked_weight = run.masked_weight.roll(1, dims=1)
+        return run
+
+    monkeypatch.setattr(k, "prepare", other_mask)
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        assert rel(sparse(x), ref(x.double())) < 1e-4
+    assert a.prepared_at(9, 9).startswith("dense over masked_weight")
+    assert "mask at this size differs" in a.prepared_at(9, 9)
+    assert sparse.get_submodule("b").prepared_at(9, 9).startswith(sparse.get_submodule("b")
+                                                                  .kernel)
+    for h in range(13, 13 + sm.SIZES_KEPT + 2):
+        with torch.no_grad():
+            sparse(torch.randn(1, 16, h, h))
+    assert len(a._sizes) == sm.SIZES_KEPT and (9, 9) not in a._sizes
+
+
+def test_a_plan_used_at_another_input_size_says_so(tmp_path):
+    model = UserNet().eval()
+    base = harness.sparsify(model, "cs", 0.75, input_size=(16, 12, 12))
+    layers = [m.layer for m in base.modules() if isinstance(m, sm.SparseConv2d)]
+    plan = hplan.Plan(
+        net="user", pattern="cs", sparsity=0.75, device="cpu", batch=1, dtype="float32",
+        threads=torch.get_num_threads(), strategy="model", fingerprint={}, identity="x",
+        machine_hash="m", network_speedup=1.0, default_network_speedup=1.0, evaluations=0,
+        layers=tuple(hplan.PlanLayer(
+            layer=lay.name, index=lay.index, count=1, shape=lay.shape_str, kernel="cs_cpu_direct",
+            source_hash=kernels.get("cs_cpu_direct").source_hash(),
+            config=base.get_submodule(lay.name).config, time_s=1.0, dense_s=1.0, speedup=1.0)
+            for lay in layers))
+    sparse = harness.sparsify(model, "cs", 0.75, plan=plan, input_size=(16, 12, 12), net="user",
+                              identity="x")
+    with pytest.warns(UserWarning, match="at a 12x12 input runs at another input size"):
+        with torch.no_grad():
+            sparse(torch.randn(1, 16, 20, 20))
+
+
 @pytest.mark.parametrize("net", ["vgg19", "resnet18"])
 @pytest.mark.parametrize("pattern", ["cs", "1xn"])
 def test_the_classifier_is_sparsified_on_request(net, pattern):
