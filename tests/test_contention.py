@@ -229,12 +229,14 @@ def test_a_lucky_row_slower_when_raced_again_never_reaches_a_best_figure(tmp_pat
     every best figure (the per-layer best and the network table the report's answer sums) is
     the race's figure for ``test_steady``."""
     shapes = tmp_path / "one.csv"
+    # 9 rounds: with 5, one round slowed by a busy machine can widen the race's bootstrap-t
+    # interval past 1 and the pair reads as a tie
     # big enough (~1 ms dense) that its dense runs are not at the mercy of scheduling noise
     shapes.write_text("name,cin,cout,kh,kw,stride,padding,h,w\na,64,64,3,3,1,1,28,28\n")
     db = tmp_path / "r.sqlite"
     r = subprocess.run(
         [sys.executable, "-m", "harness", "bench", "--shapes-csv", str(shapes), "--nets", "",
-         "--db", str(db), "--rounds", "5", "--min-sample", "0.0002", "--threads", "1",
+         "--db", str(db), "--rounds", "9", "--min-sample", "0.0002", "--threads", "1",
          "--no-progress", "--kernels", "test_lucky,test_steady", "--sparsities", "0.5"],
         cwd=ROOT, env=env(HARNESS_PLUGINS="lucky_kernels", LUCKY_STATE=str(tmp_path / "lucky")),
         capture_output=True, text=True, timeout=600)
