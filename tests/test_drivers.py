@@ -159,3 +159,41 @@ def test_tune_refuses_nodes_of_different_machines_before_any_work(tmp_path):
         drivers.tune(ex, Store(tmp_path / "r.sqlite"), [object()], log=lambda *_: None)
     assert all(not node.sent for _, node in ex.nodes)
 
+
+
+def test_a_merge_keeps_each_confirmation_with_the_row_it_raced(tmp_path):
+    """Two stores with confirmed rows merge into one: each confirmation still sits beside the
+    measurement it raced (new row ids and run numbers), and one whose row a newer measurement
+    of the same case replaced does not move to that newer row."""
+    from harness.merge import merge
+    from harness.records import Confirmation
+
+    todo = _cases()
+    a_cases = [c for c in todo if c.layer.name == "a"]
+    stores = []
+    for i, part in enumerate((a_cases, todo)):  # the second re-measures layer a, later
+        st = Store(tmp_path / f"s{i}.sqlite")
+        drivers.sweep(FakeExecutor(), part, st, st.start_run({}, "id-1", "m", {}),
+                      progress=False)
+        stores.append(st)
+    s0, s1 = (st.measurements().set_index("case_key") for st in stores)
+    sparse_a = next(c.key for c in a_cases if not c.is_dense)
+    sparse_b = next(c.key for c in todo if c.layer.name == "b" and not c.is_dense)
+    stores[0].add_confirmation(Confirmation(  # a row the second store's newer row replaces
+        measurement_id=int(s0.loc[sparse_a, "id"]), case_key=sparse_a, fp_hash="id-1",
+        run_id=1, rank=1, speedup=9.0))
+    stores[1].add_confirmation(Confirmation(
+        measurement_id=int(s1.loc[sparse_b, "id"]), case_key=sparse_b, fp_hash="id-1",
+        run_id=1, rank=1, speedup=2.5, speedup_lo=2.0, speedup_hi=3.0))
+    for st in stores:
+        st.close()
+    counts = merge([tmp_path / "s0.sqlite", tmp_path / "s1.sqlite"], tmp_path / "m.sqlite")
+    assert counts["measurements"] == len(todo) and counts["confirmations"] == 1
+    m = Store(tmp_path / "m.sqlite").measurements().set_index("case_key")
+    assert m.loc[sparse_b, "conf_speedup"] == 2.5 and m.loc[sparse_b, "conf_speedup_hi"] == 3.0
+    assert m.conf_speedup.notna().sum() == 1  # layer a's newer row carries no confirmation
+    # merging again into the same output keeps it, once
+    counts = merge([tmp_path / "s1.sqlite"], tmp_path / "m.sqlite")
+    assert counts["confirmations"] == 1
+    m = Store(tmp_path / "m.sqlite").measurements().set_index("case_key")
+    assert m.loc[sparse_b, "conf_speedup"] == 2.5
