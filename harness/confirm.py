@@ -94,10 +94,11 @@ def confirmations(top: pd.DataFrame, reply: RaceReply, run_id: int, ideal: float
 
 def run(df: pd.DataFrame, cases: dict, store, run_id: int, timing, executor, *,
         case_timeout: float, progress: bool = True) -> dict:
-    """Race every pending slot (``pending``) on ``executor`` (this machine's: the rows it
-    confirms were measured here) and store the confirmations as they arrive; ``cases``: case
-    key -> Case (the sweep's). Ctrl-C stops after the race in flight; the slots not raced stay
-    unconfirmed. Returns counts (empty where nothing was pending)."""
+    """Race every pending slot (``pending``) on ``executor`` and store the confirmations as
+    they arrive; a slot is raced only on a node of the identity its rows were measured under
+    (``df`` holds that identity's rows); ``cases``: case key -> Case (the sweep's). Ctrl-C
+    stops after the race in flight; the slots not raced stay unconfirmed. Returns counts
+    (empty where nothing was pending)."""
     slots = pending(df, keys=set(cases))
     if not slots:
         return {}
@@ -107,6 +108,8 @@ def run(df: pd.DataFrame, cases: dict, store, run_id: int, timing, executor, *,
     bar = progress_bar(len(slots), progress, desc="confirm", unit="race")
 
     def call(info, top):
+        if top.iloc[0].fp_hash != info.identity:  # measured on another kind of machine
+            return None
         case = cases[top.iloc[0].case_key]
         dense_k = baseline.kernel_for(case.device).name
         e2e, res = _dense_layouts(top.iloc[0])

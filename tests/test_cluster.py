@@ -15,6 +15,7 @@ import pytest
 from procs import descendants, listening, loopback, reaped, stop, wait_gone
 from test_harness import ROOT, SHAPES, bench, env, rows
 
+from harness import analysis
 from harness.store import Store
 
 LAYERS = ["--layers", "a,b,c", "--kernels", "cs_cpu_direct,bsr_1xn_cpu", "--sparsities", "0.5",
@@ -127,8 +128,19 @@ def test_a_cluster_sweep_equals_the_local_one_and_uses_both_nodes(tmp_path, clus
     assert (b.groupby("layer").node.nunique() == 1).all()
     # the worker node built its own C++ kernels under its own HOME
     assert list(node_home.glob(".cache/sparseconv/sparseconv_cs_*/sparseconv_cs_*.so"))
-    again = ray_bench(tmp_path, c.address, db=tmp_path / "ray.sqlite")
-    assert again.returncode == 0 and len(rows(tmp_path / "ray.sqlite")) == len(b)
+    # the same command with the confirmation pass: nothing is measured again, and the best
+    # and runner-up of every layer, pattern and sparsity race dense on the cluster's nodes
+    again = ray_bench(tmp_path, c.address, "--confirm", db=tmp_path / "ray.sqlite")
+    assert again.returncode == 0, again.stderr
+    assert len(rows(tmp_path / "ray.sqlite")) == len(b)
+    got = Store(tmp_path / "ray.sqlite").measurements()
+    ok = got[(got.pattern != "dense") & (got.status == "ok") & ~analysis.flagged(got)]
+    slots = ok.groupby(["layer", "pattern"]).ngroups  # a busy machine may have flagged some
+    assert slots and f"confirmation: {slots} layer/pattern/sparsity best(s) raced" in \
+        again.stdout, again.stdout
+    raced = got[got.conf_rank.notna()]
+    assert len(raced) and raced.conf_speedup.notna().all()
+    assert set(raced.fp_hash) == set(b.fp_hash)  # raced under the nodes' own identity
 
 
 BLOCKER = '''

@@ -161,11 +161,16 @@ def run(args) -> int:
                                    progress=not args.no_progress,
                                    desc="bench (ray)" if ex.multinode else "bench")
             if args.confirm and not counts.get(drivers.NOT_RUN) and not device.interpreted:
-                # on this machine: rows a Ray node of another identity measured stay
-                # unconfirmed
-                df = store.measurements(fp_hash=fph)
-                here = ex if not ex.multinode else execute.LocalExecutor(timing,
-                                                                         args.case_timeout)
+                # races run where their rows were measured: on the nodes of a cluster of one
+                # machine kind; on this machine otherwise (rows a node of another kind
+                # measured then stay unconfirmed)
+                kinds = {info.identity for info in ex.infos()}
+                here, ident = ex, fph
+                if ex.multinode and len(kinds) == 1:
+                    ident = kinds.pop()
+                elif ex.multinode:
+                    here = execute.LocalExecutor(timing, args.case_timeout)
+                df = store.measurements(fp_hash=ident)
                 with here:
                     confirmed.update(confirm.run(df[df.case_key.isin(byk)], byk, store, run_id,
                                                  timing, here, case_timeout=args.case_timeout,
