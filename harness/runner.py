@@ -117,9 +117,13 @@ class CaseRunner:
 
     def prepare(self, cases) -> None:
         """Load and build the kernels these cases need (once each)."""
-        names = sorted({c.kernel for c in cases if c.unsupported is None} - set(self.states))
-        if names:
-            self.states.update(init_kernels(self.worker, names, self.init_timeout))
+        self.load(c.kernel for c in cases if c.unsupported is None)
+
+    def load(self, names) -> None:
+        """Load and build these kernels, those not loaded yet."""
+        todo = sorted(set(names) - set(self.states))
+        if todo:
+            self.states.update(init_kernels(self.worker, todo, self.init_timeout))
 
     def run(self, case) -> CaseResult:
         state = self.states.get(case.kernel)

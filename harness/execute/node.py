@@ -10,7 +10,7 @@ import socket
 
 from .. import env
 from ..records import E2EResult, Status
-from ..runner import CaseRunner, WorkerDied, WorkerTimeout, init_kernels, run_case
+from ..runner import CaseRunner, WorkerDied, WorkerTimeout, run_case
 from .base import NodeInfo
 
 
@@ -18,14 +18,14 @@ class Node:
     def __init__(self, timing, case_timeout: float, init_timeout: float = 1800.0,
                  node_id: str | None = None):
         self.fp = dict(env.fingerprint())
+        self.identity = env.identity_hash(self.fp)
         self.node_id = node_id
         self.runner = CaseRunner(timing, case_timeout, init_timeout)
 
     def info(self) -> NodeInfo:
         label = f"ray:{self.node_id}" if self.node_id else (self.fp.get("hostname")
                                                              or socket.gethostname())
-        return NodeInfo(self.fp, env.identity_hash(self.fp), env.machine_hash(self.fp), label,
-                        self.node_id)
+        return NodeInfo(self.fp, self.identity, env.machine_hash(self.fp), label, self.node_id)
 
     def run_group(self, cases, prior=None):
         """Yields ``(case, CaseResult)`` for each case of one layer group, in order (its dense
@@ -43,10 +43,7 @@ class Node:
 
     def race(self, req, timeout: float):
         """Yields the ``RaceReply`` of one race, or a sentence on why there is none."""
-        need = sorted({c.kernel for c in req.cands} - set(self.runner.states))
-        if need:
-            self.runner.states.update(init_kernels(self.runner.worker, need,
-                                                   self.runner.init_timeout))
+        self.runner.load(c.kernel for c in req.cands)
         try:
             yield self.runner.worker.call(req, timeout)
         except (WorkerTimeout, WorkerDied) as e:
@@ -61,21 +58,17 @@ class Node:
         from ..autotune.tuner import Evaluator, TuneOutcome
         from ..store import Store
 
-        if not self.runner.states:
-            self.runner.states = init_kernels(
-                self.runner.worker, kernels.names(device=job.device.kernel_device),
-                self.runner.init_timeout)
+        self.runner.load(kernels.names(device=job.device.kernel_device))
         broken = {n: st.reason for n, st in self.runner.states.items()
                   if st.status is Status.COMPILE_ERROR}
         mem = Store(":memory:")
         for row in rows:
             mem.add_tuning(row)
         notes: list[str] = []
-        ident = env.identity_hash(self.fp)
         try:
             res, raced, compared = job.run(
                 lambda quiet=False: Evaluator(
-                    mem, self.runner.worker, ident, job.layer, job.sparsity, job.batch,
+                    mem, self.runner.worker, self.identity, job.layer, job.sparsity, job.batch,
                     job.dtype, job.device, job.threads,
                     log=(lambda *_: None) if quiet else notes.append), skip=broken)
             yield TuneOutcome(res, tuple(mem.tuning_records()[len(rows):]), raced,
