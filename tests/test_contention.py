@@ -133,6 +133,21 @@ def test_the_bootstrap_interval_covers_a_known_ratio_90_to_98_percent(n):
     assert 0.90 * 500 <= hits <= 0.98 * 500, hits
 
 
+def test_one_slow_round_of_five_does_not_make_a_7x_difference_a_tie():
+    """Four rounds 7x apart and one in which other work slowed the faster side to par: the
+    interval stays below 1 and bounded (bootstrap-t put its upper end at 3e40)."""
+    lucky = [1.0e-3, 1.01e-3, 0.99e-3, 1.0e-3, 7.0e-3]
+    steady = [7.0e-3, 7.02e-3, 6.99e-3, 7.01e-3, 7.0e-3]
+    lo, hi = ratio_interval(lucky, steady)
+    assert lo < 1 / 7 < hi < 1, (lo, hi)
+    lo, hi = ratio_interval(steady, lucky)  # the same pair the other way round
+    assert 1 < lo < 7 < hi < 10, (lo, hi)
+
+
+def test_equal_ratios_give_a_point_interval():
+    assert ratio_interval([2.0] * 6, [1.0] * 6) == pytest.approx((2.0, 2.0))
+
+
 def test_no_interval_from_fewer_than_five_rounds():
     assert ratio_interval([2.0] * 4, [1.0] * 4) == (None, None)
 
@@ -229,8 +244,7 @@ def test_a_lucky_row_slower_when_raced_again_never_reaches_a_best_figure(tmp_pat
     every best figure (the per-layer best and the network table the report's answer sums) is
     the race's figure for ``test_steady``."""
     shapes = tmp_path / "one.csv"
-    # 9 rounds: with 5, one round slowed by a busy machine can widen the race's bootstrap-t
-    # interval past 1 and the pair reads as a tie
+    # 9 rounds: the race's win needs its interval clear of 1 whatever one loaded round does
     # big enough (~1 ms dense) that its dense runs are not at the mercy of scheduling noise
     shapes.write_text("name,cin,cout,kh,kw,stride,padding,h,w\na,64,64,3,3,1,1,28,28\n")
     db = tmp_path / "r.sqlite"
