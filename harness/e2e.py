@@ -25,7 +25,7 @@ from . import gate, gpu, sparse_model, timing
 from .errors import error_text, status_of
 from .measure import PLAUSIBLE
 from .records import Device, E2ERequest, E2EResult, EngineResult, Status
-from .timing import gpu_settings, timed
+from .timing import gpu_settings, ratio_interval, timed
 
 
 @functools.cache  # pure per process: asked for every network and retry
@@ -275,8 +275,10 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     for name, row in engine_rows.items():
         k = alias.get(name, name)
         if k in st:
+            lo, hi = ratio_interval(samples.get(k), samples.get("sparse"))
             row = dataclasses.replace(row, interleaved_s=st[k].median, latency_s=st[k].median,
-                                      noisy=st[k].noisy, cpu_per_wall=cpu.get(k))
+                                      noisy=st[k].noisy, cpu_per_wall=cpu.get(k),
+                                      vs_project_lo=lo, vs_project_hi=hi)
         rows[name] = row
     rows["project@sparse"] = EngineResult(
         variant="project@sparse", engine="project", network="sparse", role="project",

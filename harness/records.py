@@ -687,6 +687,11 @@ class EngineResult:
     alone_cpu_per_wall: float | None = None
     noisy: bool | None = None
     alone_note: str | None = None
+    # 95% bootstrap interval (harness.timing.ratio_interval) of this engine's time over the
+    # project's network's, from the interleaved rounds that timed both (above 1: the project
+    # is faster); None from fewer than 5 rounds, and for the project's own row
+    vs_project_lo: float | None = None
+    vs_project_hi: float | None = None
 
     def with_alone(self, alone_s: float | None, cpu: float | None = None,
                    note: str | None = None) -> EngineResult:
@@ -709,27 +714,35 @@ def engine_summary(engines: str | None) -> dict:
     ok = {r.variant: r for r in rows if r.status == Status.OK.value and r.latency_s}
     out = {k: None for k in ("best_dense_engine", "best_dense_s", "dense_engines",
                              "sparse_latency_s", "speedup_best", "eager_s", "speedup_eager",
-                             "deepsparse_s", "vs_deepsparse")}
-    dense = {r.engine: r.latency_s for r in ok.values() if r.role == "dense"}
+                             "deepsparse_s", "vs_deepsparse", *INTERVAL_COLUMNS)}
+    dense = {r.engine: r for r in ok.values() if r.role == "dense"}
     project = ok.get("project@sparse")
+    chosen = {}  # headline column -> the engine row it is measured against
     if dense:
-        best = min(dense, key=dense.get)
-        out.update(best_dense_engine=best, best_dense_s=dense[best],
+        best = min(dense, key=lambda e: dense[e].latency_s)
+        out.update(best_dense_engine=best, best_dense_s=dense[best].latency_s,
                    dense_engines=", ".join(sorted(dense)))
+        chosen["speedup_best"] = dense[best]
     eager = [dense[e] for e in ("eager_nchw", "eager_channels_last") if e in dense]
     if eager:
-        out["eager_s"] = min(eager)
-    peer = [r.latency_s for r in ok.values() if r.role == "peer"]
+        chosen["speedup_eager"] = min(eager, key=lambda r: r.latency_s)
+        out["eager_s"] = chosen["speedup_eager"].latency_s
+    peer = [r for r in ok.values() if r.role == "peer"]
     if peer:
-        out["deepsparse_s"] = min(peer)
+        chosen["vs_deepsparse"] = min(peer, key=lambda r: r.latency_s)
+        out["deepsparse_s"] = chosen["vs_deepsparse"].latency_s
     if project:
         s = project.latency_s
         out["sparse_latency_s"] = s
-        for col, base in (("speedup_best", "best_dense_s"), ("speedup_eager", "eager_s"),
-                          ("vs_deepsparse", "deepsparse_s")):
-            if out[base]:
-                out[col] = out[base] / s
+        for col, r in chosen.items():
+            out[col] = r.latency_s / s
+            out[f"{col}_lo"], out[f"{col}_hi"] = r.vs_project_lo, r.vs_project_hi
     return out
+
+
+# each headline ratio's 95% interval, from the interleaved rounds (EngineResult.vs_project_*)
+INTERVAL_COLUMNS = tuple(f"{c}_{e}" for c in ("speedup_best", "speedup_eager", "vs_deepsparse")
+                         for e in ("lo", "hi"))
 
 
 def handover_saved_s(handover: str | None) -> float | None:
@@ -841,6 +854,14 @@ class E2EMeasurement:
     speedup_eager: float | None = None
     deepsparse_s: float | None = None  # DeepSparse on the very masked network
     vs_deepsparse: float | None = None  # deepsparse_s / sparse_latency_s: > 1, the project wins
+    # 95% bootstrap intervals of the three ratios above from the run's interleaved rounds
+    # (engine_summary); the ratio itself may use an alone figure (EngineResult.latency_s)
+    speedup_best_lo: float | None = None
+    speedup_best_hi: float | None = None
+    speedup_eager_lo: float | None = None
+    speedup_eager_hi: float | None = None
+    vs_deepsparse_lo: float | None = None
+    vs_deepsparse_hi: float | None = None
     contention: float | None = None  # other work's largest share of a core in a kept round
     retaken: int | None = None
     contended: bool | None = None

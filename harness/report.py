@@ -14,7 +14,7 @@ from kernels import patterns as P
 
 from . import UsageError, analysis, figures, plan
 from .outputs import output_file, writing
-from .records import Device, GroupKey, Status, handover_saved_s
+from .records import INTERVAL_COLUMNS, Device, GroupKey, Status, handover_saved_s
 from .store import Store
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
@@ -255,7 +255,7 @@ def build(db: str | Path, out: str | Path, plans_dir: str | Path | None = None,
 # the answer's engine columns (None for an answer summed from bench rows)
 NO_ENGINES = dict.fromkeys(("best_dense_engine", "dense_engines", "best_dense_s",
                             "sparse_latency_s", "speedup_best", "speedup_eager", "deepsparse_s",
-                            "vs_deepsparse"))
+                            "vs_deepsparse", *INTERVAL_COLUMNS))
 
 
 def _nan_none(v):

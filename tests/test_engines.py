@@ -3,6 +3,7 @@ is given, an engine that answers wrongly is recorded and never timed, one that i
 is one line, and the headline speedup is against the fastest dense engine of the run."""
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,9 +17,9 @@ from torch import nn
 import harness
 from harness import engines
 from harness import sparse_model as sm
-from harness.records import EngineResult, engine_summary
+from harness.records import INTERVAL_COLUMNS, EngineResult, engine_summary
 from harness.store import Store
-from harness.timing import interleaved_cpu
+from harness.timing import interleaved_cpu, ratio_interval
 from shapes.models import build
 
 PEERS = ["onnxruntime", "openvino", "deepsparse"]
@@ -105,6 +106,23 @@ def test_the_headline_is_against_the_fastest_dense_engine():
     assert s["dense_engines"] == "eager_channels_last, eager_nchw, openvino"
     assert s["speedup_best"] == pytest.approx(2.0) and s["speedup_eager"] == pytest.approx(2.5)
     assert s["vs_deepsparse"] == pytest.approx(0.9)
+    assert all(s[c] is None for c in INTERVAL_COLUMNS)  # rows with no interval (< 5 rounds)
+
+
+def test_each_headline_carries_the_interval_of_the_engine_it_is_measured_against():
+    def ci(r, lo, hi):
+        return dataclasses.replace(r, vs_project_lo=lo, vs_project_hi=hi)
+
+    rows = [ci(row("eager_nchw@dense", "dense", 0.060), 2.8, 3.2),
+            ci(row("eager_channels_last@dense", "dense", 0.050), 2.3, 2.7),
+            ci(row("openvino@dense", "dense", 0.040), 1.9, 2.1),
+            ci(row("deepsparse@masked", "peer", 0.022), 1.0, 1.2),
+            ci(row("deepsparse_b@masked", "peer", 0.018), 0.8, 1.0),
+            row("project@sparse", "project", 0.020)]
+    s = engine_summary(json.dumps([dataclasses.asdict(r) for r in rows]))
+    assert (s["speedup_best_lo"], s["speedup_best_hi"]) == (1.9, 2.1)  # openvino's
+    assert (s["speedup_eager_lo"], s["speedup_eager_hi"]) == (2.3, 2.7)  # the faster layout's
+    assert (s["vs_deepsparse_lo"], s["vs_deepsparse_hi"]) == (0.8, 1.0)  # the faster peer's
 
 
 def test_an_alone_figure_replaces_the_interleaved_one_only_beyond_ten_percent():
@@ -119,7 +137,7 @@ def test_e2e_records_wrong_missing_and_fast_engines(tmp_path):
     """Through the command: a wrong engine is incorrect and untimed (on both networks), a
     missing one is one line and the run goes on, and a stand-in made fast is the baseline."""
     r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(tmp_path / "e.sqlite"),
-                        "--nets", "resnet18", "--patterns", "cs", "--size", "32", "--rounds", "3",
+                        "--nets", "resnet18", "--patterns", "cs", "--size", "32", "--rounds", "5",
                         "--threads", "1", "--min-sample", "0.002", "--plans", str(tmp_path),
                         "--engines", "standin_wrong,standin_fast,standin_missing"],
                        cwd=ROOT, env=env(HARNESS_PLUGINS="standin_engines"),
@@ -138,6 +156,15 @@ def test_e2e_records_wrong_missing_and_fast_engines(tmp_path):
     assert m.best_dense_engine == "standin_fast"
     assert m.speedup_best == pytest.approx(m.best_dense_s / m.sparse_latency_s)
     assert m.speedup_best < m.speedup_eager  # the fast stand-in, not eager, is the baseline
+    # each headline's interval is the one its interleaved rounds give, as stored
+    samples = json.loads(m.samples)
+    assert (m.speedup_best_lo, m.speedup_best_hi) == pytest.approx(
+        ratio_interval(samples["standin_fast@dense"], samples["sparse"]))
+    assert m.speedup_best_lo <= m.speedup_best_hi and rows["project@sparse"]["vs_project_lo"] is None
+    eager = min(("dense_nchw", "dense_cl"), key=lambda k: rows[
+        {"dense_nchw": "eager_nchw@dense", "dense_cl": "eager_channels_last@dense"}[k]]["latency_s"])
+    assert (m.speedup_eager_lo, m.speedup_eager_hi) == pytest.approx(
+        ratio_interval(samples[eager], samples["sparse"]))
     # every measured engine, and the project's network, was timed alone in its own process too
     for v in ("eager_nchw@dense", "standin_fast@dense", "project@sparse"):
         assert rows[v]["alone_s"] > 0, rows[v]
