@@ -24,6 +24,7 @@ MACHINE = ("cpu", "cpu_flags_hash", "cores", "gpu", "gpu_driver", "kernel_build"
            "machine_label")
 SOFTWARE = ("torch", "triton", "numpy", "python", "project")
 IDENTITY = MACHINE + SOFTWARE
+PROC_CPUINFO = Path("/proc/cpuinfo")
 
 
 def _git(*args) -> str | None:
@@ -34,14 +35,48 @@ def _git(*args) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu() -> dict:
+def _cpuinfo_uncached() -> dict:
     try:
         import cpuinfo
 
-        info = cpuinfo.get_cpu_info()
+        return cpuinfo.get_cpu_info()
     except Exception:  # py-cpuinfo can fail on exotic systems; fall back to platform
-        info = {}
+        return {}
+
+
+def _cpuinfo() -> dict:
+    """py-cpuinfo's answer, kept on disk beside the kernel builds: it runs itself in a
+    subprocess and takes over a second, paid by every command (and by each of the test suite's
+    hundred-odd). Keyed by this CPU's /proc/cpuinfo without its clock lines, so another CPU,
+    core count or feature set asks again; where that file cannot be read, always asked."""
+    try:
+        text = PROC_CPUINFO.read_text()
+    except OSError:
+        return _cpuinfo_uncached()
+    stable = "\n".join(ln for ln in text.splitlines() if not ln.startswith("cpu MHz"))
+    key = hashlib.sha256(f"{platform.machine()}\n{stable}".encode()).hexdigest()[:16]
+    from kernels._ext import build_dir
+
+    path = build_dir() / f"cpuinfo-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not cached yet, or unreadable: ask, and keep the answer
+        pass
+    info = _cpuinfo_uncached()
+    if info:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, path)  # whole or absent, whoever reads it meanwhile
+        except (OSError, TypeError, ValueError):
+            pass
+    return info
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu() -> dict:
+    info = _cpuinfo()
     flags = sorted(info.get("flags", []))
     return {"cpu": info.get("brand_raw") or platform.processor() or platform.machine(),
             "cpu_arch": info.get("arch_string_raw", platform.machine()),
@@ -82,6 +117,14 @@ def _gpu() -> dict:
 
 
 def _version(mod: str) -> str | None:
+    """The installed version, from the package's metadata where it has some (importing triton
+    to ask costs half a second per command), else from the module."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(mod)
+    except metadata.PackageNotFoundError:
+        pass
     try:
         return __import__(mod).__version__
     except Exception:

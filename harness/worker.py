@@ -6,6 +6,7 @@ a kernel set-up in :mod:`harness.measure`, a whole network in :mod:`harness.e2e`
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 
 from . import e2e, measure
@@ -42,8 +43,11 @@ def serve(conn, parent_pid: int | None = None) -> None:
             msg = conn.recv()
         except (EOFError, KeyboardInterrupt):
             return
-        if isinstance(msg, StopRequest):
-            return
+        if isinstance(msg, StopRequest):  # nothing left to save: skip the interpreter's
+            conn.close()  # teardown of torch, a second or more the runner waits on
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         try:
             conn.send(HANDLERS[type(msg)](msg))
         except Exception as e:  # noqa: BLE001

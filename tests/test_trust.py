@@ -277,6 +277,32 @@ def test_a_portable_build_is_another_machine(monkeypatch):
     assert henv.identity_hash(fp2) == henv.identity_hash(fp)  # provenance is not identity
 
 
+def test_the_cpu_description_is_asked_once_per_cpu(tmp_path, monkeypatch):
+    """py-cpuinfo (over a second a command) answers once per CPU: a second command reads its
+    answer back; another /proc/cpuinfo (another CPU, core count or flag set) asks again, and
+    a clock reading that moved does not."""
+    from harness import env as henv
+
+    asked = []
+    monkeypatch.setattr(henv, "_cpuinfo_uncached",
+                        lambda: asked.append(1) or {"brand_raw": f"cpu {len(asked)}"})
+    monkeypatch.setenv("SPARSECONV_BUILD_DIR", str(tmp_path / "cache"))
+    proc = tmp_path / "cpuinfo"
+    monkeypatch.setattr(henv, "PROC_CPUINFO", proc)
+    proc.write_text("model name\t: A\ncpu MHz\t\t: 2400.001\nflags\t\t: avx2 fma\n")
+    assert henv._cpuinfo() == {"brand_raw": "cpu 1"} and len(asked) == 1
+    proc.write_text("model name\t: A\ncpu MHz\t\t: 2612.734\nflags\t\t: avx2 fma\n")
+    assert henv._cpuinfo() == {"brand_raw": "cpu 1"} and len(asked) == 1  # read back
+    proc.write_text("model name\t: A\ncpu MHz\t\t: 2400.001\nflags\t\t: avx2 fma avx512f\n")
+    assert henv._cpuinfo() == {"brand_raw": "cpu 2"} and len(asked) == 2
+    for f in (tmp_path / "cache").glob("cpuinfo-*.json"):
+        f.write_text("{torn")  # unreadable: asked again, and kept again
+    assert henv._cpuinfo() == {"brand_raw": "cpu 3"} and henv._cpuinfo() == {"brand_raw": "cpu 3"}
+    monkeypatch.setattr(henv, "PROC_CPUINFO", tmp_path / "no-such-file")
+    assert henv._cpuinfo() == {"brand_raw": "cpu 4"}  # no /proc: asked every time
+    assert henv._cpuinfo() == {"brand_raw": "cpu 5"}
+
+
 # ---- ratios never mix conditions -----------------------------------------------------------
 def _row(device, kernel, pattern, S, median, dense=None, layout="nchw"):
     return {"fp_hash": "f", "net": "n", "layer": "L", "batch": 1, "dtype": "float32",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..report import build
 from .common import DEFAULT_DB
 
 
@@ -17,6 +16,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..report import build  # matplotlib and seaborn: seconds no other command should pay
+
     out = build(args.db, args.out, args.plans, args.published)
     print(f"report written to {out.resolve()}")
     return 0
