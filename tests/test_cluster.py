@@ -143,6 +143,25 @@ def test_a_cluster_sweep_equals_the_local_one_and_uses_both_nodes(tmp_path, clus
     assert set(raced.fp_hash) == set(b.fp_hash)  # raced under the nodes' own identity
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["a-second-kind-of-machine"], indirect=True)
+def test_a_mixed_cluster_confirms_each_kinds_rows_on_a_node_of_that_kind(tmp_path, cluster):
+    """The worker node is labelled another kind of machine: each kind's best rows are raced
+    (a race goes only to a node of the identity its rows were measured under); before, only
+    the rows of the machine running the command were, and the other kind's stayed unconfirmed
+    sweep maxima."""
+    c, _ = cluster
+    r = ray_bench(tmp_path, c.address, "--confirm", db=tmp_path / "ray.sqlite")
+    assert r.returncode == 0, r.stderr
+    got = Store(tmp_path / "ray.sqlite").measurements()
+    assert got.fp_hash.nunique() == 2, got.node.unique()  # both kinds measured
+    ok = got[(got.pattern != "dense") & (got.status == "ok") & ~analysis.flagged(got)]
+    raced = got[got.conf_rank.notna()]
+    assert set(raced.fp_hash) == set(ok.fp_hash)  # every kind with a best row has it raced
+    slots = ok.groupby(["fp_hash", "layer", "pattern"]).ngroups
+    assert f"confirmation: {slots} layer/pattern/sparsity best(s) raced" in r.stdout, r.stdout
+
+
 BLOCKER = '''
 import os
 import time
@@ -450,6 +469,31 @@ def test_dispatch_skips_what_submit_declines_and_returns_what_a_stop_left_unstar
     done, lost, unrun = _dispatch(ray, _runners(False), [1, 2, 3],
                                   stop=lambda: started.append(1) or len(started) > 1)
     assert [j for _, j, _ in done] == [1] and unrun == [2, 3]
+
+
+def test_dispatch_hands_a_job_one_runner_declines_to_another_and_drops_one_all_decline():
+    """Two kinds of machine: each job runs only on a runner of its kind (``submit`` declines
+    it elsewhere), whichever runner is idle first; a job of a kind no runner has is dropped.
+    Before, a job the first idle runner declined was dropped, so a cluster of several machine
+    kinds ran each kind's jobs only where they happened to land."""
+    import harness.execute.ray as cluster
+
+    ray, done = _FakeRay(), []
+    runners = _runners(False, False)  # a: kind "x", b: kind "y"
+    kind = {"a": "x", "b": "y"}
+    jobs = [("y", 1), ("y", 2), ("x", 3), ("z", 4), ("y", 5)]
+
+    def submit(actor, info, job):
+        ray.calls.append((actor["name"], job))
+        return _Ref(actor, job) if kind[actor["name"]] == job[0] else None
+
+    ray.get = lambda ref: ref.job[1] * 10
+    unrun = cluster.dispatch(ray, runners, [j for j in jobs], submit,
+                             lambda info, job, res: done.append((info.node_id, job[1], res)),
+                             lambda info, job: pytest.fail("nothing is lost"))
+    assert sorted(done) == [("a", 3, 30), ("b", 1, 10), ("b", 2, 20), ("b", 5, 50)]
+    assert not unrun
+    assert {n for n, j in ray.calls if j[1] == 4} == {"a", "b"}  # asked of both, run by neither
 
 
 def test_dispatch_gives_no_more_work_to_any_runner_of_a_node_that_died():

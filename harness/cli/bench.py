@@ -161,20 +161,15 @@ def run(args) -> int:
                                    progress=not args.no_progress,
                                    desc="bench (ray)" if ex.multinode else "bench")
             if args.confirm and not counts.get(drivers.NOT_RUN) and not device.interpreted:
-                # races run where their rows were measured: on the nodes of a cluster of one
-                # machine kind; on this machine otherwise (rows a node of another kind
-                # measured then stay unconfirmed)
+                # each slot is raced on a node of the machine kind its rows were measured
+                # on (confirm.run declines it on the others), so a cluster of several kinds
+                # confirms every kind's rows where they were measured
                 kinds = {info.identity for info in ex.infos()}
-                here, ident = ex, fph
-                if ex.multinode and len(kinds) == 1:
-                    ident = kinds.pop()
-                elif ex.multinode:
-                    here = execute.LocalExecutor(timing, args.case_timeout)
-                df = store.measurements(fp_hash=ident)
-                with here:
-                    confirmed.update(confirm.run(df[df.case_key.isin(byk)], byk, store, run_id,
-                                                 timing, here, case_timeout=args.case_timeout,
-                                                 progress=not args.no_progress))
+                df = store.measurements(fp_hash=None)
+                df = df[df.fp_hash.isin(kinds) & df.case_key.isin(byk)]
+                confirmed.update(confirm.run(df, byk, store, run_id, timing, ex,
+                                             case_timeout=args.case_timeout,
+                                             progress=not args.no_progress))
         return counts
 
     counts = recorded_sweep(store, run_id, sweep_and_confirm)

@@ -135,45 +135,53 @@ def start_runners(ray, timing, case_timeout, gpus: bool = False):
 
 def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
     """Run ``jobs`` on ``runners`` (``(actor, NodeInfo)`` pairs), one job per runner at a time, in
-    order. ``submit(actor, info, job)`` returns the task's object ref, or None when there is
-    nothing to run (the runner stays idle); ``done(info, job, result)`` takes what came back;
-    a job whose node died is tried again on another node, at most ``MAX_RETRIES`` more times,
-    then ``lost(info, job)`` records it. No runner of a node that died is given work again
-    (a GPU node runs one per GPU); when none is left this raises. ``stop()`` true: no new job
-    starts and the jobs not started are returned."""
-    pending = [(j, 0) for j in jobs]
-    idle, busy, alive, unrun = list(runners), {}, list(runners), []
+    order. ``submit(actor, info, job)`` returns the task's object ref, or None where that runner
+    must not run the job (another kind of machine): the job waits for another runner, and is
+    dropped once every live runner has declined it. ``done(info, job, result)`` takes what came
+    back; a job whose node died is tried again on another node, at most ``MAX_RETRIES`` more
+    times, then ``lost(info, job)`` records it. No runner of a node that died is given work
+    again (a GPU node runs one per GPU); when none is left this raises. ``stop()`` true: no new
+    job starts and the jobs not started are returned."""
+    pending = [(j, 0, set()) for j in jobs]  # job, tries, the runners that declined it
+    idle, busy, alive, unrun = list(range(len(runners))), {}, list(range(len(runners))), []
     while pending or busy:
         if stop is not None and stop() and pending:
-            unrun += [j for j, _ in pending]
+            unrun += [j for j, _, _ in pending]
             pending = []
-        while idle and pending:
-            actor, info = idle.pop(0)
-            job, tries = pending.pop(0)
-            ref = submit(actor, info, job)
-            if ref is None:
-                idle.append((actor, info))
-            else:
-                busy[ref] = (actor, info, job, tries)
+        for r in list(idle):  # each idle runner takes the first job it does not decline
+            for k, (job, tries, declined) in enumerate(pending):
+                if r in declined:
+                    continue
+                ref = submit(*runners[r], job)
+                if ref is None:
+                    declined.add(r)
+                    continue
+                del pending[k]
+                idle.remove(r)
+                busy[ref] = (r, job, tries)
+                break
+        pending = [p for p in pending if not set(alive) <= p[2]]  # no live runner takes it
         if not busy:
             continue
         ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
         for ref in ready:
-            actor, info, job, tries = busy.pop(ref)
+            r, job, tries = busy.pop(ref)
+            info = runners[r][1]
             try:
                 result = ray.get(ref)
             except node_lost(ray):  # every runner of that node is gone (one per GPU)
-                alive = [r for r in alive if r[1].node_id != info.node_id]
-                idle = [r for r in idle if r[1].node_id != info.node_id]
+                dead = {i for i in alive if runners[i][1].node_id == info.node_id}
+                alive = [i for i in alive if i not in dead]
+                idle = [i for i in idle if i not in dead]
                 if tries < MAX_RETRIES and alive:
-                    pending.insert(0, (job, tries + 1))  # another node takes it
+                    pending.insert(0, (job, tries + 1, set()))  # another node takes it
                 else:
                     lost(info, job)
                 if not alive:
                     raise UsageError("every node of the Ray cluster died") from None
                 continue
             done(info, job, result)
-            idle.append((actor, info))
+            idle.append(r)
     return unrun
 
 
