@@ -139,7 +139,9 @@ def test_a_plan_used_at_another_input_size_says_so(tmp_path):
             sparse(torch.randn(1, 16, 20, 20))
 
 
-@pytest.mark.parametrize("net", ["vgg19", "resnet18"])
+# VGG19's three Linear layers (100M weights, 30-40 s a pattern) run with the slow tests; ResNet18's
+# one classifier covers the same path in the default run
+@pytest.mark.parametrize("net", [pytest.param("vgg19", marks=pytest.mark.slow), "resnet18"])
 @pytest.mark.parametrize("pattern", ["cs", "1xn"])
 def test_the_classifier_is_sparsified_on_request(net, pattern):
     model = build(net, seed=4)
