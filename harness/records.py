@@ -638,6 +638,7 @@ class E2EResult:
     relu_fused: int | None = None
     handover: str | None = None  # JSON: [producer, consumer(, seconds saved)] per layer pair
     # handing over in the kernel's layout (the time saved measured per pair, interleaved)
+    dense_ops: str | None = None  # the sparse network's dense operations: layout and why
     conv_dense_s: float | None = None
     conv_sparse_s: float | None = None
     # on a GPU: the same networks captured in CUDA graphs and replayed (no launch overhead)
@@ -827,6 +828,7 @@ class E2EMeasurement:
     sparse_unfused_s: float | None = None  # same kernels, nothing fused
     relu_fused: int | None = None
     handover: str | None = None
+    dense_ops: str | None = None  # the sparse network's dense operations (sparsify_report)
     speedup: float | None = None  # measured end to end
     conv_dense_s: float | None = None
     conv_sparse_s: float | None = None
@@ -888,7 +890,7 @@ class E2EMeasurement:
                    dense_compiled_s=res.dense_compiled_s, sparse_s=res.sparse_s,
                    sparse_epilogue_s=res.sparse_epilogue_s,
                    sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
-                   handover=res.handover,
+                   handover=res.handover, dense_ops=res.dense_ops,
                    speedup=dense_s / res.sparse_s if ok else None,
                    conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,
                    estimate=res.conv_dense_s / res.conv_sparse_s

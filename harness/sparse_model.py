@@ -213,11 +213,14 @@ class Report:
     relu_fused: list = field(default_factory=list)  # layers whose ReLU runs in the kernel
     handover: list = field(default_factory=list)  # (producer, consumer) in the kernel's layout
     fusion: str = "not fused"  # what fuse() did, or why it could not
+    # the layout the dense convolutions and max-pools run in (CPU), and the measurement behind
+    # the choice (``sparsify(dense_layout="measure")``)
+    dense_layout: str = "as built"
 
     def summary(self) -> str:
         return (f"{len(self.replaced)} convolution(s) sparse, {len(self.dense)} dense, "
                 f"{len(self.folded)} BatchNorm(s) folded; {self.plan or 'default configurations'}"
-                f"; {self.fusion}")
+                f"; {self.fusion}; dense operations: {self.dense_layout}")
 
 
 def _trace(model: nn.Module, input_size) -> tuple[dict, dict]:
@@ -400,7 +403,7 @@ def _linears(model: nn.Module, input_size) -> dict:
 def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict | None = None,
              device: str = "cpu", input_size=(3, 224, 224), net: str | None = None,
              batch: int = 1, identity: str | None = None, fuse: bool = True,
-             linear: bool = False):
+             linear: bool = False, dense_layout: str = "measure"):
     """A copy of ``model`` whose convolutions run sparse kernels; see the module docstring.
     What was replaced, kept dense (with the reason) and folded is in its ``sparsify_report``
     (:class:`Report`). ``plan`` (a ``harness.plan.Plan``, or its JSON object) is checked
@@ -410,6 +413,12 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     every ``nn.Linear`` (the classifier) is sparsified too, as the 1x1 convolution it is
     (:class:`SparseLinear`); the report's ``classifier`` says what happened.
 
+    On the CPU the operations that stay dense (convolutions kept dense, such as a stem with
+    three input channels, and max-pools) run in one layout for the whole network:
+    ``dense_layout="channels_last"`` or ``"nchw"``, or by default ``"measure"``: the network is
+    timed both ways at ``input_size`` and ``batch`` (interleaved, a second or two) and the
+    faster is kept; the report's ``dense_layout`` gives both times.
+
     ``input_size`` (C, H, W) is the size the kernels are prepared for first (and the size a
     plan's layer shapes are matched at); the model takes any other height, width and batch as
     the dense one does: each sparse layer prepares its kernel for a new size on first use
@@ -417,6 +426,9 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     from kernels import patterns as P
 
     dev = Device(device)
+    if dense_layout not in DENSE_LAYOUTS:
+        raise SparsifyError(f"dense_layout must be one of {', '.join(DENSE_LAYOUTS)}, not "
+                            f"{dense_layout!r}")
     if pattern not in P.names():
         raise SparsifyError(f"unknown pattern {pattern!r}; valid: {', '.join(P.names())}")
     if plan is not None:
@@ -461,7 +473,57 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
             if isinstance(mod, nn.MaxPool2d):
                 _set(m, name, ChannelsLastPool(mod))
     m.sparsify_report = report
+    if dev is Device.CPU and report.replaced:
+        m = _choose_dense_layout(m, dense_layout, (batch, *input_size))
     return fuse_layers(m) if fuse and report.replaced else m
+
+
+DENSE_LAYOUTS = ("measure", "channels_last", "nchw")
+
+
+def _in_nchw(m: nn.Module) -> nn.Module:
+    """The same network with its dense convolutions and max-pools in NCHW (the sparse layers,
+    prepared kernels and all, are shared, not copied)."""
+    memo = {id(mod): mod for mod in m.modules() if isinstance(mod, SparseConv2d)}
+    out = copy.deepcopy(m, memo)
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, ChannelsLastConv2d):
+            _set(out, name, mod.conv.to(memory_format=torch.contiguous_format))
+        elif isinstance(mod, ChannelsLastPool):
+            _set(out, name, mod.pool)
+    return out
+
+
+def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
+    """``m`` (dense operations in channels_last, as built) or its NCHW twin: as asked, or the
+    faster of the two as fused and deployed, timed interleaved on a random input of ``size``."""
+    report = m.sparsify_report
+    dense = [mod for mod in m.modules() if isinstance(mod, (ChannelsLastConv2d,
+                                                           ChannelsLastPool))]
+    if not dense:
+        report.dense_layout = "none: no convolution or max-pool stays dense"
+        return m
+    if how != "measure":
+        report.dense_layout = f"{how} (as asked)"
+        if how == "nchw":
+            m = _in_nchw(m)
+            m.sparsify_report = report
+        return m
+    from .timing import interleaved_cpu
+
+    nchw = _in_nchw(m)
+    nchw.sparsify_report = report
+    x = torch.randn(*size)
+    variants = {"channels_last": fuse_layers(m), "nchw": fuse_layers(nchw)}
+    with torch.inference_mode():
+        st = interleaved_cpu({k: (v, x) for k, v in variants.items()}, rounds=5,
+                             min_sample=0.02, warmup=0.05).stats
+    best = min(st, key=lambda k: st[k].median)
+    report.dense_layout = (
+        f"{best} ({len(dense)} dense operation(s); measured whole network at "
+        f"{'x'.join(map(str, size))}: channels_last {st['channels_last'].median * 1e3:.2f} ms, "
+        f"NCHW {st['nchw'].median * 1e3:.2f} ms)")
+    return m if best == "channels_last" else nchw
 
 
 def _sparsify_linears(m, input_size, pattern, sparsity, by_shape, dev, report) -> None:

@@ -4,6 +4,7 @@ use, and ``e2e`` gates, times and stores whole-network latency."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -63,6 +64,42 @@ def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
         want = sm.masked_dense(sparse).double()(x.double())
         assert rel(sparse(x), want) < 1e-4
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
+
+
+def test_the_dense_operations_run_in_the_layout_measured_faster(monkeypatch):
+    """The stem convolution and the max-pool stay dense: asked for a layout, they run in it;
+    by default both layouts are timed and the faster kept, here NCHW once the channels_last
+    max-pool is made 20 ms slower. Every choice equals the masked dense network."""
+    model = build("resnet18", seed=5)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def kinds(m):
+        return {type(mod).__name__ for mod in m.modules()}
+
+    want = None
+    for how, cl in (("channels_last", True), ("nchw", False)):
+        sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32), dense_layout=how)
+        assert ("ChannelsLastPool" in kinds(sparse)) is cl
+        assert ("ChannelsLastConv2d" in kinds(sparse)) is cl
+        assert sparse.sparsify_report.dense_layout == f"{how} (as asked)"
+        with torch.no_grad():
+            want = sm.masked_dense(sparse).double()(x.double()) if want is None else want
+            assert rel(sparse(x), want) < 1e-4
+    slow = sm.ChannelsLastPool.forward
+
+    def slower(self, t):
+        time.sleep(0.02)
+        return slow(self, t)
+
+    monkeypatch.setattr(sm.ChannelsLastPool, "forward", slower)
+    sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32))
+    said = sparse.sparsify_report.dense_layout
+    assert said.startswith("nchw (2 dense operation(s); measured whole network at 1x3x32x32")
+    assert "ChannelsLastPool" not in kinds(sparse), said
+    with torch.no_grad():
+        assert rel(sparse(x), want) < 1e-4
+    with pytest.raises(sm.SparsifyError, match="dense_layout must be one of"):
+        harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32), dense_layout="nhwc")
 
 
 @pytest.mark.parametrize("pattern", ["cs", "1xn"])
