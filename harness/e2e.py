@@ -218,7 +218,8 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         used[r["kernel"]] = used.get(r["kernel"], 0) + 1
     info = {"replaced": len(rep.replaced), "kept_dense": json.dumps(rep.dense, sort_keys=True),
             "kernels": json.dumps(used, sort_keys=True), "relu_fused": len(rep.relu_fused),
-            "handover": json.dumps(rep.handover), "dense_ops": rep.dense_layout}
+            "handover": json.dumps(rep.handover), "dense_ops": rep.dense_layout,
+            "strided": json.dumps(rep.strided, sort_keys=True)}
     if not rep.replaced:
         return E2EResult(Status.UNSUPPORTED, f"{case.pattern} replaces no convolution of "
                                              f"{case.net}", **info)

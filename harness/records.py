@@ -639,6 +639,7 @@ class E2EResult:
     handover: str | None = None  # JSON: [producer, consumer(, seconds saved)] per layer pair
     # handing over in the kernel's layout (the time saved measured per pair, interleaved)
     dense_ops: str | None = None  # the sparse network's dense operations: layout and why
+    strided: str | None = None  # JSON: pair into a stride-2 consumer -> handed over or not, why
     conv_dense_s: float | None = None
     conv_sparse_s: float | None = None
     # on a GPU: the same networks captured in CUDA graphs and replayed (no launch overhead)
@@ -829,6 +830,7 @@ class E2EMeasurement:
     relu_fused: int | None = None
     handover: str | None = None
     dense_ops: str | None = None  # the sparse network's dense operations (sparsify_report)
+    strided: str | None = None  # JSON: each pair into a stride-2 consumer, measured both ways
     speedup: float | None = None  # measured end to end
     conv_dense_s: float | None = None
     conv_sparse_s: float | None = None
@@ -890,7 +892,7 @@ class E2EMeasurement:
                    dense_compiled_s=res.dense_compiled_s, sparse_s=res.sparse_s,
                    sparse_epilogue_s=res.sparse_epilogue_s,
                    sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
-                   handover=res.handover, dense_ops=res.dense_ops,
+                   handover=res.handover, dense_ops=res.dense_ops, strided=res.strided,
                    speedup=dense_s / res.sparse_s if ok else None,
                    conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,
                    estimate=res.conv_dense_s / res.conv_sparse_s

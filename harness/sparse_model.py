@@ -216,6 +216,11 @@ class Report:
     # the layout the dense convolutions and max-pools run in (CPU), and the measurement behind
     # the choice (``sparsify(dense_layout="measure")``)
     dense_layout: str = "as built"
+    # pairs whose consumer has stride 2 (the producer scatters each row over the consumer's
+    # phase planes): "producer -> consumer" -> what measuring both ways found; only those in
+    # ``strided_kept`` hand over (``sparsify`` measures them; unmeasured, none does)
+    strided: dict = field(default_factory=dict)
+    strided_kept: list = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{len(self.replaced)} convolution(s) sparse, {len(self.dense)} dense, "
@@ -316,12 +321,14 @@ def _is_relu(node, mods) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
 
 
-def fuse_layers(model: nn.Module, handover: bool = True) -> nn.Module:
+def fuse_layers(model: nn.Module, handover: bool | str = True) -> nn.Module:
     """The sparse model with its C++ CPU layers fused (a ``torch.fx`` GraphModule sharing the
     prepared kernels; ``model`` itself is left as it is). Where a sparse convolution's only use
     is a ReLU, the ReLU moves into the kernel's epilogue (with the bias); with ``handover``,
-    where its only use is the next sparse convolution and that one reads one padded plane
-    (stride 1), it writes that layout directly, so the next layer converts nothing. What was
+    where its only use is the next sparse convolution, it writes that one's layout directly,
+    so the next layer converts nothing: one padded plane (stride 1) always, the stride-phase
+    planes of a stride-2 consumer for the pairs the report's ``strided_kept`` lists (measured
+    faster by ``sparsify``), or for every pair with ``handover="strided"``. What was
     fused is in the copy's ``sparsify_report`` (``relu_fused``, ``handover``, ``fusion``); a
     model torch.fx cannot trace, or with nothing to fuse, is returned as it is, with the reason
     in its report's ``fusion``."""
@@ -363,8 +370,9 @@ def fuse_layers(model: nn.Module, handover: bool = True) -> nn.Module:
         nxt = fusable(users[0]) if len(users) == 1 else None
         if handover and nxt is not None and users[0].args == (node,) and not users[0].kwargs:
             lay = CpuLayout.of(nxt.layer)
-            if not lay.direct and lay.accepts_handover and (nxt.layer.cin, nxt.layer.h,
-                                                            nxt.layer.w) == \
+            strided_ok = nxt.layer.stride == 1 or handover == "strided" or \
+                [node.target, users[0].target] in map(list, report.strided_kept)
+            if not lay.direct and strided_ok and (nxt.layer.cin, nxt.layer.h, nxt.layer.w) == \
                     (m.layer.cout, m.layer.oh, m.layer.ow):
                 mine["dest"] = lay
                 spec.setdefault(users[0].target, {})["laid_in"] = True
@@ -475,7 +483,59 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     m.sparsify_report = report
     if dev is Device.CPU and report.replaced:
         m = _choose_dense_layout(m, dense_layout, (batch, *input_size))
+        _choose_strided_handover(m, (batch, *input_size))
     return fuse_layers(m) if fuse and report.replaced else m
+
+
+def _inputs_of(model: nn.Module, names, x) -> dict:
+    """Module name -> the input it receives when ``model`` runs on ``x``."""
+    seen, want = {}, set(names)
+    hooks = [mod.register_forward_pre_hook(
+        lambda mod, inputs, n=n: seen.setdefault(n, inputs[0].detach().clone()))
+        for n, mod in model.named_modules() if n in want]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _choose_strided_handover(m: nn.Module, size) -> None:
+    """Which producer -> stride-2 consumer pairs hand over (``Report.strided_kept``): each
+    pair timed both ways on the producer's real input, interleaved: the producer scattering
+    its rows over the consumer's phase planes, against NCHW out and the consumer converting.
+    Scattering is measured slower for some kernels and layers and faster for others."""
+    from .timing import interleaved_cpu
+
+    report = m.sparsify_report
+    report.strided, report.strided_kept = {}, []
+    every = fuse_layers(m, handover="strided")
+    pairs = [(a, b) for a, b in every.sparsify_report.handover
+             if every.get_submodule(b).layer.stride > 1]
+    if not pairs:
+        return
+    plain = fuse_layers(m, handover=False)
+    ins = _inputs_of(plain, [a for a, _ in pairs], torch.randn(*size))
+    for a, b in pairs:
+        pa, pb, fa, fb = (g.get_submodule(n) for g in (plain, every) for n in (a, b))
+        xa = ins[a]
+        if fa.laid_in:
+            xa_f = CpuLayout.of(fa.layer).layout(xa)
+        else:
+            xa_f = xa
+        with torch.inference_mode():
+            st = interleaved_cpu({"convert": (lambda t, p=pa, q=pb: q(p(t)), xa),
+                                  "scatter": (lambda t, p=fa, q=fb: q(p(t)), xa_f)},
+                                 rounds=7, min_sample=0.01, warmup=0.02).stats
+        conv, scat = st["convert"].median, st["scatter"].median
+        kept = scat < conv
+        report.strided[f"{a} -> {b}"] = (
+            f"{'hands over' if kept else 'converts'}: producer writing the phase planes "
+            f"{scat * 1e6:.0f} us against NCHW and converting {conv * 1e6:.0f} us (the pair)")
+        if kept:
+            report.strided_kept.append((a, b))
 
 
 DENSE_LAYOUTS = ("measure", "channels_last", "nchw")

@@ -225,6 +225,13 @@ class Geometry:
     out_base: int
     out_row: int
     relu: int          # 1: ReLU in the epilogue
+    # a stride-S consumer's phase-split layout (out_s > 1; common.h's sc_geometry): planes
+    # out_na x out_nb of out_plane floats, its padding out_pad
+    out_s: int = 1
+    out_na: int = 1
+    out_nb: int = 1
+    out_plane: int = 0
+    out_pad: int = 0
 
     @cached_property
     def c(self) -> ctypes.Structure:
@@ -238,9 +245,11 @@ class Geometry:
 
     @cached_property
     def out_extent(self) -> int:
-        """One past the last output element a call writes."""
-        return ((self.n - 1) * self.out_img + (self.cout - 1) * self.out_chan + self.out_base
-                + (self.oh - 1) * self.out_row + self.ow)
+        """One past the last output element a call writes (at most)."""
+        last = (self.n - 1) * self.out_img + (self.cout - 1) * self.out_chan + self.out_base
+        if self.out_s > 1:
+            return last + self.out_na * self.out_nb * self.out_plane
+        return last + (self.oh - 1) * self.out_row + self.ow
 
     @cached_property
     def in_extent(self) -> int:

@@ -106,20 +106,24 @@ class CpuLayout:
 
     @property
     def accepts_handover(self) -> bool:
-        """A previous kernel can write this layer's input straight into its layout: one
-        padded plane (stride 1; the stride-phase split would scatter every row) or plain NCHW."""
-        return self.direct or self.S == 1
+        """A previous kernel can write this layer's input straight into its layout: plain
+        NCHW, one padded plane (stride 1), or the stride-phase planes (each producer row
+        scattered over its phases)."""
+        return True
 
     def destination(self) -> list[int]:
         """Where a producer writes pixel (oh, ow) of channel c of image n of this layer's input:
-        ``[img, chan, base, row]`` with offset ``n*img + c*chan + base + oh*row + ow``."""
+        ``[img, chan, base, row]`` with offset ``n*img + c*chan + base + oh*row + ow``; for a
+        stride-S layout ``[img, chan, 0, Wq, S, na, nb, Hq*Wq, padding]``: padded pixel
+        (oh+p, ow+p) goes to plane ((oh+p)%S, (ow+p)%S) at ((oh+p)//S, (ow+p)//S), and a pixel
+        of a phase the layer does not read (a 1x1 stride-2 layer reads one) is not written."""
         L = self.layer
         if self.direct:
             return [L.cin * L.h * L.w, L.h * L.w, 0, L.w]
-        if self.S != 1:
-            raise ValueError(f"layer {L.shape_str}: a stride-{self.S} layout cannot be written "
-                             f"by the previous layer")
         p = L.padding
+        if self.S != 1:
+            return [self.img_stride, self.chan_stride, 0, self.Wq, self.S, self.na, self.nb,
+                    self.Hq * self.Wq, p]
         return [self.img_stride, self.chan_stride, p * self.Wq + p, self.Wq]
 
     def geometry(self, n: int, cout: int, T: int, OB: int, chunk: int, split: str,
@@ -127,12 +131,14 @@ class CpuLayout:
         """The kernel's geometry; ``out`` (a consumer's ``destination()``) redirects the output
         from NCHW."""
         L = self.layer
-        out_img, out_chan, out_base, out_row = out or [cout * L.oh * L.ow, L.oh * L.ow, 0, L.ow]
+        out_img, out_chan, out_base, out_row, *phases = out or [cout * L.oh * L.ow,
+                                                                L.oh * L.ow, 0, L.ow]
         return Geometry(n=n, cin=L.cin, cout=cout, chan_stride=self.chan_stride,
                         img_stride=self.img_stride, oh=L.oh, ow=L.ow, wq=self.Wq, tile=T, ob=OB,
                         chunk=chunk, split=0 if split == "pixels" else 1, threads=threads,
                         out_img=out_img, out_chan=out_chan, out_base=out_base, out_row=out_row,
-                        relu=int(relu))
+                        relu=int(relu), **dict(zip(("out_s", "out_na", "out_nb", "out_plane",
+                                                    "out_pad"), phases)))
 
 
 def check_input(layer: ConvLayer, x: torch.Tensor, name: str) -> None:

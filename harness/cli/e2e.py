@@ -257,6 +257,8 @@ def show(m) -> None:
             print(f"      {a} -> {b}" + (f": {t[0] * 1e6:.0f} us" if t else ""))
         if len(pairs) > 4:
             print(f"      ... {len(pairs) - 4} more (the e2e table's handover column)")
+    for pair, said in json.loads(m.strided or "{}").items():
+        print(f"    into a stride-2 layer, {pair}: {said}", flush=True)
     if m.dense_ops:
         print(f"    dense operations (convolutions kept dense, max-pools) in {m.dense_ops}",
               flush=True)

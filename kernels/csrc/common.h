@@ -16,7 +16,8 @@
 // Output: pixel (oh, ow) of channel o of image n goes to
 //   y[n*out_img + o*out_chan + out_base + oh*out_row + ow]
 // NCHW by default; the next layer's padded stride-1 plane when layers hand activations over in
-// the kernel's own layout (the padding there stays as it was: zero). The epilogue adds the
+// the kernel's own layout, or its stride-phase planes (out_s > 1: each row scatters its
+// columns over the phases; see sc_geometry) (the padding there stays as it was: zero). The epilogue adds the
 // per-channel bias (when given) and applies ReLU (when asked) on the way out.
 //
 // Vector path chosen at build time: AVX-512 intrinsics where the compiler reports __AVX512F__,
@@ -64,6 +65,11 @@ struct sc_geometry {
   int64_t threads;             // OpenMP threads
   int64_t out_img, out_chan, out_base, out_row;  // where output pixel (oh, ow) goes
   int64_t relu;                // 1: ReLU in the epilogue
+  // a stride-S consumer's phase-split layout (out_s > 1): padded pixel (oh+pad, ow+pad) goes
+  // to plane ((oh+pad)%S, (ow+pad)%S) of out_na x out_nb planes of out_plane floats each, at
+  // row (oh+pad)/S (out_row floats per row) and column (ow+pad)/S; a pixel of a phase beyond
+  // out_na or out_nb is not read by the consumer and is not written (out_base is 0)
+  int64_t out_s, out_na, out_nb, out_plane, out_pad;
 };
 
 namespace sc {
@@ -115,8 +121,13 @@ inline Geo geo_from(const sc_geometry* g, const float* bias) {
   r.bias = bias;
   SC_CHECK(r.n >= 0 && r.cin > 0 && r.cout > 0 && r.oh > 0 && r.ow > 0 && r.wq >= r.ow,
            "bad geometry");
-  SC_CHECK(r.out_row >= r.ow && r.out_chan >= 0 && r.out_img >= 0 && r.out_base >= 0,
+  SC_CHECK((r.out_row >= r.ow || r.out_s > 1) && r.out_chan >= 0 && r.out_img >= 0 &&
+               r.out_base >= 0,
            "bad output geometry");
+  SC_CHECK(r.out_s <= 1 || (r.out_na >= 1 && r.out_nb >= 1 && r.out_na <= r.out_s &&
+                            r.out_nb <= r.out_s && r.out_plane > 0 && r.out_pad >= 0 &&
+                            r.out_base == 0),
+           "bad phase-split output geometry");
   return r;
 }
 
@@ -228,7 +239,31 @@ inline void put(float* dst, const float* src, int64_t len, float b, bool relu) {
 
 // A tile's pixels are contiguous in the output (grid rows have no discarded columns and the
 // output rows no gaps): accumulators can be stored from registers, no tile buffer.
-inline bool contiguous_out(const Geo& g) { return g.wq == g.ow && g.out_row == g.ow; }
+inline bool contiguous_out(const Geo& g) {
+  return g.wq == g.ow && g.out_row == g.ow && g.out_s <= 1;
+}
+
+// One output row segment, pixels (oh, ow0 .. ow0+len) of one channel, into a stride-S
+// consumer's phase planes (ychan: the channel's region): each phase b of the row's phase a
+// gets every S-th pixel, contiguous there.
+inline void put_phases(float* ychan, const float* src, int64_t oh, int64_t ow0, int64_t len,
+                       float b, bool relu, const Geo& g) {
+  const int64_t S = g.out_s, r = oh + g.out_pad, a = r % S;
+  if (a >= g.out_na) return;
+  float* row = ychan + a * g.out_nb * g.out_plane + (r / S) * g.out_row;
+  const int64_t c0 = ow0 + g.out_pad;
+  for (int64_t pb = 0; pb < g.out_nb; ++pb) {
+    const int64_t k0 = ((pb - c0) % S + S) % S;  // the row's first pixel of phase pb
+    float* dst = row + pb * g.out_plane + (c0 + k0) / S;
+    const float* in = src + k0;
+    const int64_t cnt = k0 < len ? (len - k0 + S - 1) / S : 0;
+    if (relu) {
+      for (int64_t j = 0; j < cnt; ++j) dst[j] = std::max(in[j * S] + b, 0.f);
+    } else {
+      for (int64_t j = 0; j < cnt; ++j) dst[j] = in[j * S] + b;
+    }
+  }
+}
 
 // Write the valid pixels of a grid tile [q0, q0+n) of one output channel to its plane
 // (g.plane(y, n, o)), through the epilogue.
@@ -240,7 +275,9 @@ inline void write_tile(const float* tb, float* yplane, const Geo& g, int64_t q0,
   while (q < end) {
     int64_t oh = q / g.wq, ow = q % g.wq;
     int64_t seg = std::min(g.wq - ow, end - q);
-    if (ow < g.ow)
+    if (ow < g.ow && g.out_s > 1)
+      put_phases(yplane, tb + (q - q0), oh, ow, std::min(seg, g.ow - ow), b, relu, g);
+    else if (ow < g.ow)
       put(yplane + oh * g.out_row + ow, tb + (q - q0), std::min(seg, g.ow - ow), b, relu);
     q += seg;
   }
