@@ -15,6 +15,7 @@ import statistics
 import pandas as pd
 
 from . import analysis, baseline
+from .execute import DECLINE
 from .measure import PLAUSIBLE
 from .records import Candidate, Config, Confirmation, RaceReply, RaceRequest, Status
 from .runner import progress_bar
@@ -103,13 +104,13 @@ def run(df: pd.DataFrame, cases: dict, store, run_id: int, timing, executor, *,
     if not slots:
         return {}
     counts = {"raced": 0, "held": 0, "overtaken": 0, "tied": 0, "flagged": 0, "not timed": 0,
-              "not raced (stopped)": 0}
+              "not raced (stopped)": 0, "not raced (no node of its machine kind)": 0}
     opts = dataclasses.replace(timing, rounds=max(timing.rounds, MIN_INTERVAL_ROUNDS))
     bar = progress_bar(len(slots), progress, desc="confirm", unit="race")
 
     def call(info, top):
         if top.iloc[0].fp_hash != info.identity:  # measured on another kind of machine
-            return None
+            return DECLINE
         case = cases[top.iloc[0].case_key]
         dense_k = baseline.kernel_for(case.device).name
         e2e, res = _dense_layouts(top.iloc[0])
@@ -144,8 +145,12 @@ def run(df: pd.DataFrame, cases: dict, store, run_id: int, timing, executor, *,
             counts[verdict(rows)] += 1
         bar.update(1)
 
+    def lost(info, top):  # no node of its kind (left): the slot keeps its sweep figures
+        counts["not raced (no node of its machine kind)"] += 1
+        bar.update(1)
+
     try:
-        counts["not raced (stopped)"] = len(executor.run(slots, call, done))
+        counts["not raced (stopped)"] = len(executor.run(slots, call, done, lost))
     finally:
         bar.close()
     return counts
@@ -175,4 +180,6 @@ def summary(counts: dict) -> str | None:
             f"by the runner-up, {counts['tied']} tied (intervals overlap), {counts['flagged']} "
             f"flagged in the race, {counts['not timed']} not timed"
             + (f", {stopped} not raced (stopped)" if stopped else "")
+            + (f", {nobody} not raced (no node of their machine kind)"
+               if (nobody := counts.get("not raced (no node of its machine kind)", 0)) else "")
             + "; best figures are the race's")

@@ -54,16 +54,19 @@ def _cpuinfo() -> dict:
     except OSError:
         return _cpuinfo_uncached()
     stable = "\n".join(ln for ln in text.splitlines() if not ln.startswith("cpu MHz"))
-    key = hashlib.sha256(f"{platform.machine()}\n{stable}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{platform.machine()}\n{_version('cpuinfo')}\n{stable}".encode()
+                         ).hexdigest()[:16]
     from kernels._ext import build_dir
 
     path = build_dir() / f"cpuinfo-{key}.json"
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
+        if isinstance(info, dict) and info.get("flags"):
+            return info
     except (OSError, ValueError):  # not cached yet, or unreadable: ask, and keep the answer
         pass
     info = _cpuinfo_uncached()
-    if info:
+    if info.get("flags"):  # a whole answer only: a partial one is asked again next time
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

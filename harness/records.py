@@ -736,9 +736,11 @@ def engine_summary(engines: str | None) -> dict:
     if project:
         s = project.latency_s
         out["sparse_latency_s"] = s
+        interleaved = project.latency_s == project.interleaved_s
         for col, r in chosen.items():
             out[col] = r.latency_s / s
-            out[f"{col}_lo"], out[f"{col}_hi"] = r.vs_project_lo, r.vs_project_hi
+            if interleaved and r.latency_s == r.interleaved_s:  # the interval's own figures
+                out[f"{col}_lo"], out[f"{col}_hi"] = r.vs_project_lo, r.vs_project_hi
     return out
 
 
@@ -859,7 +861,7 @@ class E2EMeasurement:
     deepsparse_s: float | None = None  # DeepSparse on the very masked network
     vs_deepsparse: float | None = None  # deepsparse_s / sparse_latency_s: > 1, the project wins
     # 95% bootstrap intervals of the three ratios above from the run's interleaved rounds
-    # (engine_summary); the ratio itself may use an alone figure (EngineResult.latency_s)
+    # (engine_summary); none where either side reports its alone figure instead
     speedup_best_lo: float | None = None
     speedup_best_hi: float | None = None
     speedup_eager_lo: float | None = None

@@ -512,22 +512,22 @@ def _choose_strided_handover(m: nn.Module, size) -> None:
     report = m.sparsify_report
     report.strided, report.strided_kept = {}, []
     every = fuse_layers(m, handover="strided")
+    base = fuse_layers(m)  # the stride-1 pairs hand over, as deployed; these pairs convert
+    m.sparsify_report = report  # (fuse_layers hands a model it cannot fuse a copy)
     pairs = [(a, b) for a, b in every.sparsify_report.handover
              if every.get_submodule(b).layer.stride > 1]
     if not pairs:
         return
-    plain = fuse_layers(m, handover=False)
-    ins = _inputs_of(plain, [a for a, _ in pairs], torch.randn(*size))
+    ins = _inputs_of(fuse_layers(m, handover=False), [a for a, _ in pairs], torch.randn(*size))
+
+    def arg(mod, xa):  # the producer's input as it arrives there: its own layout if handed
+        return CpuLayout.of(mod.layer).layout(xa) if mod.laid_in else xa
+
     for a, b in pairs:
-        pa, pb, fa, fb = (g.get_submodule(n) for g in (plain, every) for n in (a, b))
-        xa = ins[a]
-        if fa.laid_in:
-            xa_f = CpuLayout.of(fa.layer).layout(xa)
-        else:
-            xa_f = xa
+        pa, pb, fa, fb = (g.get_submodule(n) for g in (base, every) for n in (a, b))
         with torch.inference_mode():
-            st = interleaved_cpu({"convert": (lambda t, p=pa, q=pb: q(p(t)), xa),
-                                  "scatter": (lambda t, p=fa, q=fb: q(p(t)), xa_f)},
+            st = interleaved_cpu({"convert": (lambda t, p=pa, q=pb: q(p(t)), arg(pa, ins[a])),
+                                  "scatter": (lambda t, p=fa, q=fb: q(p(t)), arg(fa, ins[a]))},
                                  rounds=7, min_sample=0.01, warmup=0.02).stats
         conv, scat = st["convert"].median, st["scatter"].median
         kept = scat < conv
@@ -572,9 +572,10 @@ def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
     from .timing import interleaved_cpu
 
     nchw = _in_nchw(m)
-    nchw.sparsify_report = report
     x = torch.randn(*size)
     variants = {"channels_last": fuse_layers(m), "nchw": fuse_layers(nchw)}
+    # (fuse_layers hands a model it cannot fuse a copy of the report: both keep this one)
+    m.sparsify_report = nchw.sparsify_report = report
     with torch.inference_mode():
         st = interleaved_cpu({k: (v, x) for k, v in variants.items()}, rounds=5,
                              min_sample=0.02, warmup=0.05).stats

@@ -206,7 +206,8 @@ class Family:
 class Geometry:
     """What one kernel call computes, by name: the C++ ``sc_geometry`` in ``csrc/common.h``
     (same fields, same order, all int64). Output pixel (oh, ow) of channel c of image i goes to
-    ``out_img*i + out_chan*c + out_base + out_row*oh + ow``."""
+    ``out_img*i + out_chan*c + out_base + out_row*oh + ow``, or, with ``out_s`` > 1, into a
+    stride-``out_s`` consumer's phase planes (``CpuLayout.destination``)."""
     n: int             # images
     cin: int           # input channels
     cout: int          # output channels

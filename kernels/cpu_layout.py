@@ -104,13 +104,6 @@ class CpuLayout:
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return self.fill(x, self.empty(x.shape[0]))
 
-    @property
-    def accepts_handover(self) -> bool:
-        """A previous kernel can write this layer's input straight into its layout: plain
-        NCHW, one padded plane (stride 1), or the stride-phase planes (each producer row
-        scattered over its phases)."""
-        return True
-
     def destination(self) -> list[int]:
         """Where a producer writes pixel (oh, ow) of channel c of image n of this layer's input:
         ``[img, chan, base, row]`` with offset ``n*img + c*chan + base + oh*row + ow``; for a

@@ -473,7 +473,8 @@ def test_dispatch_skips_what_submit_declines_and_returns_what_a_stop_left_unstar
 
 def test_dispatch_hands_a_job_one_runner_declines_to_another_and_drops_one_all_decline():
     """Two kinds of machine: each job runs only on a runner of its kind (``submit`` declines
-    it elsewhere), whichever runner is idle first; a job of a kind no runner has is dropped.
+    it elsewhere), whichever runner is idle first; a job of a kind no runner has is lost; a
+    job that needs no run is dropped where it is first offered.
     Before, a job the first idle runner declined was dropped, so a cluster of several machine
     kinds ran each kind's jobs only where they happened to land."""
     import harness.execute.ray as cluster
@@ -485,15 +486,20 @@ def test_dispatch_hands_a_job_one_runner_declines_to_another_and_drops_one_all_d
 
     def submit(actor, info, job):
         ray.calls.append((actor["name"], job))
-        return _Ref(actor, job) if kind[actor["name"]] == job[0] else None
+        if job[0] == "done":
+            return None  # needs no run (already stored): dropped, not offered elsewhere
+        return _Ref(actor, job) if kind[actor["name"]] == job[0] else cluster.DECLINE
 
     ray.get = lambda ref: ref.job[1] * 10
-    unrun = cluster.dispatch(ray, runners, [j for j in jobs], submit,
+    lost = []
+    unrun = cluster.dispatch(ray, runners, jobs + [("done", 6)], submit,
                              lambda info, job, res: done.append((info.node_id, job[1], res)),
-                             lambda info, job: pytest.fail("nothing is lost"))
+                             lambda info, job: lost.append(job))
     assert sorted(done) == [("a", 3, 30), ("b", 1, 10), ("b", 2, 20), ("b", 5, 50)]
     assert not unrun
     assert {n for n, j in ray.calls if j[1] == 4} == {"a", "b"}  # asked of both, run by neither
+    assert lost == [("z", 4)]  # and recorded as lost: no node of its kind
+    assert [n for n, j in ray.calls if j[1] == 6] == ["a"]  # asked once, never re-offered
 
 
 def test_dispatch_gives_no_more_work_to_any_runner_of_a_node_that_died():

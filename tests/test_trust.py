@@ -285,22 +285,24 @@ def test_the_cpu_description_is_asked_once_per_cpu(tmp_path, monkeypatch):
 
     asked = []
     monkeypatch.setattr(henv, "_cpuinfo_uncached",
-                        lambda: asked.append(1) or {"brand_raw": f"cpu {len(asked)}"})
+                        lambda: asked.append(1) or {"brand_raw": f"cpu {len(asked)}",
+                                                    "flags": ["avx2"]})
     monkeypatch.setenv("SPARSECONV_BUILD_DIR", str(tmp_path / "cache"))
     proc = tmp_path / "cpuinfo"
     monkeypatch.setattr(henv, "PROC_CPUINFO", proc)
     proc.write_text("model name\t: A\ncpu MHz\t\t: 2400.001\nflags\t\t: avx2 fma\n")
-    assert henv._cpuinfo() == {"brand_raw": "cpu 1"} and len(asked) == 1
+    assert henv._cpuinfo() == {"brand_raw": "cpu 1", "flags": ["avx2"]} and len(asked) == 1
     proc.write_text("model name\t: A\ncpu MHz\t\t: 2612.734\nflags\t\t: avx2 fma\n")
-    assert henv._cpuinfo() == {"brand_raw": "cpu 1"} and len(asked) == 1  # read back
+    assert henv._cpuinfo() == {"brand_raw": "cpu 1", "flags": ["avx2"]} and len(asked) == 1  # read back
     proc.write_text("model name\t: A\ncpu MHz\t\t: 2400.001\nflags\t\t: avx2 fma avx512f\n")
-    assert henv._cpuinfo() == {"brand_raw": "cpu 2"} and len(asked) == 2
+    assert henv._cpuinfo() == {"brand_raw": "cpu 2", "flags": ["avx2"]} and len(asked) == 2
     for f in (tmp_path / "cache").glob("cpuinfo-*.json"):
-        f.write_text("{torn")  # unreadable: asked again, and kept again
-    assert henv._cpuinfo() == {"brand_raw": "cpu 3"} and henv._cpuinfo() == {"brand_raw": "cpu 3"}
+        f.write_text("[]")  # not an answer (a torn file reads the same): asked again, kept again
+    assert henv._cpuinfo() == {"brand_raw": "cpu 3", "flags": ["avx2"]}
+    assert henv._cpuinfo() == {"brand_raw": "cpu 3", "flags": ["avx2"]} and len(asked) == 3
     monkeypatch.setattr(henv, "PROC_CPUINFO", tmp_path / "no-such-file")
-    assert henv._cpuinfo() == {"brand_raw": "cpu 4"}  # no /proc: asked every time
-    assert henv._cpuinfo() == {"brand_raw": "cpu 5"}
+    assert henv._cpuinfo() == {"brand_raw": "cpu 4", "flags": ["avx2"]}  # no /proc: asked every time
+    assert henv._cpuinfo() == {"brand_raw": "cpu 5", "flags": ["avx2"]}
 
 
 # ---- ratios never mix conditions -----------------------------------------------------------

@@ -9,10 +9,10 @@ resume, storing results as they arrive, the progress bar, Ctrl-C and lost nodes 
 once, here and there.
 """
 
-from .base import Executor, NodeInfo
+from .base import DECLINE, Executor, NodeInfo
 from .local import LocalExecutor
 
-__all__ = ["Executor", "NodeInfo", "LocalExecutor", "make", "check"]
+__all__ = ["DECLINE", "Executor", "NodeInfo", "LocalExecutor", "make", "check"]
 
 
 def check(kind: str, address=None) -> None:

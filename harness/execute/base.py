@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class _Decline:
+    def __repr__(self):
+        return "DECLINE"
+
+
+# What ``call(info, job)`` returns for a job this node must not run (another kind of machine):
+# another node may take it. None instead means the job needs no run at all (already stored).
+DECLINE = _Decline()
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """One node a job may run on: its fingerprint and the hashes rows are stored under, and its
@@ -25,9 +35,11 @@ class NodeInfo:
 class Executor:
     """Runs jobs on nodes (see ``harness.execute``). A job is opaque to the executor:
     ``call(info, job)`` says what to run for it on the node ``info`` describes, as a node method
-    name and its arguments, or None to skip it there; ``done(info, job, item)`` takes each item
-    the method yields (locally as it is yielded, from a Ray node when the job ends); a job whose
-    node died and that no other node could take is given to ``lost(info, job)``.
+    name and its arguments, None where the job needs no run (it is dropped), or ``DECLINE``
+    where this node must not run it (another node may); ``done(info, job, item)`` takes each
+    item the method yields (locally as it is yielded, from a Ray node when the job ends); a
+    job whose node died and that no other node could take, or that every node declined, is
+    given to ``lost(info, job)`` (``info``: the last node that had it).
 
     ``run`` returns the jobs not started or not finished because of a first Ctrl-C (the item in
     flight finishes, nothing new starts); a second Ctrl-C, SIGTERM or an error abandons what is

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..interrupts import Stop
-from .base import Executor, NodeInfo
+from .base import DECLINE, Executor, NodeInfo
 from .node import Node
 
 
@@ -25,6 +25,10 @@ class LocalExecutor(Executor):
                         continue
                     spec = call(self.info, job)
                     if spec is None:
+                        continue
+                    if spec is DECLINE:  # no other node to take it
+                        if lost is not None:
+                            lost(self.info, job)
                         continue
                     method, args = spec
                     items = getattr(self.node, method)(*args)

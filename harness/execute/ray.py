@@ -19,7 +19,7 @@ import sys
 
 from .. import UsageError
 from ..interrupts import Stop, reclaim
-from .base import Executor, NodeInfo
+from .base import DECLINE, Executor, NodeInfo
 
 MAX_RETRIES = 2  # a group is tried on at most this many more nodes after a node dies
 
@@ -135,11 +135,12 @@ def start_runners(ray, timing, case_timeout, gpus: bool = False):
 
 def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
     """Run ``jobs`` on ``runners`` (``(actor, NodeInfo)`` pairs), one job per runner at a time, in
-    order. ``submit(actor, info, job)`` returns the task's object ref, or None where that runner
-    must not run the job (another kind of machine): the job waits for another runner, and is
-    dropped once every live runner has declined it. ``done(info, job, result)`` takes what came
-    back; a job whose node died is tried again on another node, at most ``MAX_RETRIES`` more
-    times, then ``lost(info, job)`` records it. No runner of a node that died is given work
+    order. ``submit(actor, info, job)`` returns the task's object ref, None where the job needs
+    no run (it is dropped), or ``DECLINE`` where that runner must not run it (another kind of
+    machine): the job waits for another runner, and once every live runner has declined it
+    ``lost(info, job)`` records it. ``done(info, job, result)`` takes what came back; a job
+    whose node died is tried again on another node, at most ``MAX_RETRIES`` more times, then
+    ``lost(info, job)`` records it. No runner of a node that died is given work
     again (a GPU node runs one per GPU); when none is left this raises. ``stop()`` true: no new
     job starts and the jobs not started are returned."""
     pending = [(j, 0, set()) for j in jobs]  # job, tries, the runners that declined it
@@ -153,14 +154,17 @@ def dispatch(ray, runners, jobs, submit, done, lost, stop=None) -> list:
                 if r in declined:
                     continue
                 ref = submit(*runners[r], job)
-                if ref is None:
+                if ref is DECLINE:
                     declined.add(r)
                     continue
                 del pending[k]
-                idle.remove(r)
-                busy[ref] = (r, job, tries)
+                if ref is not None:
+                    idle.remove(r)
+                    busy[ref] = (r, job, tries)
                 break
-        pending = [p for p in pending if not set(alive) <= p[2]]  # no live runner takes it
+        for p in [p for p in pending if set(alive) <= p[2]]:  # no live runner takes it
+            pending.remove(p)
+            lost(runners[max(p[2])][1], p[0])
         if not busy:
             continue
         ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
@@ -200,7 +204,7 @@ class RayExecutor(Executor):
     def run(self, jobs, call, done, lost=None) -> list:
         def submit(actor, info, job):
             spec = call(info, job)
-            return None if spec is None else actor.call.remote(*spec)
+            return spec if spec is None or spec is DECLINE else actor.call.remote(*spec)
 
         def finished(info, job, items):
             for item in items:
