@@ -51,24 +51,12 @@ def _input(batch: int, size: int, device: str):
 
 def _conv_inputs(model: nn.Module, x) -> dict:
     """Module name -> the input it received, for every convolution (dense or sparse)."""
-    seen = {}
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(mod, inputs):
-        seen.setdefault(names[mod], inputs[0].detach().clone())
-
     wrapped = {f"{n}.conv" for n, m in model.named_modules()
                if isinstance(m, sparse_model.ChannelsLastConv2d)}
-    hooks = [m.register_forward_pre_hook(hook) for n, m in model.named_modules()
-             if isinstance(m, (nn.Conv2d, sparse_model.SparseConv2d,
-                               sparse_model.ChannelsLastConv2d)) and n not in wrapped]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return sparse_model.inputs_of(model, [
+        n for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, sparse_model.SparseConv2d,
+                          sparse_model.ChannelsLastConv2d)) and n not in wrapped], x)
 
 
 def _conv_sums(dense: nn.Module, sparse: nn.Module, x, device, opts) -> tuple[float, float]:

@@ -487,7 +487,7 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     return fuse_layers(m) if fuse and report.replaced else m
 
 
-def _inputs_of(model: nn.Module, names, x) -> dict:
+def inputs_of(model: nn.Module, names, x) -> dict:
     """Module name -> the input it receives when ``model`` runs on ``x``."""
     seen, want = {}, set(names)
     hooks = [mod.register_forward_pre_hook(
@@ -518,7 +518,7 @@ def _choose_strided_handover(m: nn.Module, size) -> None:
              if every.get_submodule(b).layer.stride > 1]
     if not pairs:
         return
-    ins = _inputs_of(fuse_layers(m, handover=False), [a for a, _ in pairs], torch.randn(*size))
+    ins = inputs_of(fuse_layers(m, handover=False), [a for a, _ in pairs], torch.randn(*size))
 
     def arg(mod, xa):  # the producer's input as it arrives there: its own layout if handed
         return CpuLayout.of(mod.layer).layout(xa) if mod.laid_in else xa
