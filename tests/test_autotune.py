@@ -243,6 +243,51 @@ def test_a_kernel_replaces_dense_only_where_it_won_most_race_rounds(wins, sparse
     assert res.best_s == (0.99 if sparse else 1.0)
 
 
+class _RacingWorker:
+    """The worker's side of a race: replies in turn from ``replies`` (medians, contended)."""
+
+    def __init__(self, *replies):
+        self.replies, self.calls = list(replies), 0
+
+    def call(self, req, timeout):
+        from harness.records import RaceReply
+
+        medians, contended = self.replies[min(self.calls, len(self.replies) - 1)]
+        self.calls += 1
+        n = len(medians)
+        return RaceReply(medians=medians, reasons=(None,) * n, win_rates=(None,) + (1.0,) * (n - 1),
+                         contended=contended)
+
+
+def _evaluator(worker, said):
+    from harness.autotune.tuner import Evaluator
+    from harness.records import Device
+    from shapes import ConvLayer
+
+    lay = ConvLayer(net="t", name="t", index=0, cin=64, cout=64, kh=3, kw=3, stride=1, padding=1,
+                    h=14, w=14)
+    return Evaluator(None, worker, "me", lay, 0.5, 1, "float32", Device.CPU, 1, log=said.append)
+
+
+def test_the_tuner_s_race_applies_the_sweep_s_plausibility_and_contention_checks():
+    """At S=0.5 (FLOP ideal 2x) a candidate racing 10x dense twice is never taken; one that
+    did so once and was plausible when raced again is; a race contended twice gives nothing
+    to take, one contended once is raced again and used."""
+    cands = [Candidate("dense_cpu", Config({"layout": "nchw"})),
+             Candidate("cs_cpu_direct", Config({"M": 2})), Candidate("cs_cpu_direct", Config({"M": 4}))]
+    said = []
+    ev = _evaluator(_RacingWorker(((1.0, 0.1, 0.8), False)), said)
+    times, _ = ev.race(cands)
+    assert times == [1.0, math.inf, 0.8] and ev.flagged == 1 and ev.worker.calls == 2
+    assert "above the FLOP ideal 2.00x twice" in said[0]
+    ev = _evaluator(_RacingWorker(((1.0, 0.1, 0.8), False), ((1.0, 0.6, 0.8), False)), [])
+    assert ev.race(cands)[0] == [1.0, 0.6, 0.8] and ev.flagged == 0
+    ev = _evaluator(_RacingWorker(((1.0, 0.6, 0.8), True)), said)
+    assert ev.race(cands)[0] == [math.inf] * 3 and ev.flagged == 1 and ev.worker.calls == 2
+    ev = _evaluator(_RacingWorker(((1.0, 0.6, 0.8), True), ((1.0, 0.7, 0.8), False)), [])
+    assert ev.race(cands)[0] == [1.0, 0.7, 0.8] and ev.flagged == 0
+
+
 def test_win_rate_pairs_the_interleaved_rounds():
     from harness.timing import win_rate
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import kernels
 
 from .. import baseline, cases
+from ..measure import PLAUSIBLE
 from ..records import (
     Candidate,
     CaseRequest,
@@ -84,6 +85,7 @@ class Evaluator:
         self.dense_layout = None
         self.measured = 0  # new candidate measurements (each also stored in the tuning table)
         self.raced = 0  # confirmation timings of already-measured candidates
+        self.flagged = 0  # race candidates not taken: above the FLOP ideal, or contended
         self._warned = set()
 
     def dense_candidate(self, layout=None) -> Candidate:
@@ -154,20 +156,46 @@ class Evaluator:
 
     def race(self, cands: list[Candidate]) -> tuple[list[float], list]:
         """Seconds per candidate, measured interleaved in one worker call (inf on failure), and
-        each one's share of the rounds in which it was faster than the first (None: unknown)."""
+        each one's share of the rounds in which it was faster than the first (None: unknown).
+        The checks the sweep applies hold here too: a race contended by other work, or in
+        which a candidate beats the first (dense) by more than ``PLAUSIBLE`` times the FLOP
+        ideal, is run once more; a candidate still above the ideal, or every candidate of a
+        race still contended, comes back as inf (never chosen), counted in ``flagged``."""
         unknown = [None] * len(cands)
+        for _ in range(2):
+            res = self._race_once(cands)
+            if res is None:
+                return [math.inf] * len(cands), unknown
+            times = [m if m is not None else math.inf for m in res.medians] or \
+                [math.inf] * len(cands)
+            high = [i for i in range(1, len(times))
+                    if times[i] > 0 and times[0] / times[i] > PLAUSIBLE / (1 - self.S)]
+            if not res.contended and not high:
+                break
+        if res.contended:
+            self.flagged += 1
+            self.log(f"  {self.layer.name}: the confirmation race stayed contended by other "
+                     f"work; no candidate is taken from it")
+            return [math.inf] * len(cands), unknown
+        for i in high:
+            self.flagged += 1
+            self.log(f"  {self.layer.name}: {cands[i].kernel} raced {times[0] / times[i]:.2f}x "
+                     f"dense, above the FLOP ideal {1 / (1 - self.S):.2f}x twice: not taken")
+            times[i] = math.inf
+        return times, list(res.win_rates) or unknown
+
+    def _race_once(self, cands) -> RaceReply | None:
         req = RaceRequest(layer=self.layer, batch=self.batch, dtype=self.dtype,
                           device=self.device, threads=self.threads, sparsity=self.S,
                           cands=tuple(cands), timing=RACE)
         try:
             res = self.worker.call(req, self.timeout * 2)
         except (WorkerTimeout, WorkerDied):
-            return [math.inf] * len(cands), unknown
+            return None
         if not isinstance(res, RaceReply):
-            return [math.inf] * len(cands), unknown
+            return None
         self.raced += len(cands)
-        times = [m if m is not None else math.inf for m in res.medians] or [math.inf] * len(cands)
-        return times, list(res.win_rates) or unknown
+        return res
 
     def dense(self):
         """The layer's dense baseline time and layout (the faster layout, measured)."""
