@@ -54,7 +54,7 @@ def _cpuinfo() -> dict:
     except OSError:
         return _cpuinfo_uncached()
     stable = "\n".join(ln for ln in text.splitlines() if not ln.startswith("cpu MHz"))
-    key = hashlib.sha256(f"{platform.machine()}\n{_version('cpuinfo')}\n{stable}".encode()
+    key = hashlib.sha256(f"{platform.machine()}\n{_version('py-cpuinfo')}\n{stable}".encode()
                          ).hexdigest()[:16]
     from kernels._ext import build_dir
 

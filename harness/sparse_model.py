@@ -334,13 +334,18 @@ def fuse_layers(model: nn.Module, handover: bool | str = True) -> nn.Module:
     in its report's ``fusion``."""
     report = copy.copy(getattr(model, "sparsify_report", None) or Report("?", 0.0))
     report.relu_fused, report.handover = [], []
+
+    def unfused(why: str) -> nn.Module:  # the model as it is, its own report saying why
+        own = getattr(model, "sparsify_report", None) or report
+        own.relu_fused, own.handover, own.fusion = [], [], why
+        model.sparsify_report = own
+        return model
+
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - data-dependent control flow and the like
-        report.fusion = (f"not fused: torch.fx cannot trace the model "
-                         f"({str(e).strip().splitlines()[0][:120]})")
-        model.sparsify_report = report
-        return model
+        return unfused(f"not fused: torch.fx cannot trace the model "
+                       f"({str(e).strip().splitlines()[0][:120]})")
     gm = fx.GraphModule(model, graph)
     mods = dict(gm.named_modules())
     for node in list(graph.nodes):  # the folded BatchNorms
@@ -371,16 +376,14 @@ def fuse_layers(model: nn.Module, handover: bool | str = True) -> nn.Module:
         if handover and nxt is not None and users[0].args == (node,) and not users[0].kwargs:
             lay = CpuLayout.of(nxt.layer)
             strided_ok = nxt.layer.stride == 1 or handover == "strided" or \
-                [node.target, users[0].target] in map(list, report.strided_kept)
+                (node.target, users[0].target) in report.strided_kept
             if not lay.direct and strided_ok and (nxt.layer.cin, nxt.layer.h, nxt.layer.w) == \
                     (m.layer.cout, m.layer.oh, m.layer.ow):
                 mine["dest"] = lay
                 spec.setdefault(users[0].target, {})["laid_in"] = True
                 report.handover.append((node.target, users[0].target))
     if not spec:
-        report.fusion = "not fused: no layer runs a C++ CPU kernel"
-        model.sparsify_report = report
-        return model
+        return unfused("not fused: no layer runs a C++ CPU kernel")
     for target, fusion in spec.items():
         _set(gm, target, mods[target].fused_copy(**fusion))
     graph.lint()
@@ -513,12 +516,11 @@ def _choose_strided_handover(m: nn.Module, size) -> None:
     report.strided, report.strided_kept = {}, []
     every = fuse_layers(m, handover="strided")
     base = fuse_layers(m)  # the stride-1 pairs hand over, as deployed; these pairs convert
-    m.sparsify_report = report  # (fuse_layers hands a model it cannot fuse a copy)
     pairs = [(a, b) for a, b in every.sparsify_report.handover
              if every.get_submodule(b).layer.stride > 1]
     if not pairs:
         return
-    ins = inputs_of(fuse_layers(m, handover=False), [a for a, _ in pairs], torch.randn(*size))
+    ins = inputs_of(m, [a for a, _ in pairs], torch.randn(*size))  # unfused: NCHW inputs
 
     def arg(mod, xa):  # the producer's input as it arrives there: its own layout if handed
         return CpuLayout.of(mod.layer).layout(xa) if mod.laid_in else xa
@@ -543,8 +545,9 @@ DENSE_LAYOUTS = ("measure", "channels_last", "nchw")
 
 def _in_nchw(m: nn.Module) -> nn.Module:
     """The same network with its dense convolutions and max-pools in NCHW (the sparse layers,
-    prepared kernels and all, are shared, not copied)."""
+    prepared kernels and all, and the report are shared, not copied)."""
     memo = {id(mod): mod for mod in m.modules() if isinstance(mod, SparseConv2d)}
+    memo[id(m.sparsify_report)] = m.sparsify_report
     out = copy.deepcopy(m, memo)
     for name, mod in list(out.named_modules()):
         if isinstance(mod, ChannelsLastConv2d):
@@ -565,17 +568,12 @@ def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
         return m
     if how != "measure":
         report.dense_layout = f"{how} (as asked)"
-        if how == "nchw":
-            m = _in_nchw(m)
-            m.sparsify_report = report
-        return m
+        return _in_nchw(m) if how == "nchw" else m
     from .timing import interleaved_cpu
 
     nchw = _in_nchw(m)
     x = torch.randn(*size)
     variants = {"channels_last": fuse_layers(m), "nchw": fuse_layers(nchw)}
-    # (fuse_layers hands a model it cannot fuse a copy of the report: both keep this one)
-    m.sparsify_report = nchw.sparsify_report = report
     with torch.inference_mode():
         st = interleaved_cpu({k: (v, x) for k, v in variants.items()}, rounds=5,
                              min_sample=0.02, warmup=0.05).stats

@@ -7,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+import pandas as pd
+
 import kernels
 import shapes
 
@@ -160,3 +162,16 @@ def add_executor(p) -> None:
                         "runs one layer's whole group of cases at a time)")
     p.add_argument("--ray-address", default=None,
                    help="with --executor ray: the cluster to join (default: start a local Ray)")
+
+
+def interval(lo, hi) -> str:
+    """'lo-hi' of a 95% interval, '-' where there is none (fewer than 5 rounds)."""
+    return f"{lo:.2f}-{hi:.2f}" if pd.notna(lo) and pd.notna(hi) else "-"
+
+
+def interval_column(df: pd.DataFrame, col: str = "speedup") -> pd.Series:
+    """``interval`` of each row's ``col`` (its ``col_lo`` and ``col_hi`` columns)."""
+    if f"{col}_lo" not in df:
+        return pd.Series("-", index=df.index)
+    return pd.Series([interval(lo, hi) for lo, hi in zip(df[f"{col}_lo"], df[f"{col}_hi"])],
+                     index=df.index)

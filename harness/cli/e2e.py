@@ -29,6 +29,8 @@ from .common import (
     add_executor,
     add_threads,
     device_of,
+    interval,
+    interval_column,
     machine_words,
     name_list,
     positive,
@@ -108,18 +110,6 @@ def choose_plan(folder: Path, net, pattern, S, batch, identity, device):
     return p, path.name, f"plan {path}"
 
 
-def _ci(df: pd.DataFrame, col: str) -> pd.Series:
-    """A headline ratio's 95% interval from the run's interleaved rounds, as text."""
-    lo, hi = (df.get(f"{col}_{e}", pd.Series(None, index=df.index, dtype=float))
-              for e in ("lo", "hi"))
-    return pd.Series([_interval(a, b) for a, b in zip(lo, hi)], index=df.index)
-
-
-def _interval(lo, hi) -> str:
-    ok = lo is not None and hi is not None and lo == lo and hi == hi
-    return f"[{lo:.2f}, {hi:.2f}]" if ok else "-"
-
-
 def _table(df: pd.DataFrame) -> pd.DataFrame:
     if (df.device == Device.CUDA_INTERPRET.value).any():  # a pipeline check: no speedups
         df = df.assign(speedup=None, estimate=None, outside_share=None)
@@ -130,10 +120,10 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         "status": df.status,
         "best dense engine": df.best_dense_engine, "best dense ms": df.best_dense_s * 1e3,
         "sparse ms": df.sparse_latency_s * 1e3, "x best dense": df.speedup_best,
-        "x best dense 95%": _ci(df, "speedup_best"),
+        "x best dense 95%": interval_column(df, "speedup_best"),
         "x eager": df.speedup_eager, "DeepSparse ms": df.deepsparse_s * 1e3,
         "DeepSparse / sparse": df.vs_deepsparse,
-        "DeepSparse / sparse 95%": _ci(df, "vs_deepsparse"),
+        "DeepSparse / sparse 95%": interval_column(df, "vs_deepsparse"),
         "interleaved eager ms": df.dense_s * 1e3, "eager layout": df.dense_layout,
         "interleaved sparse ms": df.sparse_s * 1e3, "interleaved x": df.speedup,
         "summed-conv x": df.estimate, "outside convs": df.outside_share,
@@ -283,8 +273,8 @@ def print_engines(m) -> None:
             print(f"    {r['variant']:<28} {r['status']}: {r.get('reason')}")
     if m.speedup_best is not None:
         def ci(col):  # the interleaved rounds' 95% interval, where there are enough rounds
-            lo, hi = getattr(m, f"{col}_lo"), getattr(m, f"{col}_hi")
-            return f" {_interval(lo, hi)}" if lo is not None and hi is not None else ""
+            text = interval(getattr(m, f"{col}_lo"), getattr(m, f"{col}_hi"))
+            return f" [{text}]" if text != "-" else ""
 
         print(f"    sparse {m.sparse_latency_s * 1e3:.2f} ms: {_x(m.speedup_best)}"
               f"{ci('speedup_best')} against the best dense engine ({m.best_dense_engine}, "

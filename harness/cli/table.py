@@ -14,7 +14,7 @@ import shapes
 from .. import UsageError, analysis, baseline, cases, drivers, env, execute, plan
 from ..records import Device, GroupKey, Status, TimingOptions
 from ..store import Store
-from .common import DEFAULT_DB, positive, recorded_sweep, sparsity_list
+from .common import DEFAULT_DB, interval_column, positive, recorded_sweep, sparsity_list
 
 
 def add_parser(sub):
@@ -74,7 +74,7 @@ def run(args) -> int:
         g = g.sort_values("layer_index")
         out = pd.DataFrame({"layer": g.layer, "shape": g["shape"], "count": g["count"],
                             "dense ms": g.dense_median_s * 1e3, "kernel ms": g.median_s * 1e3,
-                            "e2e x": g.speedup, "e2e 95%": _interval(g),
+                            "e2e x": g.speedup, "e2e 95%": interval_column(g),
                             "kernel-only x": g["kernel-only"],
                             "confirmed": g.confirmed.map({True: "raced", False: ""}),
                             "noisy": g.noisy.map({1: "noisy", 0: ""}), "config": g.config})
@@ -92,14 +92,6 @@ def run(args) -> int:
               f"{analysis.geomean(nonstem.speedup):.2f}x, kernel-only "
               f"{analysis.geomean(nonstem['kernel-only']):.2f}x")
     return 0
-
-
-def _interval(g: pd.DataFrame) -> pd.Series:
-    """'lo-hi' of each row's end-to-end speedup interval ('-' from fewer than 5 rounds)."""
-    if "speedup_lo" not in g:
-        return pd.Series("-", index=g.index)
-    return pd.Series([f"{lo:.2f}-{hi:.2f}" if pd.notna(lo) and pd.notna(hi) else "-"
-                      for lo, hi in zip(g.speedup_lo, g.speedup_hi)], index=g.index)
 
 
 def run_plan(args) -> int:
@@ -178,7 +170,7 @@ def run_plan(args) -> int:
             if got.status == Status.OK:
                 flag = analysis.flagged(df.loc[[got.name]]).iloc[0]
                 row.update({"sparse ms": got.median_s * 1e3, "e2e x": got.speedup,
-                            "e2e 95%": _interval(df.loc[[got.name]]).iloc[0],
+                            "e2e 95%": interval_column(df.loc[[got.name]]).iloc[0],
                             "flag": (got.implausible or "contended") if flag else "",
                             "kernel-only x": got.kernel_speedup, "s_s": got.median_s,
                             "s_k": got.kernel_median_s, "d_s": got.dense_median_s,
