@@ -33,6 +33,8 @@ def _machines(store: Store, df: pd.DataFrame) -> list[dict]:
         fp = json.loads(grp.iloc[-1].fingerprint)
         sub = df[df.fp_hash == fp_hash]
         peaks = [json.loads(f).get("peak_gflops") for f in grp.fingerprint]
+        nices = sorted({n for n in (json.loads(f).get("nice") for f in grp.fingerprint)
+                        if n is not None})
         out.append({
             "fp_hash": fp_hash, "label": f"{fp.get('cpu')} / {fp.get('gpu') or 'no GPU'} "
                                          f"[{fp_hash[:6]}]",
@@ -47,7 +49,10 @@ def _machines(store: Store, df: pd.DataFrame) -> list[dict]:
             "batch": ", ".join(map(str, sorted(sub.batch.dropna().unique()))),
             "dtype": ", ".join(sorted(sub.dtype.dropna().unique())),
             "devices": ", ".join(sorted(sub.device.dropna().unique())),
-            "peak": max([p for p in peaks if p] or [0]) or None, "runs": len(grp)})
+            "peak": max([p for p in peaks if p] or [0]) or None, "runs": len(grp),
+            "nice": ", ".join(f"nice {n}" for n in nices) + (
+                " (timed ahead of other work)" if nices and max(nices) < 0 else
+                " (other work shared the cores)" if nices else "") or "not recorded"})
     return out
 
 

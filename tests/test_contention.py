@@ -3,6 +3,7 @@ number of times) or flagged, a ratio above the FLOP ideal is re-measured and fla
 stays, intervals cover the true ratio, and flagged rows feed no best figure. None of these
 tests reads the machine's real timing: readings are recorded, delays far above any noise."""
 
+import os
 import subprocess
 import sys
 import time
@@ -356,3 +357,68 @@ def test_the_worker_serves_in_the_steady_regime(monkeypatch):
     monkeypatch.setattr("signal.signal", lambda *a: None)
     worker.serve(Conn())
     assert called == [1]
+
+
+class Nices:
+    """A stand-in for the scheduler: every thread's niceness, and the lowest one this process
+    may set (root: -20; an RLIMIT_NICE of r: 20 - r; otherwise none lower than now)."""
+
+    def __init__(self, now, lowest):
+        self.now, self.lowest, self.set = now, lowest, {}
+
+    def get(self, tid):
+        return self.set.get(tid, self.now)
+
+    def put(self, tid, n):
+        if n < self.lowest:
+            raise PermissionError(1, "Operation not permitted")
+        self.set[tid] = n
+
+
+def test_timing_asks_for_a_higher_priority_for_every_thread_and_takes_what_is_allowed():
+    from harness.timing import raise_priority
+
+    root = Nices(0, -20)
+    assert raise_priority(-20, root.put, root.get, rlimit=0) == -20
+    assert len(root.set) >= 2 and set(root.set.values()) == {-20}  # every thread, not one
+    capped = Nices(0, 20 - 25)  # RLIMIT_NICE 25: down to -5, not -20
+    assert raise_priority(-20, capped.put, capped.get, rlimit=25) == -5
+    plain = Nices(0, 0)  # no privilege, no limit: stays as started
+    assert raise_priority(-20, plain.put, plain.get, rlimit=0) == 0 and not plain.set
+    started_high = Nices(-20, -20)  # never lowers a priority it was given
+    assert raise_priority(-5, started_high.put, started_high.get, rlimit=0) == -20
+    assert not started_high.set
+
+
+PRIORITY = r"""
+import os, threading, time
+from harness.timing import raise_priority
+stop = threading.Event()
+before = threading.Thread(target=stop.wait); before.start()
+got = raise_priority(int(os.environ["WANT"]))
+seen = []
+after = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+after.start(); after.join()
+print(got, os.getpriority(os.PRIO_PROCESS, before.native_id), seen[0], os.nice(0))
+stop.set()
+"""
+
+
+def test_a_timing_process_s_threads_all_run_at_the_priority_it_got():
+    """Linux keeps a niceness per thread: a thread started before the call and one started
+    after it run at the niceness the process got, as does its main thread. Started at nice
+    10 and asking for 5, which takes privilege (root here) or an RLIMIT_NICE of 15 or more."""
+    import resource
+
+    r = subprocess.run(["nice", "-n", "10", sys.executable, "-c", PRIORITY], cwd=ROOT,
+                       env={**env(), "WANT": "5"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    privileged = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 15
+    want = 5 if privileged else 10
+    assert [int(v) for v in r.stdout.split()] == [want] * 4, r.stdout
+
+
+def test_a_bad_priority_setting_is_one_error_line(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSECONV_NICE", "fast")
+    code, out, err = cli("bench", "--quick", "--db", str(tmp_path / "r.db"))
+    assert code == 2 and err.startswith("error: SPARSECONV_NICE") and "Traceback" not in err

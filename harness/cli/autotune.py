@@ -25,6 +25,7 @@ from .common import (
     machine_words,
     name_list,
     positive,
+    prioritise,
     sparsity_list,
     threads_of,
 )
@@ -98,9 +99,12 @@ def run(args) -> int:
                              "ray give --budget (evaluations per layer)")
         execute.check(args.executor, args.ray_address)
     store = Store(args.db)
-    fp = env.fingerprint()
+    fp = dict(env.fingerprint())
+    priority = prioritise(fp, device)
     print(f"autotune {args.net} {'+'.join(pats)} S={S:g} on {machine_words(fp, device, threads)} "
           f"(device {device}, {args.dtype}), strategy {args.strategy}")
+    if priority:
+        print(priority)
     if none:
         print(f"  no sparse candidate (these stay dense): {', '.join(none)}")
     jobs = [TuneJob(layer=lay, patterns=tuple(pats), sparsity=S, batch=args.batch,

@@ -22,6 +22,7 @@ from .common import (
     machine_words,
     name_list,
     positive,
+    prioritise,
     recorded_sweep,
     shard,
     sparsity_list,
@@ -137,6 +138,7 @@ def run(args) -> int:
     store = Store(args.db)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
+    priority = prioritise(fp, device)
     fp["peak_gflops"] = round(env.measured_peak_gflops(threads, device.tensor_device), 1)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
     where = machine_words(fp, device, threads) if device is Device.CUDA else \
@@ -144,6 +146,8 @@ def run(args) -> int:
         f"{threads} threads"
     print(f"bench: {len(todo)} cases on {where}, batch {args.batch}, {args.dtype}, "
           f"device {device}; db {args.db}")
+    if priority:
+        print(priority)
     if busy:
         print(busy, flush=True)
     if device.interpreted:

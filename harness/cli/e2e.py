@@ -34,6 +34,7 @@ from .common import (
     machine_words,
     name_list,
     positive,
+    prioritise,
     sparsity_list,
     threads_of,
 )
@@ -159,10 +160,13 @@ def run(args) -> int:
     store = Store(args.db)
     fp = dict(env.fingerprint())
     fph, mh = env.identity_hash(fp), env.machine_hash(fp)
+    priority = prioritise(fp, device)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
     print(f"e2e: {len(nets) * len(pats) * len(sparsities)} network(s) on "
           f"{machine_words(fp, device, threads)}, batch {args.batch}, {size}x{size} input, "
           f"device {device}")
+    if priority:
+        print(priority)
     jobs = [(net, pattern, S) for net in nets for pattern in pats for S in sparsities]
     for name, v in versions.items():
         if v is None:

@@ -14,7 +14,14 @@ import shapes
 from .. import UsageError, analysis, baseline, cases, drivers, env, execute, plan
 from ..records import Device, GroupKey, Status, TimingOptions
 from ..store import Store
-from .common import DEFAULT_DB, interval_column, positive, recorded_sweep, sparsity_list
+from .common import (
+    DEFAULT_DB,
+    interval_column,
+    positive,
+    prioritise,
+    recorded_sweep,
+    sparsity_list,
+)
 
 
 def add_parser(sub):
@@ -131,11 +138,14 @@ def run_plan(args) -> int:
             todo.append(case)
             chosen[layer.shape_str] = case.key
     store = Store(args.db)
+    priority = prioritise(fp, device)
     fp["peak_gflops"] = round(env.measured_peak_gflops(threads, device.tensor_device), 1)
     run_id = store.start_run(fp, fph, mh, {k: v for k, v in vars(args).items() if k != "func"})
     print(f"table --plan {args.plan}: {net} {p.pattern} S={S:g}, {len(p.layers)} "
           f"layer(s) on {fp['cpu']}, {threads} threads, batch {batch}, device {device}; "
           f"re-measured in run {run_id} of {args.db}")
+    if priority:
+        print(priority)
     timing = TimingOptions(rounds=args.rounds, min_sample=args.min_sample)
 
     def sweep():

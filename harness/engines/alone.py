@@ -69,9 +69,10 @@ def main(spec_file: str) -> int:
 
     from .. import engines
     from ..records import Device, E2ECase, TimingOptions
-    from ..timing import interleaved_cpu, steady_allocator
+    from ..timing import interleaved_cpu, raise_priority, steady_allocator
 
     steady_allocator()  # as in the worker: one allocator regime for every timing
+    raise_priority()  # as in the worker (its niceness is inherited here already)
     spec = json.loads(Path(spec_file).read_text())
     threads = spec["threads"]
     torch.set_num_threads(threads)
