@@ -210,7 +210,15 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
     before the next variant runs; each variant's CPU time over wall time is recorded too.
     ``max_contention``: a round taken while other work held more than this share of a core is
     retaken, a bounded number of times (``harness.contention``); None: rounds are only
-    watched."""
+    watched.
+
+    Each timed block follows one untimed call of the same variant, so it measures repeated
+    calls of that variant whatever ran before it. Without it, a block's first call ran with
+    the previous variant's data in the caches: measured on a 2-core EPYC, resnet50
+    layer2.0.conv2's dense convolution (one call per block) ran 10-25% slower right after a
+    sparse kernel than right after itself in the same rounds, and a dense run beside a sparse
+    case read slower than the same layout's own baseline row. Not under Triton's interpreter
+    (``max_reps`` 1), where one call is the whole round."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     reps = {}
@@ -222,12 +230,14 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
         reps[name] = calibrate(fn, arg, min_sample, max_reps)
     samples: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
+    settle = max_reps > 1 or bool(gap)
 
     def take_round():
         kept = len(next(iter(samples.values())))
         for name, (fn, arg) in variants.items():
-            if gap:  # a pause, then one untimed call: each block starts from steady state
+            if gap:  # a pause first, so spinning pools of the variant before go idle
                 time.sleep(gap)
+            if settle:  # one untimed call: the block starts from this variant's steady state
                 fn(arg)
             c0 = time.process_time()
             t = _time_reps(fn, arg, reps[name])
