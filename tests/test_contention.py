@@ -27,11 +27,14 @@ from shapes import ConvLayer
 
 class Recorded:
     """A stand-in for /proc: each reading advances the clock by one second; the machine's busy
-    CPU by ``own + others[i]`` seconds for round i, this process's by ``own``."""
+    CPU by ``own + others[i]`` seconds for round i, this process's by ``own``, our threads'
+    run-queue wait by ``waits[i]`` (default: as much as other work ran, as at an equal
+    priority; None: not readable)."""
 
-    def __init__(self, others, own=1.0):
+    def __init__(self, others, own=1.0, waits=None):
         self.others, self.own = list(others), own
-        self.t = self.busy = self.mine = 0.0
+        self.waits = list(waits) if waits is not None else self.others
+        self.t = self.busy = self.mine = self.waited = 0.0
         self.calls = 0
 
     def clock(self):
@@ -44,18 +47,20 @@ class Recorded:
         return self.mine
 
     def runq_wait(self):
-        return 0.0
+        return None if self.waited is None else self.waited
 
     def advance(self):  # one round: what the machine did meanwhile
         other = self.others[min(self.calls, len(self.others) - 1)]
+        wait = self.waits[min(self.calls, len(self.waits) - 1)]
+        self.waited = None if wait is None else (self.waited or 0.0) + wait
         self.calls += 1
         self.t += 1.0
         self.mine += self.own
         self.busy += self.own + other
 
 
-def run_rounds(others, n, **kw):
-    rec = Recorded(others)
+def run_rounds(others, n, waits=None, **kw):
+    rec = Recorded(others, waits=waits)
     mon = contention.Monitor(reader=rec, clock=rec.clock)
     kept, dropped, slept = [], [], []
 
@@ -101,6 +106,20 @@ def test_a_machine_that_stays_busy_spends_at_most_the_retake_budget():
     assert 0 < seen.retaken < 10
     assert budget.retaken == pytest.approx(seen.retaken + sum(slept))
     assert budget.retaken <= 0.5 * budget.kept + 1 + 4 * contention.BACKOFF
+
+
+def test_other_work_that_never_kept_our_threads_waiting_is_not_contention():
+    """At a raised priority other work runs only on cores our threads leave idle: it holds a
+    share of a core, our threads never wait for one, and the round stands, its share kept."""
+    seen, kept, dropped, _ = run_rounds([0.8], 3, waits=[0.01], max_share=0.25)
+    assert not seen.contended and seen.retaken == 0 and not dropped
+    assert seen.share == pytest.approx(0.8) and seen.runq == pytest.approx(0.01)
+    # the same share while our threads waited a fifth of the time is contention
+    seen, *_ = run_rounds([0.8], 3, waits=[0.2], max_share=0.25)
+    assert seen.contended and seen.retaken > 0
+    # where the wait cannot be read, the share alone decides
+    seen, *_ = run_rounds([0.8], 3, waits=[None], max_share=0.25)
+    assert seen.contended and seen.retaken > 0
 
 
 def test_an_idle_machine_retakes_nothing():
