@@ -7,9 +7,12 @@ share of cores other work held. The worker threads' run-queue wait
 (``/proc/self/task/*/schedstat``, second field) says how long our own threads were ready but
 not running. Rounds are judged in windows of at least ``WINDOW`` seconds (the counters tick
 every 10 ms); a window is contended where other work held more than ``MAX_SHARE`` of a core
-and our threads waited for a CPU more than ``MAX_WAIT`` of the window: other work that ran only
-on cores our threads left idle (a timing process runs ahead of it at a raised priority,
-``timing.raise_priority``) took nothing from the measurement. Measured on a 2-core EPYC with one
+and our threads, summed, waited for a CPU more than ``MAX_WAIT`` of the window (on a run queue,
+or stolen by the hypervisor: steal time counts as waiting): other work that ran only on cores
+our threads left idle (a timing process runs ahead of it at a raised priority,
+``timing.raise_priority``) took no CPU time from the measurement. What it can still take,
+through a shared cache, memory bandwidth or an SMT sibling, no counter here shows; the
+interleaved rounds and the plausibility checks are what catch that. Measured on a 2-core EPYC with one
 core kept busy by another process, 2-thread cases: at nice 0 other work held 0.66 of a core
 and our threads waited 0.66 of the time on average; at nice -20 other work still held up to
 0.32 of a core in single-threaded stretches, and our threads waited at most 0.046 of the time
@@ -40,31 +43,44 @@ class ProcReader:
     def __init__(self):
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-    def machine_busy(self) -> float | None:
+    def _stat(self) -> list[int] | None:
         try:
             with open("/proc/stat") as f:
-                cols = f.readline().split()[1:]
-        except OSError:
+                return [int(c) for c in f.readline().split()[1:]]
+        except (OSError, ValueError):
             return None
-        v = [int(c) for c in cols]
+
+    def machine_busy(self) -> float | None:
+        v = self._stat()
+        if v is None:
+            return None
         idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
         guest = sum(v[8:10]) if len(v) > 9 else 0  # already counted in user and nice
         return (sum(v) - idle - guest) / self.tick
+
+    def steal(self) -> float:
+        """CPU seconds the hypervisor gave other guests while this machine's CPUs wanted to
+        run: time our threads lost that no run queue of ours shows."""
+        v = self._stat()
+        return v[7] / self.tick if v is not None and len(v) > 7 else 0.0
 
     def own_cpu(self) -> float:
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system
 
     def runq_wait(self) -> float | None:
-        total, read = 0, False
+        """Our threads' run-queue wait, summed; None where it cannot be read (no schedstat,
+        or a kernel without scheduler statistics, where every run time reads 0)."""
+        total, ran = 0, 0
         for f in glob.glob("/proc/self/task/*/schedstat"):
             try:
                 with open(f) as fh:
-                    total += int(fh.read().split()[1])
-                read = True
+                    cols = fh.read().split()
+                total += int(cols[1])
+                ran += int(cols[0])
             except (OSError, IndexError, ValueError):
                 continue
-        return total / 1e9 if read else None
+        return total / 1e9 if ran > 0 else None
 
 
 @dataclass
@@ -73,11 +89,13 @@ class Reading:
     busy: float | None
     own: float
     wait: float | None
+    steal: float
 
 
 class Monitor:
     """``start()`` then ``stop()`` around a round: (other work's share of cores, our threads'
-    run-queue wait over wall time, None where it cannot be read)."""
+    wait for a CPU over wall time, summed over the threads: run-queue wait plus the machine's
+    steal time; None where the run-queue wait cannot be read)."""
 
     def __init__(self, reader=None, clock=time.perf_counter):
         self.reader = reader or ProcReader()
@@ -86,7 +104,9 @@ class Monitor:
 
     def _read(self) -> Reading:
         r = self.reader
-        return Reading(self.clock(), r.machine_busy(), r.own_cpu(), r.runq_wait())
+        steal = getattr(r, "steal", None)
+        return Reading(self.clock(), r.machine_busy(), r.own_cpu(), r.runq_wait(),
+                       steal() if steal else 0.0)
 
     def start(self) -> None:
         self._start = self._read()
@@ -97,7 +117,10 @@ class Monitor:
     def stop(self) -> tuple[float, float | None]:
         a, b = self._start, self._read()
         wall = max(b.wall - a.wall, 1e-9)
-        wait = None if a.wait is None or b.wait is None else max(b.wait - a.wait, 0.0) / wall
+        # time stolen by the hypervisor is time our threads waited too, on no run queue of ours
+        stolen = max(b.steal - a.steal, 0.0) / wall
+        wait = None if a.wait is None or b.wait is None else \
+            max(b.wait - a.wait, 0.0) / wall + stolen
         if a.busy is None or b.busy is None:
             return 0.0, wait
         other = (b.busy - a.busy) - (b.own - a.own)
@@ -110,7 +133,7 @@ class Contention:
     were retaken, and whether a kept round was still over the limit."""
 
     share: float = 0.0
-    runq: float = 0.0
+    runq: float | None = None  # the largest wait for a CPU of a kept window; None: unreadable
     retaken: int = 0
     contended: bool = False
 
@@ -189,7 +212,9 @@ def rounds(take_round, n: int, monitor: Monitor | None = None, max_share: float 
             continue
         budget.kept += took
         seen.contended |= busy
-        seen.share, seen.runq = max(seen.share, share), max(seen.runq, runq or 0.0)
+        seen.share = max(seen.share, share)
+        if runq is not None:
+            seen.runq = runq if seen.runq is None else max(seen.runq, runq)
         attempt, pending = 0, []
         if last:
             break

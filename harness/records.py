@@ -183,7 +183,8 @@ def sql_row(record, bools=()) -> dict:
 
 def default_max_contention() -> float | None:
     """``SPARSECONV_MAX_CONTENTION``: the share of a core other work may hold while a round is
-    timed before the round is retaken ('off': never retake; default 0.25)."""
+    timed, if it also keeps our threads waiting for a CPU, before the round is retaken ('off':
+    never retake; default 0.25; ``harness.contention``)."""
     v = os.environ.get("SPARSECONV_MAX_CONTENTION", "").strip()
     if v.lower() in ("off", "none"):
         return None
@@ -197,8 +198,8 @@ def default_max_contention() -> float | None:
 @dataclass(frozen=True)
 class TimingOptions:
     """How a case is timed (seconds). ``resident``: also time the kernel-only path.
-    ``max_contention``: a round taken while other work held more than this share of a core is
-    retaken (``harness.contention``; None: never)."""
+    ``max_contention``: a round taken while other work held more than this share of a core and
+    kept our threads waiting for a CPU is retaken (``harness.contention``; None: never)."""
 
     rounds: int = 7
     min_sample: float = 2e-3
@@ -342,8 +343,9 @@ class CaseResult:
     gpu_clocks: str | None = None  # JSON (harness.gpu.Watch): clocks at the timing's start, end
     gpu_others: str | None = None  # JSON: other processes NVML listed on the device meanwhile
     # trust (harness.contention, plausibility, intervals): other work's largest share of a
-    # core in a kept round, our threads' run-queue wait over wall time, rounds retaken, a kept
-    # round still over the limit; a ratio above the FLOP ideal re-measured, and why it stands
+    # core in a kept round, our threads' largest wait for a CPU over wall time (None:
+    # unreadable), rounds retaken, a kept round still contended (share and wait over their
+    # limits); a ratio above the FLOP ideal re-measured, and why it stands
     contention: float | None = None
     runq_wait: float | None = None
     retaken: int | None = None
@@ -420,8 +422,9 @@ class Measurement:
     gpu_others: str | None = None  # JSON: other processes on the GPU while the case ran
     cudnn: str | None = None  # cuDNN version (GPU rows; part of their case key)
     # trust (harness.contention, plausibility, intervals): other work's largest share of a
-    # core in a kept round, our threads' run-queue wait over wall time, rounds retaken, a kept
-    # round still over the limit; a ratio above the FLOP ideal re-measured, and why it stands
+    # core in a kept round, our threads' largest wait for a CPU over wall time (None:
+    # unreadable), rounds retaken, a kept round still contended (share and wait over their
+    # limits); a ratio above the FLOP ideal re-measured, and why it stands
     contention: float | None = None
     runq_wait: float | None = None
     retaken: int | None = None

@@ -33,8 +33,8 @@ def _machines(store: Store, df: pd.DataFrame) -> list[dict]:
         fp = json.loads(grp.iloc[-1].fingerprint)
         sub = df[df.fp_hash == fp_hash]
         peaks = [json.loads(f).get("peak_gflops") for f in grp.fingerprint]
-        nices = sorted({n for n in (json.loads(f).get("nice") for f in grp.fingerprint)
-                        if n is not None})
+        nices = pd.Series([json.loads(f).get("nice") for f in grp.fingerprint]).dropna()
+        nices = nices.astype(int).value_counts().sort_index()
         out.append({
             "fp_hash": fp_hash, "label": f"{fp.get('cpu')} / {fp.get('gpu') or 'no GPU'} "
                                          f"[{fp_hash[:6]}]",
@@ -50,9 +50,10 @@ def _machines(store: Store, df: pd.DataFrame) -> list[dict]:
             "dtype": ", ".join(sorted(sub.dtype.dropna().unique())),
             "devices": ", ".join(sorted(sub.device.dropna().unique())),
             "peak": max([p for p in peaks if p] or [0]) or None, "runs": len(grp),
-            "nice": ", ".join(f"nice {n}" for n in nices) + (
-                " (timed ahead of other work)" if nices and max(nices) < 0 else
-                " (other work shared the cores)" if nices else "") or "not recorded"})
+            "nice": "; ".join(
+                f"nice {n} ({c} run{'s' if c > 1 else ''}, "
+                f"{'ahead of other work at nice 0' if n < 0 else 'not raised'})"
+                for n, c in nices.items()) or "not recorded"})
     return out
 
 

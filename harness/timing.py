@@ -114,19 +114,19 @@ DEFAULT_NICE = -20
 
 
 def wanted_nice() -> int | None:
-    """``SPARSECONV_NICE``: the niceness timing processes ask for (default -20, the highest
-    priority; 'off' or 0: leave it as started)."""
+    """``SPARSECONV_NICE``: the niceness timing processes ask for, -20 (the default, the
+    highest priority) to -1; 'off' or 0: leave it as started (a priority is only ever raised)."""
     v = os.environ.get(NICE_ENV, "").strip().lower()
-    if v in ("off", "none", "0"):
+    if v in ("off", "0"):
         return None
+    why = f"{NICE_ENV} must be a niceness from -20 to -1, or 'off' (0), got {v!r}"
     try:
         n = int(v) if v else DEFAULT_NICE
     except ValueError:
-        raise ValueError(f"{NICE_ENV} must be a niceness from -20 to 19 or 'off', got {v!r}"
-                         ) from None
-    if not -20 <= n <= 19:
-        raise ValueError(f"{NICE_ENV} must be a niceness from -20 to 19 or 'off', got {n}")
-    return n
+        raise ValueError(why) from None
+    if not -20 <= n <= 0:
+        raise ValueError(why)
+    return n or None
 
 
 def raise_priority(want: int | None = None, setter=None, getter=None,
@@ -147,39 +147,61 @@ def raise_priority(want: int | None = None, setter=None, getter=None,
         try:
             import resource
 
+            soft, hard = resource.getrlimit(resource.RLIMIT_NICE)
+            if soft != hard:  # an unprivileged process may raise its soft limit to the hard one
+                resource.setrlimit(resource.RLIMIT_NICE, (hard, hard))
             rlimit = resource.getrlimit(resource.RLIMIT_NICE)[0]
+            if rlimit == resource.RLIM_INFINITY:
+                rlimit = 40
         except (ImportError, AttributeError, ValueError, OSError):
             rlimit = 0
     # RLIMIT_NICE's soft limit r lets an unprivileged thread go down to 20 - r
     floor = 20 - rlimit if rlimit > 0 else now
-    tids = [0]
-    try:
-        tids += [int(t) for t in os.listdir("/proc/self/task") if int(t) != os.getpid()]
-    except OSError:
-        pass
     for n in dict.fromkeys((want, max(want, min(floor, now)))):
         if n >= now:
             continue
         try:
-            for tid in tids:
-                try:
-                    setter(tid, n)
-                except ProcessLookupError:  # a thread that ended meanwhile
-                    pass
+            _renice_all(n, setter, getter)
         except PermissionError:
             continue
         break
     return getter(0)
 
 
+def _renice_all(n: int, setter, getter) -> None:
+    """Niceness ``n`` for this thread (tid 0), then every other thread of the process, again
+    until no new thread appears (one started meanwhile by a thread not yet reniced); a thread
+    already at ``n`` or below is left as it is."""
+    import threading
+
+    setter(0, n)
+    me, done = threading.get_native_id(), set()
+    while True:
+        try:
+            tids = {int(t) for t in os.listdir("/proc/self/task")} - {me} - done
+        except OSError:
+            return
+        if not tids:
+            return
+        for tid in tids:
+            try:
+                if getter(tid) > n:
+                    setter(tid, n)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+        done |= tids
+
+
 def priority_words(nice: int, asked: int | None) -> str:
-    """How timing was scheduled, in words for a header line: ``nice`` got, ``asked`` for."""
+    """How this process (and the workers it starts) will be scheduled, in words for a header
+    line: ``nice`` got, ``asked`` for."""
     if asked is None:
-        return f"timed at nice {nice} ({NICE_ENV}=off)"
+        return f"timed at nice {nice} (not raised: {NICE_ENV}=off)"
     if nice <= asked:
-        return f"timed at nice {nice}, ahead of other work ({NICE_ENV})"
-    return (f"timed at nice {nice}, not the {asked} asked for: other work shares the cores "
-            f"(a higher priority takes root, CAP_SYS_NICE or `ulimit -e`; {NICE_ENV})")
+        return f"timed at nice {nice}, ahead of other work at nice 0 ({NICE_ENV})"
+    return (f"timed at nice {nice}, not the {asked} asked for: other work at nice {nice} gets "
+            f"an equal share of the cores (a higher priority needs root with CAP_SYS_NICE, or "
+            f"an RLIMIT_NICE of {20 - asked}: `ulimit -e {20 - asked}` or limits.conf)")
 
 
 def _time_reps(fn, arg, reps: int) -> float:
@@ -208,9 +230,9 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
     (unpacks as ``({name: Stats}, {name: samples})``). ``gap``: seconds of sleep before each
     block, untimed, so thread pools that spin after a call (OpenMP's, an engine's) go idle
     before the next variant runs; each variant's CPU time over wall time is recorded too.
-    ``max_contention``: a round taken while other work held more than this share of a core is
-    retaken, a bounded number of times (``harness.contention``); None: rounds are only
-    watched.
+    ``max_contention``: a round taken while other work held more than this share of a core and
+    kept our threads waiting for a CPU is retaken, a bounded number of times
+    (``harness.contention``); None: rounds are only watched.
 
     Each timed block follows one untimed call of the same variant, so it measures repeated
     calls of that variant whatever ran before it. Without it, a block's first call ran with

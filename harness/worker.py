@@ -35,10 +35,11 @@ def serve(conn, parent_pid: int | None = None) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
     steady_allocator()  # every variant timed in one allocator regime (see harness.timing)
-    try:  # ahead of other work on the machine, where allowed (see harness.timing)
-        raise_priority()
-    except ValueError:  # a bad SPARSECONV_NICE: the command that started us said so
-        pass
+    if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter times nothing that counts
+        try:  # ahead of other work on the machine, where allowed (see harness.timing)
+            raise_priority()
+        except ValueError:  # a bad SPARSECONV_NICE: bench, table, e2e and autotune refuse it
+            pass
     if parent_pid is not None:
         follow_parent(parent_pid)
     conn.send(WorkerReady(os.getpid()))

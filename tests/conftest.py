@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # contention and be retaken; the retake logic has its own tests (test_contention.py), fed
 # recorded readings. Commands the tests start inherit this.
 os.environ.setdefault("SPARSECONV_MAX_CONTENTION", "off")
-os.environ.setdefault("SPARSECONV_NICE", "off")  # the suite never outranks the desktop
+os.environ["SPARSECONV_NICE"] = "off"  # the suite never outranks the desktop
 # Triton kernels run on CPU tensors through the interpreter (read when @triton.jit decorates, so
 # it must be set before kernels.triton_kernels is imported), except with
 # SPARSECONV_TEST_DEVICE=cuda on a GPU machine: then tests/test_kernels_triton.py compiles and

@@ -138,17 +138,21 @@ def machine_words(fp: dict, device: Device, threads: int) -> str:
 
 def prioritise(fp: dict, device: Device) -> str | None:
     """Raise this process's scheduling priority for timing (``timing.raise_priority``; the
-    workers it starts inherit it and ask again themselves), record the niceness in the run's
-    fingerprint (``nice``; not part of its identity), and return the words for the header
-    (None under Triton's interpreter, which times nothing that counts)."""
+    workers it starts inherit it and ask again themselves; on a cluster each node's workers
+    ask for their own), record the niceness in the run's fingerprint (``nice``; not part of
+    its identity), and return the words for the header. Not under Triton's interpreter, which
+    times nothing that counts: a long CPU-heavy run that should not outrank the desktop."""
     from .. import timing
 
     try:
         asked = timing.wanted_nice()
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if device.interpreted:
+        fp["nice"] = os.nice(0)
+        return None
     fp["nice"] = nice = timing.raise_priority(asked) if asked is not None else os.nice(0)
-    return None if device.interpreted else timing.priority_words(nice, asked)
+    return timing.priority_words(nice, asked)
 
 
 def add_common(p, defaults_nets="resnet50,vgg19"):

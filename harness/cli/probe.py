@@ -17,7 +17,8 @@ import statistics
 import pandas as pd
 
 from .. import UsageError, env
-from .common import positive
+from ..records import Device
+from .common import positive, prioritise
 
 SIZES_KB = (16, 96, 512, 4096)
 MAX_KB = 1 << 20  # 1 GiB per thread
@@ -74,11 +75,12 @@ def run(args) -> int:
         vw, isa = _ext.vector_width(), _ext.isa()
     except KernelBuildError as e:
         raise UsageError(str(e)) from None
-    fp = env.fingerprint()
+    fp = dict(env.fingerprint())
+    priority = prioritise(fp, Device.CPU)
     hz = _hz(fp.get("cpu_hz", ""))
     print(f"probe: the CS inner loop on {fp['cpu']}, {threads} thread(s), {isa} "
           f"({vw} lanes), {args.rounds} interleaved rounds, {args.fmas:,} vector FMAs per "
-          f"thread per measurement", flush=True)
+          f"thread per measurement\n{priority}", flush=True)
     rows = [(kb, t, shift) for kb in sizes for t in tiles for shift in (0, 1)]
     loop = {r: [] for r in rows}
     dense = []

@@ -72,7 +72,10 @@ def main(spec_file: str) -> int:
     from ..timing import interleaved_cpu, raise_priority, steady_allocator
 
     steady_allocator()  # as in the worker: one allocator regime for every timing
-    raise_priority()  # as in the worker (its niceness is inherited here already)
+    try:
+        raise_priority()  # as in the worker (its niceness is inherited here already)
+    except ValueError:  # a bad SPARSECONV_NICE: the command that started the worker refused it
+        pass
     spec = json.loads(Path(spec_file).read_text())
     threads = spec["threads"]
     torch.set_num_threads(threads)
