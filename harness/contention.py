@@ -37,32 +37,30 @@ BACKOFF = 0.2  # seconds before the first retake, doubled for each further one
 
 
 class ProcReader:
-    """Cumulative readings: machine busy CPU seconds, this process's CPU seconds, our threads'
-    run-queue wait seconds."""
+    """Cumulative readings: machine busy CPU seconds, the hypervisor's steal seconds (both
+    from one read of ``/proc/stat``, in ``machine_busy``), this process's CPU seconds, our
+    threads' run-queue wait seconds."""
 
     def __init__(self):
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def _stat(self) -> list[int] | None:
-        try:
-            with open("/proc/stat") as f:
-                return [int(c) for c in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
+        self._steal = 0.0
 
     def machine_busy(self) -> float | None:
-        v = self._stat()
-        if v is None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(c) for c in f.readline().split()[1:]]
+        except (OSError, ValueError):
             return None
+        self._steal = v[7] / self.tick if len(v) > 7 else 0.0
         idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
         guest = sum(v[8:10]) if len(v) > 9 else 0  # already counted in user and nice
         return (sum(v) - idle - guest) / self.tick
 
     def steal(self) -> float:
         """CPU seconds the hypervisor gave other guests while this machine's CPUs wanted to
-        run: time our threads lost that no run queue of ours shows."""
-        v = self._stat()
-        return v[7] / self.tick if v is not None and len(v) > 7 else 0.0
+        run (time our threads lost that no run queue of ours shows), as of the last
+        ``machine_busy``."""
+        return self._steal
 
     def own_cpu(self) -> float:
         t = os.times()
@@ -104,9 +102,8 @@ class Monitor:
 
     def _read(self) -> Reading:
         r = self.reader
-        steal = getattr(r, "steal", None)
-        return Reading(self.clock(), r.machine_busy(), r.own_cpu(), r.runq_wait(),
-                       steal() if steal else 0.0)
+        busy = r.machine_busy()  # reads steal too
+        return Reading(self.clock(), busy, r.own_cpu(), r.runq_wait(), r.steal())
 
     def start(self) -> None:
         self._start = self._read()

@@ -192,6 +192,19 @@ def _renice_all(n: int, setter, getter) -> None:
         done |= tids
 
 
+def prepare_process() -> None:
+    """What a process that times does first (the worker, an engine timed alone): glibc's
+    thresholds fixed (``steady_allocator``) and its priority raised (``raise_priority``), not
+    under Triton's interpreter, which times nothing that counts; a bad ``SPARSECONV_NICE``
+    is left to the command that started it to refuse."""
+    steady_allocator()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        try:
+            raise_priority()
+        except ValueError:
+            pass
+
+
 def priority_words(nice: int, asked: int | None) -> str:
     """How this process (and the workers it starts) will be scheduled, in words for a header
     line: ``nice`` got, ``asked`` for."""

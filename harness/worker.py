@@ -31,15 +31,10 @@ def serve(conn, parent_pid: int | None = None) -> None:
     import signal
 
     from .interrupts import follow_parent
-    from .timing import raise_priority, steady_allocator
+    from .timing import prepare_process
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
-    steady_allocator()  # every variant timed in one allocator regime (see harness.timing)
-    if os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter times nothing that counts
-        try:  # ahead of other work on the machine, where allowed (see harness.timing)
-            raise_priority()
-        except ValueError:  # a bad SPARSECONV_NICE: bench, table, e2e and autotune refuse it
-            pass
+    prepare_process()  # one allocator regime, ahead of other work (see harness.timing)
     if parent_pid is not None:
         follow_parent(parent_pid)
     conn.send(WorkerReady(os.getpid()))

@@ -48,6 +48,9 @@ class Recorded:
     def runq_wait(self):
         return None if self.waited is None else self.waited
 
+    def steal(self):
+        return 0.0
+
     def advance(self):  # one round: what the machine did meanwhile
         other = self.others[min(self.calls, len(self.others) - 1)]
         wait = self.waits[min(self.calls, len(self.waits) - 1)]

@@ -69,13 +69,9 @@ def main(spec_file: str) -> int:
 
     from .. import engines
     from ..records import Device, E2ECase, TimingOptions
-    from ..timing import interleaved_cpu, raise_priority, steady_allocator
+    from ..timing import interleaved_cpu, prepare_process
 
-    steady_allocator()  # as in the worker: one allocator regime for every timing
-    try:
-        raise_priority()  # as in the worker (its niceness is inherited here already)
-    except ValueError:  # a bad SPARSECONV_NICE: the command that started the worker refused it
-        pass
+    prepare_process()  # as in the worker: one allocator regime, ahead of other work
     spec = json.loads(Path(spec_file).read_text())
     threads = spec["threads"]
     torch.set_num_threads(threads)
