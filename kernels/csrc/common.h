@@ -169,7 +169,9 @@ inline void vstore_m(float* p, vec v, vmask m) {
   for (int64_t i = 0; i < m; ++i) p[i] = v[i];
 }
 inline vec vadd(vec a, vec b) { return a + b; }
-inline vec vrelu(vec a) { for (int i = 0; i < VW; ++i) a[i] = a[i] < 0.f ? 0.f : a[i]; return a; }
+// one vector select (a lane loop here was scalarized: a fused ReLU cost more than a separate pass);
+// a NaN compares false and stays NaN, as in put and F.relu
+inline vec vrelu(vec a) { const vec z = vzero(); return a < z ? z : a; }
 #endif
 
 // Lane masks of a pixel tile's T vectors. FULL (every lane valid: all tiles but the last of an
