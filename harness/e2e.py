@@ -107,6 +107,18 @@ def _handover_savings(epilogue: nn.Module, fused: nn.Module, x, device, opts) ->
     return out
 
 
+def _residual_savings(fused: nn.Module, x, device, opts) -> list:
+    """[layer, seconds saved] per sparse layer that ends a residual block with the shortcut
+    addition (and its ReLU) in its epilogue: the layer as the unfused network runs it (the
+    kernel's output, then an in-place addition and ReLU, as torchvision's blocks do) timed
+    interleaved with the fused layer, on the layer's real input and shortcut."""
+    out = []
+    for name, variants in sparse_model.residual_variants(fused, x).items():
+        st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's
+        out.append([name, st["apart"].median - st["fused"].median])
+    return out
+
+
 def _channels_last(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m).to(memory_format=torch.channels_last)
 
@@ -207,6 +219,8 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     info = {"replaced": len(rep.replaced), "kept_dense": json.dumps(rep.dense, sort_keys=True),
             "kernels": json.dumps(used, sort_keys=True), "relu_fused": len(rep.relu_fused),
             "handover": json.dumps(rep.handover), "dense_ops": rep.dense_layout,
+            "residual": json.dumps([[n] for n in rep.residual_fused] + [
+                [n, rep.residual[n]] for n in rep.residual_apart]),
             "strided": json.dumps(rep.strided, sort_keys=True)}
     if not rep.replaced:
         return E2EResult(Status.UNSUPPORTED, f"{case.pattern} replaces no convolution of "
@@ -259,6 +273,10 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         if "sparse_epilogue" in variants_sparse and rep.handover:
             info["handover"] = json.dumps(_handover_savings(
                 variants_sparse["sparse_epilogue"], sparse, x, case.device, short))
+        if rep.residual_fused:
+            info["residual"] = json.dumps(
+                _residual_savings(sparse, x, case.device, short)
+                + [[n, rep.residual[n]] for n in rep.residual_apart])
     cpu = timing_.cpu_per_wall or {}
     rows = {}
     for name, row in engine_rows.items():

@@ -641,6 +641,10 @@ class E2EResult:
     relu_fused: int | None = None
     handover: str | None = None  # JSON: [producer, consumer(, seconds saved)] per layer pair
     # handing over in the kernel's layout (the time saved measured per pair, interleaved)
+    # JSON: [layer(, seconds saved)] per layer ending a residual block with the shortcut
+    # addition and its ReLU in the kernel (the time saved measured per layer, interleaved), and
+    # [layer, why] per one measured slower fused (the addition runs after the kernel)
+    residual: str | None = None
     dense_ops: str | None = None  # the sparse network's dense operations: layout and why
     strided: str | None = None  # JSON: pair into a stride-2 consumer -> handed over or not, why
     conv_dense_s: float | None = None
@@ -754,10 +758,16 @@ INTERVAL_COLUMNS = tuple(f"{c}_{e}" for c in ("speedup_best", "speedup_eager", "
 
 def handover_saved_s(handover: str | None) -> float | None:
     """Time the layout handover saves, summed over its layer pairs (each measured on its own);
-    None where no pair was measured."""
+    None where no pair was measured. The same for a ``residual`` column's layers."""
     pairs = json.loads(handover) if isinstance(handover, str) else []
-    saved = [p[2] for p in pairs if len(p) > 2]
+    saved = [p[-1] for p in pairs if len(p) > 1 and not isinstance(p[-1], str)]
     return float(sum(saved)) if saved else None
+
+
+def residual_fused(residual: str | None) -> list:
+    """The ``residual`` column's layers whose shortcut addition runs in the kernel."""
+    ends = json.loads(residual) if isinstance(residual, str) else []
+    return [e for e in ends if len(e) == 1 or not isinstance(e[-1], str)]
 
 
 @dataclass(frozen=True)
@@ -834,6 +844,7 @@ class E2EMeasurement:
     sparse_unfused_s: float | None = None  # same kernels, nothing fused
     relu_fused: int | None = None
     handover: str | None = None
+    residual: str | None = None  # JSON: as E2EResult's
     dense_ops: str | None = None  # the sparse network's dense operations (sparsify_report)
     strided: str | None = None  # JSON: each pair into a stride-2 consumer, measured both ways
     speedup: float | None = None  # measured end to end
@@ -897,7 +908,8 @@ class E2EMeasurement:
                    dense_compiled_s=res.dense_compiled_s, sparse_s=res.sparse_s,
                    sparse_epilogue_s=res.sparse_epilogue_s,
                    sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
-                   handover=res.handover, dense_ops=res.dense_ops, strided=res.strided,
+                   handover=res.handover, residual=res.residual, dense_ops=res.dense_ops,
+                   strided=res.strided,
                    speedup=dense_s / res.sparse_s if ok else None,
                    conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,
                    estimate=res.conv_dense_s / res.conv_sparse_s

@@ -7,8 +7,9 @@ into it (the mask is chosen on the folded weight, as deployed), and every other 
 dense with the reason. ``dense_folded(model)`` is the same network with BN folded and nothing
 masked: the dense baseline. ``masked_dense(sparse)`` puts each replacement's ``masked_weight``
 back into plain convolutions: the reference the sparse network must match. ``fuse_layers``
-(applied by ``sparsify`` unless ``fuse=False``) moves biases and ReLUs into the C++ kernels'
-epilogues and lets consecutive sparse layers hand activations over in the kernel's own layout.
+(applied by ``sparsify`` unless ``fuse=False``) moves biases, ReLUs and residual additions into
+the C++ kernels' epilogues and lets consecutive sparse layers hand activations over in the
+kernel's own layout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import operator
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -43,7 +45,9 @@ class SparseConv2d(nn.Module):
     """A convolution computed by a harness kernel (``run``), plus the folded bias.
 
     Made by :func:`fuse_layers` (C++ CPU kernels only): ``epilogue`` adds the bias in the kernel,
-    ``relu`` applies the ReLU that followed the convolution there too, ``laid_in`` means the
+    ``residual`` means the layer ends a residual block: ``forward(x, residual)`` adds the
+    shortcut there too, ``relu`` applies the ReLU that followed the convolution (or the
+    addition) there too, ``laid_in`` means the
     input arrives already in this kernel's layout and ``dest`` (the next layer's layout) that
     the output is written straight into it.
 
@@ -57,12 +61,13 @@ class SparseConv2d(nn.Module):
 
     def __init__(self, layer: shapes.ConvLayer, run, bias, kernel: str, config: dict,
                  epilogue=False, relu=False, laid_in=False, dest=None, sparsity=None,
-                 tuned_at=None):
+                 tuned_at=None, residual=False):
         super().__init__()
         self.layer, self.run, self.kernel, self.config = layer, run, kernel, dict(config)
         self.register_buffer("masked_weight", run.masked_weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.epilogue, self.relu, self.laid_in, self.dest = epilogue, relu, laid_in, dest
+        self.residual = residual
         self.sparsity, self.tuned_at = sparsity, tuned_at
         # a direct (NCHW) layout is what a producer hands over as a 4-D tensor; any other layout
         # arrives as a 2-D buffer, so a 4-D input of the layer's own size is plain NCHW
@@ -76,10 +81,20 @@ class SparseConv2d(nn.Module):
                           epilogue=True, sparsity=self.sparsity, tuned_at=self.tuned_at,
                           **fusion)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         L = self.layer
         if x.dim() == 4 and (x.shape[2], x.shape[3]) != (L.h, L.w):
-            return self._other_size(x)
+            return self._other_size(x, residual)
+        if residual is not None and not self._fits(residual, x.shape[0]):
+            if self.dest is not None:
+                raise ValueError(f"{L.shape_str}: a residual is added to NCHW output only, not "
+                                 f"to the next layer's layout")
+            return self._add(self._conv(x, False), residual, self.epilogue and self.relu)
+        return self._conv(x, self.relu, residual)
+
+    def _conv(self, x, relu, residual=None):
+        """The layer at its own input size; ``relu`` (an epilogue's) and ``residual`` (one that
+        ``_fits``) in the kernel."""
         if self.epilogue:
             out = None
             if self.dest is not None:
@@ -87,11 +102,25 @@ class SparseConv2d(nn.Module):
                 if out is None:
                     out = self._out[x.shape[0]] = self.dest.empty(x.shape[0])
             return self.run.fused(x, laid_out=self.laid_in and (x.dim() == 2 or self._direct_in),
-                                  bias=self.bias, relu=self.relu, dest=self.dest, out=out)
+                                  bias=self.bias, relu=relu, dest=self.dest, out=out,
+                                  residual=None if residual is None
+                                  else residual.contiguous())
         y = self.run(x.contiguous())
         if self.bias is not None:
             y.add_(self.bias.view(1, -1, 1, 1))
-        return y
+        return y if residual is None else y.add_(residual)
+
+    def _fits(self, residual, n) -> bool:
+        """Whether the kernel can add ``residual`` in its epilogue: a float32 CPU tensor of the
+        output's NCHW shape (a broadcast or another dtype is added after the kernel)."""
+        L = self.layer
+        return self.dest is None and residual.dtype == torch.float32 and residual.is_cpu \
+            and tuple(residual.shape) == (n, L.cout, L.oh, L.ow)
+
+    @staticmethod
+    def _add(y, residual, relu):
+        y = y + residual
+        return y.relu_() if relu else y
 
     def prepared_at(self, h: int, w: int) -> str:
         """How this layer runs at an input of ``h`` x ``w`` (prepared now if it is not yet):
@@ -136,18 +165,24 @@ class SparseConv2d(nn.Module):
         L = self.layer
         return F.conv2d(x, self.masked_weight, None, L.stride, L.padding, L.dilation, L.groups)
 
-    def _other_size(self, x):
+    def _other_size(self, x, residual=None):
         run = self._prepared(int(x.shape[2]), int(x.shape[3]))[0]
         fused = getattr(run, "fused", None)
         if self.epilogue and fused is not None:
-            return fused(x, bias=self.bias, relu=self.relu)
+            if residual is None:
+                return fused(x, bias=self.bias, relu=self.relu)
+            y = fused(x, bias=self.bias)
+            return self._add(y, residual, self.relu)
         y = run(x.contiguous())
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
+        if residual is not None:
+            y = y + residual
         return y.relu_() if self.epilogue and self.relu else y
 
     def extra_repr(self):
-        fused = [w for w, on in (("bias+relu" if self.relu else "bias", self.epilogue),
+        fused = [w for w, on in (("bias" + ("+residual" if self.residual else "")
+                                  + ("+relu" if self.relu else ""), self.epilogue),
                                  ("input laid out", self.laid_in),
                                  ("writes the next layer's layout", self.dest is not None)) if on]
         return (f"{self.layer.shape_str}, kernel={self.kernel}, config={self.config}"
@@ -211,6 +246,9 @@ class Report:
     plan: str | None = None
     classifier: str = "kept dense (only convolutions are sparsified)"
     relu_fused: list = field(default_factory=list)  # layers whose ReLU runs in the kernel
+    # layers ending a residual block whose shortcut addition (and the ReLU after it, listed in
+    # relu_fused) runs in the kernel's epilogue
+    residual_fused: list = field(default_factory=list)
     handover: list = field(default_factory=list)  # (producer, consumer) in the kernel's layout
     fusion: str = "not fused"  # what fuse() did, or why it could not
     # the layout the dense convolutions and max-pools run in (CPU), and the measurement behind
@@ -221,6 +259,12 @@ class Report:
     # ``strided_kept`` hand over (``sparsify`` measures them; unmeasured, none does)
     strided: dict = field(default_factory=dict)
     strided_kept: list = field(default_factory=list)
+    # layers ending a residual block: layer -> what timing the kernel with the shortcut addition
+    # (and ReLU) in its epilogue against the kernel followed by them found; those in
+    # ``residual_apart`` were slower fused and add the shortcut after the kernel (``sparsify``
+    # measures them; unmeasured, every one is fused)
+    residual: dict = field(default_factory=dict)
+    residual_apart: list = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{len(self.replaced)} convolution(s) sparse, {len(self.dense)} dense, "
@@ -321,10 +365,25 @@ def _is_relu(node, mods) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
 
 
-def fuse_layers(model: nn.Module, handover: bool | str = True) -> nn.Module:
+def _is_add(node) -> bool:
+    """A plain two-tensor addition (``a + b``, ``torch.add(a, b)``, ``a.add(b)``)."""
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    if node.op == "call_function":
+        return node.target in (operator.add, operator.iadd, torch.add)
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def fuse_layers(model: nn.Module, handover: bool | str = True,
+                residual: bool | str = True) -> nn.Module:
     """The sparse model with its C++ CPU layers fused (a ``torch.fx`` GraphModule sharing the
     prepared kernels; ``model`` itself is left as it is). Where a sparse convolution's only use
-    is a ReLU, the ReLU moves into the kernel's epilogue (with the bias); with ``handover``,
+    is a ReLU, the ReLU moves into the kernel's epilogue (with the bias); with ``residual``,
+    where its only use is an addition of another tensor (a residual block's shortcut), that
+    addition, and the ReLU when it is the addition's only use, move there too (the shortcut
+    becomes the layer's second input, read in NCHW; one of another shape or dtype is added
+    after the kernel), except for the layers the report's ``residual_apart`` lists (measured
+    slower fused by ``sparsify``), or for every one with ``residual="all"``; with ``handover``,
     where its only use is the next sparse convolution, it writes that one's layout directly,
     so the next layer converts nothing: one padded plane (stride 1) always, the stride-phase
     planes of a stride-2 consumer for the pairs the report's ``strided_kept`` lists (measured
@@ -333,11 +392,11 @@ def fuse_layers(model: nn.Module, handover: bool | str = True) -> nn.Module:
     model torch.fx cannot trace, or with nothing to fuse, is returned as it is, with the reason
     in its report's ``fusion``."""
     report = copy.copy(getattr(model, "sparsify_report", None) or Report("?", 0.0))
-    report.relu_fused, report.handover = [], []
+    report.relu_fused, report.handover, report.residual_fused = [], [], []
 
     def unfused(why: str) -> nn.Module:  # the model as it is, its own report saying why
         own = getattr(model, "sparsify_report", None) or report
-        own.relu_fused, own.handover, own.fusion = [], [], why
+        own.relu_fused, own.handover, own.residual_fused, own.fusion = [], [], [], why
         model.sparsify_report = own
         return model
 
@@ -382,6 +441,34 @@ def fuse_layers(model: nn.Module, handover: bool | str = True) -> nn.Module:
                 mine["dest"] = lay
                 spec.setdefault(users[0].target, {})["laid_in"] = True
                 report.handover.append((node.target, users[0].target))
+    def block_end(add):  # the addition's first operand that can take the other in its epilogue
+        a, b = add.args
+        for node, other in ((a, b), (b, a)):
+            m = fusable(node)
+            if m is not None and not isinstance(m, SparseLinear) and len(node.users) == 1 \
+                    and len(node.args) == 1 and not node.kwargs and other is not node:
+                return node, other
+        return None, None
+
+    for add in list(graph.nodes) if residual else ():
+        node, other = block_end(add) if _is_add(add) else (None, None)
+        if node is None or (residual != "all" and node.target in report.residual_apart):
+            continue  # a layer measured slower fused leaves the addition to its shortcut too
+        after = list(add.users)
+        relu = after[0] if len(after) == 1 and _is_relu(after[0], mods) \
+            and after[0].args[0] is add else None
+        with graph.inserting_before(add):  # the shortcut is computed by then
+            fused = graph.call_module(node.target, (node.args[0], other))
+        (relu or add).replace_all_uses_with(fused)
+        for gone in (relu, add, node):
+            if gone is not None:
+                graph.erase_node(gone)
+        mine = spec.setdefault(node.target, {})
+        mine["residual"] = True
+        report.residual_fused.append(node.target)
+        if relu is not None:
+            mine["relu"] = True
+            report.relu_fused.append(node.target)
     if not spec:
         return unfused("not fused: no layer runs a C++ CPU kernel")
     for target, fusion in spec.items():
@@ -390,6 +477,8 @@ def fuse_layers(model: nn.Module, handover: bool | str = True) -> nn.Module:
     gm.recompile()
     report.fusion = (f"{len(spec)} sparse layer(s) fused: bias in the kernel, "
                      f"{len(report.relu_fused)} ReLU(s) in the kernel, "
+                     + (f"{len(report.residual_fused)} residual addition(s) in the kernel, "
+                        if residual else "no residual addition fused, ")
                      + (f"{len(report.handover)} layer pair(s) hand over in the kernel's layout"
                         if handover else "no layout handover"))
     gm.sparsify_report = report
@@ -487,14 +576,21 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     if dev is Device.CPU and report.replaced:
         m = _choose_dense_layout(m, dense_layout, (batch, *input_size))
         _choose_strided_handover(m, (batch, *input_size))
+        _choose_residual(m, (batch, *input_size))
     return fuse_layers(m) if fuse and report.replaced else m
 
 
-def inputs_of(model: nn.Module, names, x) -> dict:
-    """Module name -> the input it receives when ``model`` runs on ``x``."""
+def inputs_of(model: nn.Module, names, x, every=False) -> dict:
+    """Module name -> the input it receives when ``model`` runs on ``x`` (with ``every``, the
+    tuple of all its inputs, such as a fused block end's input and shortcut)."""
     seen, want = {}, set(names)
+
+    def keep(inputs):
+        kept = tuple(t.detach().clone() for t in inputs)
+        return kept if every else kept[0]
+
     hooks = [mod.register_forward_pre_hook(
-        lambda mod, inputs, n=n: seen.setdefault(n, inputs[0].detach().clone()))
+        lambda mod, inputs, n=n: seen.setdefault(n, keep(inputs)))
         for n, mod in model.named_modules() if n in want]
     try:
         with torch.inference_mode():
@@ -538,6 +634,48 @@ def _choose_strided_handover(m: nn.Module, size) -> None:
             f"{scat * 1e6:.0f} us against NCHW and converting {conv * 1e6:.0f} us (the pair)")
         if kept:
             report.strided_kept.append((a, b))
+
+
+def residual_variants(fused: nn.Module, x) -> dict:
+    """Layer -> {"apart": (fn, input), "fused": (fn, input)} for every layer of ``fused`` (a
+    :func:`fuse_layers` result) that adds its block's shortcut in its epilogue: the kernel
+    followed by the in-place addition and ReLU (as torchvision's blocks run them), and the
+    fused layer, each on the layer's real input and shortcut when ``fused`` runs on ``x``."""
+    names = fused.sparsify_report.residual_fused
+    ins = inputs_of(fused, names, x, every=True)
+    out = {}
+    for name in names:
+        m = fused.get_submodule(name)
+        xin, res = ins[name]
+
+        def apart(t, m=m, r=res):
+            y = m._conv(t, False).add_(r)
+            return y.relu_() if m.relu else y
+
+        out[name] = {"apart": (apart, xin), "fused": (lambda t, m=m, r=res: m(t, r), xin)}
+    return out
+
+
+def _choose_residual(m: nn.Module, size) -> None:
+    """Which layers ending a residual block add the shortcut in their epilogue (all but
+    ``Report.residual_apart``): each timed both ways on its real input and shortcut,
+    interleaved. Fused, the kernel reads the shortcut while it writes; in a layer whose
+    threads write narrow strips of many channels (1xN at 56x56) that was measured slower than
+    the separate addition."""
+    from .timing import interleaved_cpu
+
+    report = m.sparsify_report
+    report.residual, report.residual_apart = {}, []
+    every = fuse_layers(m, residual="all")
+    for name, variants in residual_variants(every, torch.randn(*size)).items():
+        with torch.inference_mode():
+            st = interleaved_cpu(variants, rounds=5, min_sample=0.003, warmup=0.005).stats
+        apart, fused = st["apart"].median, st["fused"].median
+        report.residual[name] = (
+            f"{'fused' if fused < apart else 'apart'}: shortcut added in the kernel "
+            f"{fused * 1e6:.0f} us against after it {apart * 1e6:.0f} us")
+        if fused >= apart:
+            report.residual_apart.append(name)
 
 
 DENSE_LAYOUTS = ("measure", "channels_last", "nchw")
@@ -609,9 +747,24 @@ def _sparsify_linears(m, input_size, pattern, sparsity, by_shape, dev, report) -
         report.classifier += f"; kept dense: {', '.join(kept)}"
 
 
+class _ResidualEnd(nn.Module):
+    """The reference for a layer that adds its block's shortcut in its epilogue:
+    ``relu(conv(x) + residual)`` (the ReLU when the layer fused one)."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool):
+        super().__init__()
+        self.conv, self.relu = conv, relu
+
+    def forward(self, x, residual=None):
+        y = self.conv(x)
+        y = y if residual is None else y + residual
+        return F.relu(y) if self.relu else y
+
+
 def masked_dense(sparse: nn.Module) -> nn.Module:
     """The reference: the sparse model with each ``SparseConv2d`` turned back into a plain
-    convolution over its ``masked_weight`` (same masks, same folded biases)."""
+    convolution over its ``masked_weight`` (same masks, same folded biases; a fused ReLU or
+    shortcut addition after it)."""
     ref = copy.deepcopy(sparse).cpu()
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, SparseLinear):
@@ -630,7 +783,8 @@ def masked_dense(sparse: nn.Module) -> nn.Module:
                 conv.weight.copy_(mod.masked_weight.cpu())
                 if mod.bias is not None:
                     conv.bias.copy_(mod.bias.cpu())
-            _set(ref, name, nn.Sequential(conv, nn.ReLU()) if mod.relu else conv)
+            _set(ref, name, _ResidualEnd(conv, mod.relu) if mod.residual
+                 else nn.Sequential(conv, nn.ReLU()) if mod.relu else conv)
     return ref
 
 

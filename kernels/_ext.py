@@ -292,6 +292,20 @@ def bias_ptr(bias, geo: Geometry, name: str):
     return bias.data_ptr()
 
 
+def res_ptr(res, y, geo: Geometry, name: str):
+    """The residual's data pointer (None when there is none), checked: a contiguous float32 CPU
+    tensor laid out like the output ``y`` (the kernel reads it at each output element's own
+    offset), which is not a stride-2 consumer's phase planes."""
+    if res is None:
+        return None
+    if res.dtype is not _F32 or not res.is_contiguous() or not res.is_cpu \
+            or res.shape != y.shape or geo.out_s > 1:
+        raise ValueError(f"{name}: the residual must be a contiguous float32 CPU tensor shaped "
+                         f"like the output {tuple(y.shape)}, not {tuple(res.shape)} "
+                         f"({res.dtype}), and the output not phase-split")
+    return res.data_ptr()
+
+
 def need(ok: bool, what: str) -> None:
     if not ok:
         raise ValueError(what)

@@ -20,12 +20,12 @@ MAX_T = {4: 6, 8: 3, 16: 1, 32: 1}
 TILES_1XN = (1, 2, 3, 4, 6)
 _P = _ext.P
 BSR = _ext.Family("bsr_1xn", "bsr_1xn.cpp", {
-    # x, crow, col offsets, vals, rowmap, N, geometry, y, bias
-    "sc_bsr_1xn": [_P, _P, _P, _P, _P, _ext.I64, _ext.GEO, _P, _P]})
+    # x, crow, col offsets, vals, rowmap, N, geometry, y, bias, residual
+    "sc_bsr_1xn": [_P, _P, _P, _P, _P, _ext.I64, _ext.GEO, _P, _P, _P]})
 
 
 def bsr_1xn(crow, col_off, vals, rowmap, N, cout):
-    """Entry over BSR blocks: ``entry(x, geometry, y, bias)``."""
+    """Entry over BSR blocks: ``entry(x, geometry, y, bias, res=None)``."""
     name, nnzb = "bsr_1xn", col_off.numel()
     _ext.need(crow.dtype == torch.int32 and col_off.dtype == torch.int64
               and rowmap.dtype == torch.int64 and vals.dtype == torch.float32
@@ -37,10 +37,10 @@ def bsr_1xn(crow, col_off, vals, rowmap, N, cout):
     c_fn = BSR.entry("sc_bsr_1xn")
     pc, po, pv, pr = crow.data_ptr(), col_off.data_ptr(), vals.data_ptr(), rowmap.data_ptr()
 
-    def entry(x, geo, y, bias):
+    def entry(x, geo, y, bias, res=None):
         _ext.check_io(x, y, geo, name)
         if c_fn(x.data_ptr(), pc, po, pv, pr, N, geo.ref, y.data_ptr(),
-                _ext.bias_ptr(bias, geo, name)):
+                _ext.bias_ptr(bias, geo, name), _ext.res_ptr(res, y, geo, name)):
             BSR.fail("sc_bsr_1xn")
     entry.keep = (crow, col_off, vals, rowmap)  # the tensors behind the pointers
     return entry

@@ -18,12 +18,12 @@ from .registry import register
 
 _P = _ext.P
 ROW_SPARSE = _ext.Family("row_sparse", "row_sparse.cpp", {
-    # x, row pointer, offsets, vals, geometry, y, bias
-    "sc_row_sparse": [_P, _P, _P, _P, _ext.GEO, _P, _P]})
+    # x, row pointer, offsets, vals, geometry, y, bias, residual
+    "sc_row_sparse": [_P, _P, _P, _P, _ext.GEO, _P, _P, _P]})
 
 
 def row_sparse(rptr, off, vals, cout):
-    """Entry over per-output-channel lists: ``entry(x, geometry, y, bias)``."""
+    """Entry over per-output-channel lists: ``entry(x, geometry, y, bias, res=None)``."""
     name = "row_sparse"
     _ext.need(rptr.dtype == off.dtype == torch.int64 and vals.dtype == torch.float32
               and all(t.is_contiguous() for t in (rptr, off, vals))
@@ -33,9 +33,10 @@ def row_sparse(rptr, off, vals, cout):
     c_fn = ROW_SPARSE.entry("sc_row_sparse")
     pr, po, pv = rptr.data_ptr(), off.data_ptr(), vals.data_ptr()
 
-    def entry(x, geo, y, bias):
+    def entry(x, geo, y, bias, res=None):
         _ext.check_io(x, y, geo, name)
-        if c_fn(x.data_ptr(), pr, po, pv, geo.ref, y.data_ptr(), _ext.bias_ptr(bias, geo, name)):
+        if c_fn(x.data_ptr(), pr, po, pv, geo.ref, y.data_ptr(), _ext.bias_ptr(bias, geo, name),
+                _ext.res_ptr(res, y, geo, name)):
             ROW_SPARSE.fail("sc_row_sparse")
     entry.keep = (rptr, off, vals)  # the tensors behind the pointers
     return entry

@@ -55,8 +55,9 @@ NO_BIAS = torch.empty(0)
 
 
 def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, perm=None) -> Run:
-    """``entry(x_laid_out, geometry, y, bias)`` computes into ``y`` (NCHW unless the geometry
-    names another destination; ``bias`` may be empty)."""
+    """``entry(x_laid_out, geometry, y, bias, res=None)`` computes into ``y`` (NCHW unless the
+    geometry names another destination; ``bias`` may be empty; ``res``, laid out like ``y``, is
+    added before the ReLU)."""
     lay = CpuLayout.of(layer)
     bufs: dict[int, torch.Tensor] = {}
     geos: dict[tuple, _ext.Geometry] = {}
@@ -82,11 +83,12 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
         return out
 
     def fused(x, laid_out=False, bias=None, relu=False, dest: CpuLayout | None = None,
-              out=None):
+              out=None, residual=None):
         """The layer with its epilogue: ``x`` NCHW (or already in this layer's layout when
-        ``laid_out``), bias added and ReLU applied in the kernel, the result written as NCHW or,
-        given the next layer's ``dest`` layout, straight into ``out`` in that layout (a buffer
-        from ``dest.empty``: its padding stays zero)."""
+        ``laid_out``), bias added, then ``residual`` (a residual block's shortcut, laid out like
+        the output: NCHW, or ``dest``'s stride-1 layout), then ReLU applied in the kernel, the
+        result written as NCHW or, given the next layer's ``dest`` layout, straight into ``out``
+        in that layout (a buffer from ``dest.empty``: its padding stays zero)."""
         xl = x if laid_out else laid(x)
         n = xl.shape[0]
         if dest is None:
@@ -100,7 +102,7 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
             out = dest.empty(n) if out is None else out
             where = dest.destination()
         b = NO_BIAS if bias is None else bias.detach().float().contiguous()
-        entry(xl, geometry(n, where, relu), out, b)
+        entry(xl, geometry(n, where, relu), out, b, residual)
         return out
 
     def layout(x):

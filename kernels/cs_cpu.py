@@ -22,16 +22,16 @@ from .registry import register
 
 _P, _I = _ext.P, _ext.I64
 CS = _ext.Family("cs", "cs.cpp", {
-    # x, vals, idx, tap offsets, taps, K, M, geometry, y, bias
-    "sc_cs_direct": [_P, _P, _P, _P, _I, _I, _I, _ext.GEO, _P, _P],
-    # x, vals, offsets, K, M, taps, geometry, y, bias
-    "sc_cs_offsets": [_P, _P, _P, _I, _I, _I, _ext.GEO, _P, _P],
+    # x, vals, idx, tap offsets, taps, K, M, geometry, y, bias, residual
+    "sc_cs_direct": [_P, _P, _P, _P, _I, _I, _I, _ext.GEO, _P, _P, _P],
+    # x, vals, offsets, K, M, taps, geometry, y, bias, residual
+    "sc_cs_offsets": [_P, _P, _P, _I, _I, _I, _ext.GEO, _P, _P, _P],
 })
 
 
 def cs_direct(vals, idx, tap_off, K, M, cout, cin):
     """Entry over compressed values and 1-byte indices [Cout, taps, Cin/K], decoded in the
-    inner loop: ``entry(x, geometry, y, bias)``."""
+    inner loop: ``entry(x, geometry, y, bias, res=None)``."""
     name, taps = "cs_direct", tap_off.numel()
     _ext.need(vals.dtype == torch.float32 and idx.dtype == torch.uint8
               and tap_off.dtype == torch.int64 and vals.is_contiguous() and idx.is_contiguous()
@@ -41,10 +41,10 @@ def cs_direct(vals, idx, tap_off, K, M, cout, cin):
     c_fn = CS.entry("sc_cs_direct")
     pv, pi, pt = vals.data_ptr(), idx.data_ptr(), tap_off.data_ptr()
 
-    def entry(x, geo, y, bias):
+    def entry(x, geo, y, bias, res=None):
         _ext.check_io(x, y, geo, name)
         if c_fn(x.data_ptr(), pv, pi, pt, taps, K, M, geo.ref, y.data_ptr(),
-                _ext.bias_ptr(bias, geo, name)):
+                _ext.bias_ptr(bias, geo, name), _ext.res_ptr(res, y, geo, name)):
             CS.fail("sc_cs_direct")
     entry.keep = (vals, idx, tap_off)  # the tensors behind the pointers live as long as it does
     return entry
@@ -52,7 +52,7 @@ def cs_direct(vals, idx, tap_off, K, M, cout, cin):
 
 def cs_offsets(vals, off, K, M, taps, cout, cin):
     """Entry over compressed values with int32 input offsets [Cout, Cin/(K*M), taps*M]
-    (segment-major): ``entry(x, geometry, y, bias)``."""
+    (segment-major): ``entry(x, geometry, y, bias, res=None)``."""
     name = "cs_offsets"
     _ext.need(vals.dtype == torch.float32 and off.dtype == torch.int32 and vals.is_contiguous()
               and off.is_contiguous() and vals.numel() == off.numel() == cout * taps * cin // K,
@@ -61,10 +61,10 @@ def cs_offsets(vals, off, K, M, taps, cout, cin):
     c_fn = CS.entry("sc_cs_offsets")
     pv, po = vals.data_ptr(), off.data_ptr()
 
-    def entry(x, geo, y, bias):
+    def entry(x, geo, y, bias, res=None):
         _ext.check_io(x, y, geo, name)
         if c_fn(x.data_ptr(), pv, po, K, M, taps, geo.ref, y.data_ptr(),
-                _ext.bias_ptr(bias, geo, name)):
+                _ext.bias_ptr(bias, geo, name), _ext.res_ptr(res, y, geo, name)):
             CS.fail("sc_cs_offsets")
     entry.keep = (vals, off)  # the tensors behind the pointers live as long as it does
     return entry

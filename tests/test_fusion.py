@@ -66,12 +66,43 @@ def test_a_handed_over_pair_equals_conv_relu_conv(name, extra, pair):
             assert (buf - dest.layout(mid.float())).abs().max() < 1e-4
 
 
+# a 1x1 layer (accumulators stored straight from registers), a padded 3x3 and a stride-2 1x1
+# (through the tile buffer), odd sizes: the residual is read at each output element's offset
+RESIDUAL_LAYERS = [layer(32, 64, 1, h=9, w=11), layer(32, 64, 3, padding=1, h=7, w=5),
+                   layer(64, 32, 1, stride=2, h=9, w=10)]
+
+
+@pytest.mark.parametrize("name,extra", CPU_KERNELS)
+def test_a_residual_in_the_epilogue_equals_conv_plus_shortcut_then_relu(name, extra):
+    g = torch.Generator().manual_seed(7)
+    for lay in RESIDUAL_LAYERS:
+        run = prepare(name, extra, lay, 0.75, g)
+        x = torch.randn(2, lay.cin, lay.h, lay.w, generator=g)
+        bias = torch.randn(lay.cout, generator=g)
+        res = torch.randn(2, lay.cout, lay.oh, lay.ow, generator=g)
+        conv = F.conv2d(x.double(), run.masked_weight.double(), bias.double(), lay.stride,
+                        lay.padding) + res.double()
+        for relu in (True, False):
+            out = torch.full(res.shape, float("nan"))
+            assert run.fused(x, bias=bias, relu=relu, out=out, residual=res) is out
+            assert rel_err(out, F.relu(conv) if relu else conv) < 1e-5, (lay, relu)
+        with pytest.raises(ValueError, match="residual must be"):
+            run.fused(x, bias=bias, residual=res[:1])
+
+
 def test_a_handover_needs_matching_shapes():
     g = torch.Generator().manual_seed(0)
     a = layer(32, 64, 3, padding=1, h=9)
     ra = prepare("cs_cpu_direct", {}, a, 0.75, g)
     with pytest.raises(ValueError, match="cannot hand"):
         ra.fused(torch.randn(1, 32, 9, 9), dest=CpuLayout.of(layer(64, 64, 3, padding=1, h=8)))
+
+
+def _block_ends(net, replaced):
+    """The sparse layers that end a residual block (their output plus the shortcut, then ReLU):
+    conv3 of a bottleneck, conv2 of a basic block; none outside ResNets."""
+    last = {"resnet50": ".conv3", "resnet18": ".conv2"}.get(net)
+    return {n for n in replaced if last and n.startswith("layer") and n.endswith(last)}
 
 
 def _expected_pairs(net, layers, replaced):
@@ -117,6 +148,15 @@ def test_fusion_hands_over_exactly_the_pairs_the_architecture_allows(net):
     # every replaced layer whose output only feeds a ReLU has it fused
     assert rep.relu_fused and set(rep.relu_fused) <= set(rep.replaced)
     assert all(sparse.get_submodule(n).relu for n in rep.relu_fused)
+    # every block end was timed with the shortcut added in its kernel and after it; those
+    # measured faster fused add it there, then the block's ReLU
+    ends = _block_ends(net, rep.replaced)
+    assert set(rep.residual) == ends and set(rep.residual_apart) <= ends
+    assert set(rep.residual_fused) == ends - set(rep.residual_apart)
+    assert all(sparse.get_submodule(n).residual and n in rep.relu_fused
+               for n in rep.residual_fused)
+    if net.startswith("resnet"):
+        assert len(ends) == (16 if net == "resnet50" else 8)
     unfused = harness.sparsify(model, "cs", 0.9375, input_size=(3, size, size), fuse=False)
     with torch.no_grad():
         want_y = sm.masked_dense(unfused).double()(x.double())
@@ -126,6 +166,12 @@ def test_fusion_hands_over_exactly_the_pairs_the_architecture_allows(net):
         every = sm.fuse_layers(unfused, handover="strided")  # every stride-2 pair hands over
         assert set(map(tuple, every.sparsify_report.handover)) == want
         assert rel_err(every(x), want_y) < 1e-4
+        every = sm.fuse_layers(unfused, residual="all")  # every block end adds its shortcut
+        assert set(every.sparsify_report.residual_fused) == ends
+        assert rel_err(every(x), want_y) < 1e-4
+        apart = sm.fuse_layers(unfused, residual=False)
+        assert not apart.sparsify_report.residual_fused
+        assert rel_err(apart(x), want_y) < 1e-4
 
 
 class Branchy(nn.Module):

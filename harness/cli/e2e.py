@@ -22,6 +22,7 @@ from ..records import (
     Status,
     TimingOptions,
     handover_saved_s,
+    residual_fused,
 )
 from ..store import Store
 from .common import (
@@ -132,6 +133,9 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         "handover pairs": df.handover.map(lambda h: len(json.loads(h)) if isinstance(h, str)
                                           else None),
         "handover saves ms": df.handover.map(handover_saved_s) * 1e3,
+        "residual adds fused": df.residual.map(lambda h: len(residual_fused(h))
+                                               if isinstance(h, str) else None),
+        "residual saves ms": df.residual.map(handover_saved_s) * 1e3,
         "epilogues save ms": (df.sparse_unfused_s - df.sparse_epilogue_s) * 1e3})
     if "graph_speedup" in df and df.graph_speedup.notna().any():  # GPU runs: CUDA graphs too
         out["graph dense ms"] = df.dense_graph_s * 1e3
@@ -242,7 +246,10 @@ def show(m) -> None:
     if m.sparse_epilogue_s is not None and m.sparse_unfused_s is not None:
         pairs = json.loads(m.handover)
         saved = handover_saved_s(m.handover)
-        print(f"    fused: {m.relu_fused} ReLU(s) and every bias in the kernels save "
+        ends = residual_fused(m.residual)
+        apart = len(json.loads(m.residual or "[]")) - len(ends)
+        print(f"    fused: {m.relu_fused} ReLU(s), {len(ends)} residual addition(s) and every "
+              f"bias in the kernels save "
               f"{(m.sparse_unfused_s - m.sparse_epilogue_s) * 1e3:.2f} ms (whole network); "
               f"{len(pairs)} layer pair(s) hand over in the kernel's layout"
               + (f", saving {saved * 1e3:.2f} ms summed over the pairs (each timed on its own)"
@@ -251,6 +258,13 @@ def show(m) -> None:
             print(f"      {a} -> {b}" + (f": {t[0] * 1e6:.0f} us" if t else ""))
         if len(pairs) > 4:
             print(f"      ... {len(pairs) - 4} more (the e2e table's handover column)")
+        saved = handover_saved_s(m.residual)
+        if saved is not None:
+            print(f"    the residual additions and their ReLUs in the kernels save "
+                  f"{saved * 1e3:.2f} ms summed over the {len(ends)} block ends (each timed on "
+                  f"its own; part of the epilogues' figure)"
+                  + (f"; {apart} block end(s) add it after the kernel (measured faster so)"
+                     if apart else ""), flush=True)
     for pair, said in json.loads(m.strided or "{}").items():
         print(f"    into a stride-2 layer, {pair}: {said}", flush=True)
     if m.dense_ops:

@@ -44,7 +44,9 @@ UNROLL
         UNROLL for (int i = 0; i < NB; ++i) {
           const int64_t o = rowmap[br * N + sub * NB + i];
           float* yp = g.plane(y, n, o);
-          emit<T>(acc[i], buf.data(), direct ? yp + q0 : nullptr, mk, g.bias_of(o), relu);
+          float* dst = direct ? yp + q0 : nullptr;
+          emit<T>(acc[i], buf.data(), dst, mk,
+                  Epi{g.bias_of(o), relu, dst ? g.res_at(dst) : nullptr});
           if (!direct) write_tile(buf.data(), yp, g, q0, nq, g.bias_of(o));
         }
       });
@@ -59,9 +61,10 @@ UNROLL
 // rearrangement). N = 32 runs as two halves of 16.
 extern "C" int sc_bsr_1xn(const float* x, const int32_t* crow, const int64_t* col_off,
                           const float* vals, const int64_t* rowmap, int64_t N,
-                          const sc_geometry* geo, float* y, const float* bias) {
+                          const sc_geometry* geo, float* y, const float* bias,
+                          const float* res) {
   return guarded([&] {
-    const Geo g = geo_from(geo, bias);
+    const Geo g = geo_from(geo, bias, res, y);
     SC_CHECK(N > 0 && g.cout % N == 0, "Cout=", g.cout, " is not a multiple of N=", N);
     const int64_t NB = std::min<int64_t>(N, 16);
     bool done = false;

@@ -18,7 +18,9 @@
 // NCHW by default; the next layer's padded stride-1 plane when layers hand activations over in
 // the kernel's own layout, or its stride-phase planes (out_s > 1: each row scatters its
 // columns over the phases; see sc_geometry) (the padding there stays as it was: zero). The epilogue adds the
-// per-channel bias (when given) and applies ReLU (when asked) on the way out.
+// per-channel bias (when given), then a residual (when given: a tensor laid out like the output,
+// read at the output element's own offset; a residual block's shortcut), and applies ReLU (when
+// asked) on the way out: y = relu(conv + bias + residual), the end of a ResNet block.
 //
 // Vector path chosen at build time: AVX-512 intrinsics where the compiler reports __AVX512F__,
 // else GCC vector extensions that the compiler lowers to what -march=native offers.
@@ -108,17 +110,34 @@ int guarded(F f) {
 
 struct Geo : sc_geometry {
   const float* bias = nullptr;  // per output channel, or null
+  const float* res = nullptr;   // residual laid out like the output y (same offsets), or null
+  const float* y = nullptr;     // the output, to find an output element's residual
   int64_t P() const { return oh * wq; }
   float* plane(float* y, int64_t ni, int64_t o) const { return y + ni * out_img + o * out_chan + out_base; }
   float bias_of(int64_t o) const { return bias ? bias[o] : 0.f; }
+  // the residual element added to output element *p (p points into y), or null
+  const float* res_at(const float* p) const { return res ? res + (p - y) : nullptr; }
 };
 
-inline Geo geo_from(const sc_geometry* g, const float* bias) {
+// What the epilogue does to one output channel's pixels on the way out: + bias, + the residual
+// (res: at the first pixel, or null), then ReLU when asked.
+struct Epi {
+  float b;
+  bool relu;
+  const float* res;
+};
+
+inline Geo geo_from(const sc_geometry* g, const float* bias, const float* res = nullptr,
+                    const float* y = nullptr) {
   SC_CHECK(g != nullptr, "no geometry");
   Geo r;
   static_cast<sc_geometry&>(r) = *g;
   r.threads = std::max<int64_t>(1, r.threads);
   r.bias = bias;
+  r.res = res;
+  r.y = y;
+  SC_CHECK(res == nullptr || (y != nullptr && r.out_s <= 1),
+           "a residual is read in the output's own layout: not with phase-split output");
   SC_CHECK(r.n >= 0 && r.cin > 0 && r.cout > 0 && r.oh > 0 && r.ow > 0 && r.wq >= r.ow,
            "bad geometry");
   SC_CHECK((r.out_row >= r.ow || r.out_s > 1) && r.out_chan >= 0 && r.out_img >= 0 &&
@@ -198,13 +217,14 @@ inline void with_masks(int64_t nq, F f) {
 // tb, or, on a tile that is contiguous in the output (see drive), through the epilogue
 // straight from registers into the output at dst (masked: the last tile is partial).
 template <int T, class MK>
-inline void emit(vec (&acc)[T], float* tb, float* dst, const MK& mk, float b, bool relu) {
+inline void emit(vec (&acc)[T], float* tb, float* dst, const MK& mk, const Epi& e) {
   if (dst) {
-    const vec bv = vset(b);
+    const vec bv = vset(e.b);
 UNROLL
     for (int t = 0; t < T; ++t) {
       vec v = vadd(acc[t], bv);
-      mk.store(dst + t * VW, relu ? vrelu(v) : v, t);
+      if (e.res) v = vadd(v, mk.load(e.res + t * VW, t));
+      mk.store(dst + t * VW, e.relu ? vrelu(v) : v, t);
     }
   } else {
     UNROLL for (int t = 0; t < T; ++t) vstore(tb + t * VW, acc[t]);
@@ -215,8 +235,8 @@ UNROLL
 // tile buffer's) += vals[k] * the T vectors at xi + off[k], for k in [k0, k1); then emitted.
 template <int T, class Off, class MK>
 inline void accumulate_list(float* tb, float* dst, bool first, const MK& mk, const float* xi,
-                            const float* vals, const Off* off, int64_t k0, int64_t k1, float b,
-                            bool relu) {
+                            const float* vals, const Off* off, int64_t k0, int64_t k1,
+                            const Epi& e) {
   vec acc[T];
   UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
   for (int64_t k = k0; k < k1; ++k) {
@@ -225,12 +245,19 @@ inline void accumulate_list(float* tb, float* dst, bool first, const MK& mk, con
 UNROLL
     for (int u = 0; u < T; ++u) acc[u] = vfma(wb, mk.load(p + u * VW, u), acc[u]);
   }
-  emit<T>(acc, tb, dst, mk, b, relu);
+  emit<T>(acc, tb, dst, mk, e);
 }
 
-// One output row segment: dst[i] = epilogue(src[i]) (bias, then ReLU when asked).
-inline void put(float* dst, const float* src, int64_t len, float b, bool relu) {
-  if (relu) {
+// One output row segment: dst[i] = epilogue(src[i]) (bias, the residual res[i] when res is
+// given, then ReLU when asked).
+inline void put(float* dst, const float* src, int64_t len, float b, bool relu,
+                const float* res = nullptr) {
+  if (res) {
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = src[i] + b + res[i];
+      dst[i] = relu ? std::max(v, 0.f) : v;
+    }
+  } else if (relu) {
     for (int64_t i = 0; i < len; ++i) dst[i] = std::max(src[i] + b, 0.f);
   } else if (b != 0.f) {
     for (int64_t i = 0; i < len; ++i) dst[i] = src[i] + b;
@@ -272,7 +299,11 @@ inline void put_phases(float* ychan, const float* src, int64_t oh, int64_t ow0, 
 inline void write_tile(const float* tb, float* yplane, const Geo& g, int64_t q0, int64_t n,
                        float b) {
   const bool relu = g.relu != 0;
-  if (contiguous_out(g)) { put(yplane + q0, tb, n, b, relu); return; }
+  const float* rplane = g.res_at(yplane);
+  if (contiguous_out(g)) {
+    put(yplane + q0, tb, n, b, relu, rplane ? rplane + q0 : nullptr);
+    return;
+  }
   int64_t q = q0, end = q0 + n;
   while (q < end) {
     int64_t oh = q / g.wq, ow = q % g.wq;
@@ -280,7 +311,8 @@ inline void write_tile(const float* tb, float* yplane, const Geo& g, int64_t q0,
     if (ow < g.ow && g.out_s > 1)
       put_phases(yplane, tb + (q - q0), oh, ow, std::min(seg, g.ow - ow), b, relu, g);
     else if (ow < g.ow)
-      put(yplane + oh * g.out_row + ow, tb + (q - q0), std::min(seg, g.ow - ow), b, relu);
+      put(yplane + oh * g.out_row + ow, tb + (q - q0), std::min(seg, g.ow - ow), b, relu,
+          rplane ? rplane + oh * g.out_row + ow : nullptr);
     q += seg;
   }
 }
@@ -295,9 +327,9 @@ inline void item_coords(int64_t it, int64_t nT, int64_t nB, int64_t split, int64
 }
 
 // Drive a row kernel over (image, pixel tile, block of OB output channels) work items.
-// body(tile_buf, dst, first, masks, x_tile, o, c_lo, c_hi, bias, relu) accumulates output
+// body(tile_buf, dst, first, masks, x_tile, o, c_lo, c_hi, epi) accumulates output
 // channel o's inputs in [c_lo, c_hi) (starting from zero when first, else from tile_buf) and
-// emits them: to tile_buf, or through the epilogue into the output at dst when dst is set
+// emits them: to tile_buf, or through the epilogue (Epi) into the output at dst when dst is set
 // (the last Cin chunk of a contiguous tile). Cin is walked in chunks.
 template <int T, class Body>
 void drive(const Geo& g, const float* x, float* y, Body body) {
@@ -321,9 +353,11 @@ void drive(const Geo& g, const float* x, float* y, Body body) {
         for (int64_t c0 = 0; c0 < g.cin; c0 += chunk) {
           const int64_t c1 = std::min(g.cin, c0 + chunk);
           const bool out_now = direct && c1 == g.cin;
-          for (int64_t o = o_lo; o < o_hi; ++o)
-            body(buf.data() + (o - o_lo) * TP, out_now ? g.plane(y, n, o) + q0 : nullptr,
-                 c0 == 0, mk, xi, o, c0, c1, g.bias_of(o), relu);
+          for (int64_t o = o_lo; o < o_hi; ++o) {
+            float* dst = out_now ? g.plane(y, n, o) + q0 : nullptr;
+            body(buf.data() + (o - o_lo) * TP, dst, c0 == 0, mk, xi, o, c0, c1,
+                 Epi{g.bias_of(o), relu, dst ? g.res_at(dst) : nullptr});
+          }
         }
       });
       if (!direct)

@@ -20,15 +20,16 @@ int64_t check_segments(const Geo& g, int64_t K, int64_t M) {
 // seg*K*M + n + M*idx (the CS paper's n + M*Idx inside each length-K*M segment).
 extern "C" int sc_cs_direct(const float* x, const float* vals, const uint8_t* idx,
                             const int64_t* tap_off, int64_t taps, int64_t K, int64_t M,
-                            const sc_geometry* geo, float* y, const float* bias) {
+                            const sc_geometry* geo, float* y, const float* bias,
+                            const float* res) {
   return guarded([&] {
-    const Geo g = geo_from(geo, bias);
+    const Geo g = geo_from(geo, bias, res, y);
     const int64_t nj = g.cin / K, KM = check_segments(g, K, M);
     const int64_t cs = g.chan_stride;
     dispatch_T(g.tile, [&](auto Tc) {
       constexpr int T = decltype(Tc)::value;
       drive<T>(g, x, y, [&](float* tb, float* dst, bool first, const auto& mk, const float* xi,
-                            int64_t o, int64_t c0, int64_t c1, float b, bool relu) {
+                            int64_t o, int64_t c0, int64_t c1, const Epi& e) {
         vec acc[T];
         UNROLL for (int t = 0; t < T; ++t) acc[t] = first ? vzero() : vloadu(tb + t * VW);
         for (int64_t t = 0; t < taps; ++t) {
@@ -46,7 +47,7 @@ UNROLL
             }
           }
         }
-        emit<T>(acc, tb, dst, mk, b, relu);
+        emit<T>(acc, tb, dst, mk, e);
       });
     });
   });
@@ -56,17 +57,17 @@ UNROLL
 // chunk is a contiguous range); off = kept channel * chan_stride + tap offset (int32).
 extern "C" int sc_cs_offsets(const float* x, const float* vals, const int32_t* off, int64_t K,
                              int64_t M, int64_t taps, const sc_geometry* geo, float* y,
-                             const float* bias) {
+                             const float* bias, const float* res) {
   return guarded([&] {
-    const Geo g = geo_from(geo, bias);
+    const Geo g = geo_from(geo, bias, res, y);
     const int64_t KM = check_segments(g, K, M);
     const int64_t nseg = g.cin / KM, per_seg = taps * M;
     dispatch_T(g.tile, [&](auto Tc) {
       constexpr int T = decltype(Tc)::value;
       drive<T>(g, x, y, [&](float* tb, float* dst, bool first, const auto& mk, const float* xi,
-                            int64_t o, int64_t c0, int64_t c1, float b, bool relu) {
+                            int64_t o, int64_t c0, int64_t c1, const Epi& e) {
         accumulate_list<T>(tb, dst, first, mk, xi, vals, off, (o * nseg + c0 / KM) * per_seg,
-                           (o * nseg + c1 / KM) * per_seg, b, relu);
+                           (o * nseg + c1 / KM) * per_seg, e);
       });
     });
   });
