@@ -24,7 +24,7 @@ import kernels
 from . import gate, gpu, sparse_model, timing
 from .errors import error_text, status_of
 from .measure import PLAUSIBLE
-from .records import Device, E2ERequest, E2EResult, EngineResult, Status
+from .records import SPARSE_CONV, Device, E2ERequest, E2EResult, EngineResult, Status
 from .timing import gpu_settings, ratio_interval, timed
 
 
@@ -117,6 +117,57 @@ def _residual_savings(fused: nn.Module, x, device, opts) -> list:
         st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's
         out.append([name, st["apart"].median - st["fused"].median])
     return out
+
+
+def _kind(node, mods: dict) -> str:
+    """What a graph node runs, for the in-network breakdown: a sparse convolution, or the
+    operation's name (a module's class, a function's or method's name)."""
+    m = mods.get(node.target) if node.op == "call_module" else None
+    if isinstance(m, sparse_model.SparseConv2d) and not isinstance(m, sparse_model.SparseLinear):
+        return SPARSE_CONV
+    if m is not None:
+        inner = getattr(m, "conv", None) or getattr(m, "pool", None)
+        return type(inner if inner is not None else m).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+
+def in_network(net: nn.Module, x, runs: int = 5) -> dict | None:
+    """Where the deployed network's time goes, measured inside it: the network run node by
+    node (``torch.fx``), each operation timed where it runs, with the caches as the network
+    leaves them (a layer timed alone, on its own input again and again, runs from warm caches;
+    the summed-convolution estimate uses those). Returns {kind: seconds per run}, summed over
+    the nodes of each kind (``SPARSE_CONV``, ``Conv2d`` for one kept dense, ``add``, ``ReLU``,
+    ``MaxPool2d``, ...), the median of ``runs`` runs after one untimed; None where the network
+    is not a traceable graph."""
+    import time
+    from collections import defaultdict
+
+    from torch import fx
+
+    if not isinstance(net, fx.GraphModule):
+        return None
+    mods = dict(net.named_modules())
+    kinds = {n: _kind(n, mods) for n in net.graph.nodes if n.op not in ("placeholder", "output")}
+    acc: dict = defaultdict(float)
+
+    class Timed(fx.Interpreter):
+        def run_node(self, n):
+            if n not in kinds:
+                return super().run_node(n)
+            t = time.perf_counter()
+            out = super().run_node(n)
+            acc[kinds[n]] += time.perf_counter() - t
+            return out
+
+    per_run = []
+    with torch.inference_mode():
+        for i in range(runs + 1):
+            acc.clear()
+            Timed(net).run(x)
+            if i:
+                per_run.append(dict(acc))
+    return {k: sorted(r[k] for r in per_run)[len(per_run) // 2] for k in per_run[0]}
 
 
 def _channels_last(m: nn.Module) -> nn.Module:
@@ -273,6 +324,10 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         if "sparse_epilogue" in variants_sparse and rep.handover:
             info["handover"] = json.dumps(_handover_savings(
                 variants_sparse["sparse_epilogue"], sparse, x, case.device, short))
+        if case.device is Device.CPU:
+            where = in_network(sparse, x)
+            if where is not None:
+                info["in_network"] = json.dumps(where, sort_keys=True)
         if rep.residual_fused:
             info["residual"] = json.dumps(
                 _residual_savings(sparse, x, case.device, short)

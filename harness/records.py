@@ -645,6 +645,9 @@ class E2EResult:
     # addition and its ReLU in the kernel (the time saved measured per layer, interleaved), and
     # [layer, why] per one measured slower fused (the addition runs after the kernel)
     residual: str | None = None
+    # JSON: operation kind -> seconds per run, timed node by node inside the deployed network
+    # (e2e.in_network): where the time outside the sparse convolutions goes
+    in_network: str | None = None
     dense_ops: str | None = None  # the sparse network's dense operations: layout and why
     strided: str | None = None  # JSON: pair into a stride-2 consumer -> handed over or not, why
     conv_dense_s: float | None = None
@@ -764,6 +767,22 @@ def handover_saved_s(handover: str | None) -> float | None:
     return float(sum(saved)) if saved else None
 
 
+SPARSE_CONV = "sparse convolutions"  # e2e.in_network's kind for the sparse layers
+
+
+def outside_share(breakdown: dict | None) -> float | None:
+    """The share of a network's in-network time (``e2e.in_network``) spent outside its sparse
+    convolutions (a convolution kept dense, such as the RGB stem, counts as outside)."""
+    if not breakdown:
+        return None
+    total = sum(breakdown.values())
+    return 1 - breakdown.get(SPARSE_CONV, 0.0) / total if total > 0 else None
+
+
+def _outside(in_network: str | None) -> float | None:
+    return outside_share(json.loads(in_network)) if isinstance(in_network, str) else None
+
+
 def residual_fused(residual: str | None) -> list:
     """The ``residual`` column's layers whose shortcut addition runs in the kernel."""
     ends = json.loads(residual) if isinstance(residual, str) else []
@@ -845,6 +864,9 @@ class E2EMeasurement:
     relu_fused: int | None = None
     handover: str | None = None
     residual: str | None = None  # JSON: as E2EResult's
+    in_network: str | None = None  # JSON: as E2EResult's
+    # share of the in-network time outside the sparse convolutions (from in_network)
+    outside_in_network: float | None = None
     dense_ops: str | None = None  # the sparse network's dense operations (sparsify_report)
     strided: str | None = None  # JSON: each pair into a stride-2 consumer, measured both ways
     speedup: float | None = None  # measured end to end
@@ -909,6 +931,7 @@ class E2EMeasurement:
                    sparse_epilogue_s=res.sparse_epilogue_s,
                    sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
                    handover=res.handover, residual=res.residual, dense_ops=res.dense_ops,
+                   in_network=res.in_network, outside_in_network=_outside(res.in_network),
                    strided=res.strided,
                    speedup=dense_s / res.sparse_s if ok else None,
                    conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,

@@ -350,6 +350,8 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
             handover_saved_ms=e2e.handover.map(handover_saved_s) * 1e3,
             residual_layers=ends.map(len), residual_names=ends.map(lambda p: ", ".join(
                 n + (f" ({t[0] * 1e6:.0f} us)" if t else "") for n, *t in p)),
+            in_network_names=(e2e.in_network if "in_network" in e2e
+                              else pd.Series(None, index=e2e.index)).map(_where),
             residual_saved_ms=ends.map(lambda p: handover_saved_s(json.dumps(p))) * 1e3,
             epilogue_saved_ms=(e2e.sparse_unfused_s - e2e.sparse_epilogue_s) * 1e3,
         ).to_dict("records")
@@ -357,6 +359,15 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
     out["answer"] = sorted(answers.values(), key=lambda a: (a["net"], a["sparsity"],
                                                             a["batch"]))
     return out
+
+
+def _where(in_network) -> str:
+    """An e2e row's in-network breakdown as words: each kind's milliseconds, largest first."""
+    if not isinstance(in_network, str):
+        return ""
+    times = json.loads(in_network)
+    return ", ".join(f"{k} {t * 1e3:.2f} ms" for k, t in sorted(times.items(),
+                                                                 key=lambda kv: -kv[1]))
 
 
 def _interpreted(d: pd.DataFrame) -> list[dict]:

@@ -17,7 +17,7 @@ import shapes
 from harness import env as henv
 from harness import plan as hplan
 from harness import sparse_model as sm
-from harness.records import residual_fused
+from harness.records import SPARSE_CONV, residual_fused
 from harness.store import Store
 from shapes.models import build
 
@@ -371,6 +371,14 @@ def test_a_slow_non_conv_module_raises_the_latency_not_the_summed_estimate(tmp_p
     assert slow.sparse_unfused_s - plain.sparse_unfused_s > 0.8 * 17 * 0.004
     assert abs(slow.conv_sparse_s - plain.conv_sparse_s) < 0.25 * added  # the estimate does not
     assert slow.outside_share > plain.outside_share
+    # timed node by node inside the network, the slow ReLUs are where the time went
+    where = {k: json.loads(r.in_network) for k, r in runs.items()}
+    assert where["slow"]["ReLU"] - where["plain"]["ReLU"] > 0.8 * relu_calls * 0.004
+    assert where["slow"]["ReLU"] < 1.5 * relu_calls * 0.004 + where["plain"]["ReLU"]
+    assert abs(where["slow"][SPARSE_CONV] - where["plain"][SPARSE_CONV]) < 0.25 * added
+    assert slow.outside_in_network > plain.outside_in_network
+    assert slow.outside_in_network == pytest.approx(
+        1 - where["slow"][SPARSE_CONV] / sum(where["slow"].values()))
 
 
 def test_e2e_bad_input_exits_2(tmp_path, cli):

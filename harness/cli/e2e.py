@@ -15,6 +15,7 @@ from .. import contention, drivers, engines, env, execute, gpu, plan
 from ..e2e import source_hash as e2e_source_hash
 from ..interrupts import by_sigterm
 from ..records import (
+    SPARSE_CONV,
     Device,
     E2ECase,
     E2ERequest,
@@ -114,7 +115,8 @@ def choose_plan(folder: Path, net, pattern, S, batch, identity, device):
 
 def _table(df: pd.DataFrame) -> pd.DataFrame:
     if (df.device == Device.CUDA_INTERPRET.value).any():  # a pipeline check: no speedups
-        df = df.assign(speedup=None, estimate=None, outside_share=None)
+        df = df.assign(speedup=None, estimate=None, outside_share=None,
+                       outside_in_network=None)
     out = pd.DataFrame({
         "net": df.net, "pattern": df.pattern, "S": df.sparsity, "batch": df.batch,
         "plan": df.plan.fillna("defaults"),
@@ -128,7 +130,8 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         "DeepSparse / sparse 95%": interval_column(df, "vs_deepsparse"),
         "interleaved eager ms": df.dense_s * 1e3, "eager layout": df.dense_layout,
         "interleaved sparse ms": df.sparse_s * 1e3, "interleaved x": df.speedup,
-        "summed-conv x": df.estimate, "outside convs": df.outside_share,
+        "summed-conv x": df.estimate, "outside convs (summed)": df.outside_share,
+        "outside convs (in network)": df.outside_in_network,
         "sparse layers": df.replaced,
         "handover pairs": df.handover.map(lambda h: len(json.loads(h)) if isinstance(h, str)
                                           else None),
@@ -267,6 +270,16 @@ def show(m) -> None:
                      if apart else ""), flush=True)
     for pair, said in json.loads(m.strided or "{}").items():
         print(f"    into a stride-2 layer, {pair}: {said}", flush=True)
+    where = json.loads(m.in_network) if isinstance(m.in_network, str) else None
+    if where:
+        conv = where.get(SPARSE_CONV, 0.0)
+        rest = sorted(((t, k) for k, t in where.items() if k != SPARSE_CONV), reverse=True)
+        print(f"    inside the network, node by node: {SPARSE_CONV} {conv * 1e3:.2f} ms, "
+              f"{m.outside_in_network:.0%} outside them: "
+              + ", ".join(f"{k} {t * 1e3:.2f} ms" for t, k in rest[:6])
+              + (f" (the summed-convolution figure puts {m.outside_share:.0%} outside: each "
+                 f"layer timed alone runs from warm caches)" if m.outside_share is not None
+                 else ""), flush=True)
     if m.dense_ops:
         print(f"    dense operations (convolutions kept dense, max-pools) in {m.dense_ops}",
               flush=True)
