@@ -140,3 +140,20 @@ def check_input(layer: ConvLayer, x: torch.Tensor, name: str) -> None:
                          f"{layer.shape_str} (expected [N, {layer.cin}, {layer.h}, {layer.w}])")
     if x.dtype != torch.float32:
         raise ValueError(f"{name}: float32 input expected, got {x.dtype}")
+
+
+def max_pool_nchw(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """``F.max_pool2d(x, kernel, stride, padding)`` of a contiguous NCHW float32 CPU tensor in one
+    parallel C++ pass. PyTorch's NCHW max-pool runs at a fraction of memory speed at batch 1
+    (measured on a 2-core EPYC: 12.4 ms for VGG19's first pool, 1.7 ms in channels_last, where
+    converting the input costs 7 ms); this one reads the input once."""
+    n, c, h, w = x.shape
+    oh, ow = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    if x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu or oh < 1 or ow < 1 \
+            or 2 * padding > kernel:
+        raise ValueError(f"max_pool_nchw: a contiguous float32 CPU input and a valid window, "
+                         f"got {tuple(x.shape)} {x.dtype}, kernel {kernel}, padding {padding}")
+    y = torch.empty(n, c, oh, ow)
+    _ext.LAYOUT.call("sc_max_pool_nchw", x.data_ptr(), n, c, h, w, kernel, stride, padding, oh,
+                     ow, y.data_ptr(), torch.get_num_threads())
+    return y

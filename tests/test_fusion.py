@@ -232,3 +232,28 @@ def test_the_parallel_layout_pass_equals_the_sliced_reference(k, stride, padding
     interior = ~torch.isnan(lay.fill_reference(x, torch.full_like(lay.empty(3), float("nan"))))
     assert torch.equal(~torch.isnan(poisoned), interior)
     assert torch.equal(poisoned[interior], want[interior])
+
+
+@pytest.mark.parametrize("k,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 2, 1)])
+def test_the_nchw_max_pool_equals_pytorchs(k, stride, padding):
+    """Exactly F.max_pool2d: odd sizes, padding as -inf (all-negative inputs), NaN propagated
+    from one element of a window; the module falls back to PyTorch where the pass does not
+    apply (channels_last input, ceil_mode)."""
+    from kernels.cpu_layout import max_pool_nchw
+
+    g = torch.Generator().manual_seed(k * 10 + padding)
+    for n, c, h, w in [(2, 3, 9, 11), (1, 5, 8, 8), (3, 2, 13, 7)]:
+        x = -torch.rand(n, c, h, w, generator=g) - 1
+        x[0, 0, 1, 2] = float("nan")
+        got, want = max_pool_nchw(x, k, stride, padding), F.max_pool2d(x, k, stride, padding)
+        assert got.shape == want.shape
+        assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    x = torch.randn(2, 4, 10, 10, generator=g)
+    for pool in (nn.MaxPool2d(k, stride, padding), nn.MaxPool2d(k, stride, padding,
+                                                                ceil_mode=True)):
+        mod = sm.NchwMaxPool(pool)
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(mod(t), pool(t))
+    with pytest.raises(ValueError, match="max_pool_nchw"):
+        max_pool_nchw(x.double(), k, stride, padding)

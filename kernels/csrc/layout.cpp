@@ -1,6 +1,8 @@
 // The kernels' resident input layout (see common.h and kernels/cpu_layout.py), one parallel pass.
 #include "common.h"
 
+#include <limits>
+
 using namespace sc;
 
 // The resident layout, one parallel pass: copy NCHW x into the interior of buf's stride-phase
@@ -32,6 +34,70 @@ extern "C" int sc_layout_fill(const float* xv, int64_t N, int64_t C, int64_t H, 
             }
           }
         }
+      }
+    }
+  });
+}
+
+// Max-pooling of NCHW x (PyTorch's nn.MaxPool2d without dilation or ceil_mode: padding counts as
+// -inf, a NaN in a window gives NaN), one parallel pass over the N*C planes. PyTorch's own NCHW
+// max-pool is several times slower at batch 1 (see kernels/cpu_layout.py's max_pool_nchw).
+// Per output row: the K input rows' elementwise maximum into a scratch row (contiguous,
+// vectorized), then each output column the maximum of its K scratch columns. std::max drops a
+// NaN, so a plane whose input holds one is pooled again with a NaN-propagating maximum.
+namespace {
+
+inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+template <bool NAN_SAFE>
+void pool_plane(const float* src, float* dst, float* t, int64_t H, int64_t W, int64_t K,
+                int64_t S, int64_t pad, int64_t OH, int64_t OW) {
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    const int64_t r0 = std::max<int64_t>(0, oh * S - pad);
+    const int64_t r1 = std::min<int64_t>(H, oh * S - pad + K);
+    std::memcpy(t, src + r0 * W, sizeof(float) * W);
+    for (int64_t r = r0 + 1; r < r1; ++r) {
+      const float* row = src + r * W;
+      for (int64_t j = 0; j < W; ++j) t[j] = NAN_SAFE ? nan_max(t[j], row[j]) : std::max(t[j], row[j]);
+    }
+    float* out = dst + oh * OW;
+    if (!NAN_SAFE && K == 2 && S == 2 && pad == 0) {
+      for (int64_t ow = 0; ow < OW; ++ow) out[ow] = std::max(t[2 * ow], t[2 * ow + 1]);
+      continue;
+    }
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const float* c = t + ow * S - pad;
+      float m = c[0];
+      for (int64_t k = 1; k < K; ++k) m = NAN_SAFE ? nan_max(m, c[k]) : std::max(m, c[k]);
+      out[ow] = m;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int sc_max_pool_nchw(const float* xv, int64_t N, int64_t C, int64_t H, int64_t W,
+                                int64_t K, int64_t S, int64_t pad, int64_t OH, int64_t OW,
+                                float* yv, int64_t threads) {
+  return guarded([&] {
+    SC_CHECK(K > 0 && S > 0 && pad >= 0 && 2 * pad <= K && OH > 0 && OW > 0 &&
+                 (OH - 1) * S - pad < H && (OW - 1) * S - pad < W,
+             "bad max-pool geometry");
+    const float ninf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel num_threads(std::max<int64_t>(1, threads))
+    {
+      std::vector<float> tmp(W + 2 * pad + K);
+      float* t = tmp.data() + pad;  // t[-pad .. W+pad+K): the padded columns stay -inf
+      for (int64_t i = -pad; i < 0; ++i) t[i] = ninf;
+      for (int64_t i = W; i < W + pad + K; ++i) t[i] = ninf;
+#pragma omp for schedule(static)
+      for (int64_t nc = 0; nc < N * C; ++nc) {
+        const float* src = xv + nc * H * W;
+        float* dst = yv + nc * OH * OW;
+        pool_plane<false>(src, dst, t, H, W, K, S, pad, OH, OW);
+        bool nan = false;
+        for (int64_t i = 0; i < H * W; ++i) nan |= src[i] != src[i];
+        if (nan) pool_plane<true>(src, dst, t, H, W, K, S, pad, OH, OW);
       }
     }
   });
