@@ -793,10 +793,13 @@ class _ResidualEnd(nn.Module):
 def masked_dense(sparse: nn.Module) -> nn.Module:
     """The reference: the sparse model with each ``SparseConv2d`` turned back into a plain
     convolution over its ``masked_weight`` (same masks, same folded biases; a fused ReLU or
-    shortcut addition after it)."""
+    shortcut addition after it); a max-pool run by the C++ pass is PyTorch's again, so the
+    reference holds PyTorch operations only (the peer engines export it to ONNX)."""
     ref = copy.deepcopy(sparse).cpu()
     for name, mod in list(ref.named_modules()):
-        if isinstance(mod, SparseLinear):
+        if isinstance(mod, NchwMaxPool):
+            _set(ref, name, mod.pool)
+        elif isinstance(mod, SparseLinear):
             lin = nn.Linear(mod.layer.cin, mod.layer.cout, bias=mod.bias is not None)
             with torch.no_grad():
                 lin.weight.copy_(mod.masked_weight.cpu().view(mod.layer.cout, mod.layer.cin))

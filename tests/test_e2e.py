@@ -82,6 +82,7 @@ def test_the_dense_operations_run_in_the_layout_measured_faster(monkeypatch):
         sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32), dense_layout=how)
         assert ("ChannelsLastPool" in kinds(sparse)) is cl
         assert ("NchwMaxPool" in kinds(sparse)) is not cl
+        assert "NchwMaxPool" not in kinds(sm.masked_dense(sparse))  # exportable: torch only
         assert ("ChannelsLastConv2d" in kinds(sparse)) is cl
         assert sparse.sparsify_report.dense_layout == f"{how} (as asked)"
         with torch.no_grad():
