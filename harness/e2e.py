@@ -110,7 +110,7 @@ def _handover_savings(epilogue: nn.Module, fused: nn.Module, x, device, opts) ->
 def _residual_savings(fused: nn.Module, x, device, opts) -> list:
     """[layer, seconds saved] per sparse layer that ends a residual block with the shortcut
     addition (and its ReLU) in its epilogue: the layer as the unfused network runs it (the
-    kernel's output, then an in-place addition and ReLU, as torchvision's blocks do) timed
+    kernel's output, then the addition and ReLU; ``sparse_model.residual_variants``) timed
     interleaved with the fused layer, on the layer's real input and shortcut."""
     out = []
     for name, variants in sparse_model.residual_variants(fused, x).items():
@@ -138,7 +138,8 @@ def in_network(net: nn.Module, x, runs: int = 5) -> dict | None:
     leaves them (a layer timed alone, on its own input again and again, runs from warm caches;
     the summed-convolution estimate uses those). Returns {kind: seconds per run}, summed over
     the nodes of each kind (``SPARSE_CONV``, ``Conv2d`` for one kept dense, ``add``, ``ReLU``,
-    ``MaxPool2d``, ...), the median of ``runs`` runs after one untimed; None where the network
+    ``MaxPool2d``, ...), each kind's median over ``runs`` runs after one untimed (taken per
+    kind, so the kinds' sum is not one run's total: fine for shares); None where the network
     is not a traceable graph."""
     import time
     from collections import defaultdict

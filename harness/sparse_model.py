@@ -76,10 +76,13 @@ class SparseConv2d(nn.Module):
         self._sizes: OrderedDict = OrderedDict()  # (h, w) -> (run, how), other input sizes
 
     def fused_copy(self, **fusion) -> SparseConv2d:
-        """The same layer (same run and weights) with the given fusion."""
+        """The same layer (same run and weights) with the given fusion added to what it already
+        fuses (fusing a fused model again keeps a ReLU whose node is gone)."""
+        now = {"relu": self.relu, "laid_in": self.laid_in, "dest": self.dest,
+               "residual": self.residual}
         return type(self)(self.layer, self.run, self.bias, self.kernel, self.config,
                           epilogue=True, sparsity=self.sparsity, tuned_at=self.tuned_at,
-                          **fusion)
+                          **{**now, **fusion})
 
     def forward(self, x, residual=None):
         L = self.layer
@@ -416,7 +419,8 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
     so the next layer converts nothing: one padded plane (stride 1) always, the stride-phase
     planes of a stride-2 consumer for the pairs the report's ``strided_kept`` lists (measured
     faster by ``sparsify``), or for every pair with ``handover="strided"``. What was
-    fused is in the copy's ``sparsify_report`` (``relu_fused``, ``handover``, ``fusion``); a
+    fused is in the copy's ``sparsify_report`` (``relu_fused``, ``residual_fused``,
+    ``handover``, ``fusion``); a
     model torch.fx cannot trace, or with nothing to fuse, is returned as it is, with the reason
     in its report's ``fusion``."""
     report = copy.copy(getattr(model, "sparsify_report", None) or Report("?", 0.0))
@@ -471,10 +475,13 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
                 report.handover.append((node.target, users[0].target))
     def block_end(add):  # the addition's first operand that can take the other in its epilogue
         a, b = add.args
-        for node, other in ((a, b), (b, a)):
+        # an in-place addition writes its first operand: only the layer's own output may be it
+        pairs = ((a, b),) if add.target in (operator.iadd, "add_") else ((a, b), (b, a))
+        for node, other in pairs:
             m = fusable(node)
             if m is not None and not isinstance(m, SparseLinear) and len(node.users) == 1 \
-                    and len(node.args) == 1 and not node.kwargs and other is not node:
+                    and len(node.args) == 1 and not node.kwargs and other is not node \
+                    and not (m.relu or spec.get(node.target, {}).get("relu")):  # relu(conv)+x
                 return node, other
         return None, None
 
@@ -667,8 +674,10 @@ def _choose_strided_handover(m: nn.Module, size) -> None:
 def residual_variants(fused: nn.Module, x) -> dict:
     """Layer -> {"apart": (fn, input), "fused": (fn, input)} for every layer of ``fused`` (a
     :func:`fuse_layers` result) that adds its block's shortcut in its epilogue: the kernel
-    followed by the in-place addition and ReLU (as torchvision's blocks run them), and the
-    fused layer, each on the layer's real input and shortcut when ``fused`` runs on ``x``."""
+    followed by the addition and ReLU (as the unfused network runs them), and the
+    fused layer, each on the layer's real input and shortcut when ``fused`` runs on ``x``. The
+    addition is out of place, as in the traced network (``out += identity`` traces to
+    ``operator.add``), so the separate side allocates its output as deployed."""
     names = fused.sparsify_report.residual_fused
     ins = inputs_of(fused, names, x, every=True)
     out = {}
@@ -677,7 +686,7 @@ def residual_variants(fused: nn.Module, x) -> dict:
         xin, res = ins[name]
 
         def apart(t, m=m, r=res):
-            y = m._conv(t, False).add_(r)
+            y = m._conv(t, False) + r
             return y.relu_() if m.relu else y
 
         out[name] = {"apart": (apart, xin), "fused": (lambda t, m=m, r=res: m(t, r), xin)}
@@ -697,7 +706,7 @@ def _choose_residual(m: nn.Module, size) -> None:
     every = fuse_layers(m, residual="all")
     for name, variants in residual_variants(every, torch.randn(*size)).items():
         with torch.inference_mode():
-            st = interleaved_cpu(variants, rounds=5, min_sample=0.003, warmup=0.005).stats
+            st = interleaved_cpu(variants, rounds=5, min_sample=0.002, warmup=0.0).stats
         apart, fused = st["apart"].median, st["fused"].median
         report.residual[name] = (
             f"{'fused' if fused < apart else 'apart'}: shortcut added in the kernel "

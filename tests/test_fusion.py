@@ -66,10 +66,12 @@ def test_a_handed_over_pair_equals_conv_relu_conv(name, extra, pair):
             assert (buf - dest.layout(mid.float())).abs().max() < 1e-4
 
 
-# a 1x1 layer (accumulators stored straight from registers), a padded 3x3 and a stride-2 1x1
-# (through the tile buffer), odd sizes: the residual is read at each output element's offset
+# a 1x1 and a stride-2 1x1 layer (accumulators stored straight from registers), a padded 3x3
+# and a padded stride-2 3x3 (through the tile buffer: grid rows wider than the output), odd
+# sizes: the residual is read at each output element's offset
 RESIDUAL_LAYERS = [layer(32, 64, 1, h=9, w=11), layer(32, 64, 3, padding=1, h=7, w=5),
-                   layer(64, 32, 1, stride=2, h=9, w=10)]
+                   layer(64, 32, 1, stride=2, h=9, w=10),
+                   layer(64, 32, 3, stride=2, padding=1, h=9, w=10)]
 
 
 @pytest.mark.parametrize("name,extra", CPU_KERNELS)
@@ -172,6 +174,32 @@ def test_fusion_hands_over_exactly_the_pairs_the_architecture_allows(net):
         apart = sm.fuse_layers(unfused, residual=False)
         assert not apart.sparsify_report.residual_fused
         assert rel_err(apart(x), want_y) < 1e-4
+
+
+class ReluThenAdd(nn.Module):
+    """relu(conv(x)) + x, and an in-place x.add_(conv(x)): neither addition may move into the
+    kernel (the ReLU comes before the addition; the in-place one writes the shortcut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x)) + x
+        return y.add_(self.b(y)).relu()
+
+
+def test_a_relu_before_the_addition_or_an_in_place_addition_stays_outside_the_kernel():
+    model = ReluThenAdd().eval()
+    sparse = harness.sparsify(model, "cs", 0.75, input_size=(32, 8, 8))
+    rep = sparse.sparsify_report
+    assert rep.relu_fused == ["a"] and not rep.residual_fused
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        want = sm.masked_dense(harness.sparsify(model, "cs", 0.75, input_size=(32, 8, 8),
+                                                fuse=False)).double()(x.double())
+        assert rel_err(sparse(x), want) < 1e-5
+        assert rel_err(sm.fuse_layers(sparse, residual="all")(x), want) < 1e-5
 
 
 class Branchy(nn.Module):
