@@ -340,8 +340,7 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
                     **{c: _nan_none(getattr(r, c)) for c in NO_ENGINES},
                     "source": f"e2e at {r.size}x{r.size}"}
         pairs = e2e.handover.map(lambda h: json.loads(h) if isinstance(h, str) else [])
-        ends = (e2e.residual if "residual" in e2e else pd.Series(None, index=e2e.index)).map(
-            residual_fused)
+        ends = e2e.residual.map(residual_fused)
         out["e2e_rows"] = e2e.assign(
             machine=e2e.fp_hash.str[:6], handover_pairs=pairs.map(len),
             classifier_label=e2e.classifier.map(lambda c: "sparse" if c == 1 else "dense"),
@@ -350,9 +349,8 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
             handover_saved_ms=e2e.handover.map(handover_saved_s) * 1e3,
             residual_layers=ends.map(len), residual_names=ends.map(lambda p: ", ".join(
                 n + (f" ({t[0] * 1e6:.0f} us)" if t else "") for n, *t in p)),
-            in_network_names=(e2e.in_network if "in_network" in e2e
-                              else pd.Series(None, index=e2e.index)).map(_where),
-            residual_saved_ms=ends.map(lambda p: handover_saved_s(json.dumps(p))) * 1e3,
+            in_network_names=e2e.in_network.map(_where),
+            residual_saved_ms=e2e.residual.map(handover_saved_s) * 1e3,
             epilogue_saved_ms=(e2e.sparse_unfused_s - e2e.sparse_epilogue_s) * 1e3,
         ).to_dict("records")
         out["engine_rows"], out["engine_settings"] = _engines(e2e)

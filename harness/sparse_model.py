@@ -174,13 +174,12 @@ class SparseConv2d(nn.Module):
         if self.epilogue and fused is not None:
             if residual is None:
                 return fused(x, bias=self.bias, relu=self.relu)
-            y = fused(x, bias=self.bias)
-            return self._add(y, residual, self.relu)
+            return self._add(fused(x, bias=self.bias), residual, self.relu)
         y = run(x.contiguous())
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         if residual is not None:
-            y = y + residual
+            return self._add(y, residual, self.epilogue and self.relu)
         return y.relu_() if self.epilogue and self.relu else y
 
     def extra_repr(self):
