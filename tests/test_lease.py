@@ -146,10 +146,18 @@ def test_pytest_outcomes_are_read_with_and_without_xdist():
     from harness.lease.processes import pytest_results
 
     text = ("tests/test_kernels_triton.py::test_a[x] PASSED [ 50%]\n"
-            "[gw1] [100%] FAILED tests/test_kernels_triton.py::test_b \n")
+            "[gw1] [100%] FAILED tests/test_kernels_triton.py::test_b \n"
+            # parameters with spaces, sharing their first word (the H200 lease counted 22 of 23)
+            "[gw0] [ 60%] PASSED tests/test_kernels_triton.py::test_c[8->16 7x7 s2-0.5] \n"
+            "[gw2] [ 70%] PASSED tests/test_kernels_triton.py::test_c[8->16 3x3 s1-0.5] \n"
+            "3.99s call     tests/test_kernels_triton.py::test_c[8->16 7x7 s2-0.5]\n")
     assert pytest_results(text) == [
         {"kind": "test", "name": "tests/test_kernels_triton.py::test_a[x]", "status": "passed"},
-        {"kind": "test", "name": "tests/test_kernels_triton.py::test_b", "status": "failed"}]
+        {"kind": "test", "name": "tests/test_kernels_triton.py::test_b", "status": "failed"},
+        {"kind": "test", "name": "tests/test_kernels_triton.py::test_c[8->16 7x7 s2-0.5]",
+         "status": "passed"},
+        {"kind": "test", "name": "tests/test_kernels_triton.py::test_c[8->16 3x3 s1-0.5]",
+         "status": "passed"}]
 
 
 # ---- what the lease measures and records ---------------------------------------------------

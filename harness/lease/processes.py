@@ -13,11 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def pytest_results(text: str) -> list[dict]:
-    """Test outcomes from ``pytest -v`` output, with or without xdist: one row per test."""
+    """Test outcomes from ``pytest -v`` output, with or without xdist: one row per test. A test
+    id's parameters may hold spaces (``test_x[16->32 3x3 s2 ...]``): the id runs to its closing
+    bracket, so two parametrizations that share a first word are two tests."""
     rows = {}
     pat = re.compile(r"(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
     for line in text.splitlines():
-        node = re.search(r"(tests/\S+::\S+)", line)
+        node = re.search(r"(tests/\S+::[^\s\[]+(?:\[[^\]]*\])?)", line)
         status = pat.search(line)
         if node and status:
             rows[node.group(1)] = status.group(1).lower()
