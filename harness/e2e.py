@@ -91,15 +91,13 @@ def _handover_savings(epilogue: nn.Module, fused: nn.Module, x, device, opts) ->
     the pair run as in the epilogue-only network (NCHW between, the consumer converts) timed
     interleaved with the pair as in the fused network, on the producer's real input. The
     whole-network difference is a few percent of a noisy total; per pair it is measured."""
-    from kernels.cpu_layout import CpuLayout
-
     ins = _conv_inputs(epilogue, x)
     out = []
     for a, b in fused.sparsify_report.handover:
         ea, eb = epilogue.get_submodule(a), epilogue.get_submodule(b)
         fa, fb = fused.get_submodule(a), fused.get_submodule(b)
         xa = ins[a]
-        xf = CpuLayout.of(fa.layer).layout(xa) if fa.laid_in else xa
+        xf = fa.in_layout.layout(xa) if fa.laid_in else xa
         variants = {"convert": (lambda t, p=ea, q=eb: q(p(t)), xa),
                     "handover": (lambda t, p=fa, q=fb: q(p(t)), xf)}
         st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's

@@ -71,9 +71,15 @@ class SparseConv2d(nn.Module):
         self.sparsity, self.tuned_at = sparsity, tuned_at
         # a direct (NCHW) layout is what a producer hands over as a 4-D tensor; any other layout
         # arrives as a 2-D buffer, so a 4-D input of the layer's own size is plain NCHW
-        self._direct_in = laid_in and CpuLayout.of(layer).direct
+        self._direct_in = laid_in and self.in_layout.direct
         self._out: dict = {}  # batch -> buffer in ``dest``'s layout (its padding stays zero)
         self._sizes: OrderedDict = OrderedDict()  # (h, w) -> (run, how), other input sizes
+
+    @property
+    def in_layout(self) -> CpuLayout:
+        """The input layout the layer's kernel reads (a producer handing over writes it): the
+        run's own (an aligned-row kernel's differs from the layer's plain layout)."""
+        return self.run.cpu_layout or CpuLayout.of(self.layer)
 
     def fused_copy(self, **fusion) -> SparseConv2d:
         """The same layer (same run and weights) with the given fusion added to what it already
@@ -464,7 +470,7 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
         users = list(node.users)
         nxt = fusable(users[0]) if len(users) == 1 else None
         if handover and nxt is not None and users[0].args == (node,) and not users[0].kwargs:
-            lay = CpuLayout.of(nxt.layer)
+            lay = nxt.in_layout
             strided_ok = nxt.layer.stride == 1 or handover == "strided" or \
                 (node.target, users[0].target) in report.strided_kept
             if not lay.direct and strided_ok and (nxt.layer.cin, nxt.layer.h, nxt.layer.w) == \
@@ -653,7 +659,7 @@ def _choose_strided_handover(m: nn.Module, size) -> None:
     ins = inputs_of(m, [a for a, _ in pairs], torch.randn(*size))  # unfused: NCHW inputs
 
     def arg(mod, xa):  # the producer's input as it arrives there: its own layout if handed
-        return CpuLayout.of(mod.layer).layout(xa) if mod.laid_in else xa
+        return mod.in_layout.layout(xa) if mod.laid_in else xa
 
     for a, b in pairs:
         pa, pb, fa, fb = (g.get_submodule(n) for g in (base, every) for n in (a, b))

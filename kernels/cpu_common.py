@@ -54,11 +54,13 @@ def default_schedule(layer, allowed=TILES) -> dict:
 NO_BIAS = torch.empty(0)
 
 
-def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, perm=None) -> Run:
+def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, perm=None,
+             lay: CpuLayout | None = None) -> Run:
     """``entry(x_laid_out, geometry, y, bias, res=None)`` computes into ``y`` (NCHW unless the
     geometry names another destination; ``bias`` may be empty; ``res``, laid out like ``y``, is
-    added before the ReLU)."""
-    lay = CpuLayout.of(layer)
+    added before the ReLU); ``lay`` is the input layout the entry reads (default: the layer's
+    plain ``CpuLayout``), kept as the Run's ``cpu_layout``."""
+    lay = lay or CpuLayout.of(layer)
     bufs: dict[int, torch.Tensor] = {}
     geos: dict[tuple, _ext.Geometry] = {}
     cout = layer.cout
@@ -123,5 +125,8 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
     def call(x, out=None):
         return resident(laid(x), out)
 
-    return Run(masked_weight, call, layout=layout, resident=resident, perm=perm, fused=fused,
-               info={"layout": "direct" if lay.direct else f"planes S={lay.S}", **(info or {})})
+    kind = "direct" if lay.direct else f"planes S={lay.S}"
+    run = Run(masked_weight, call, layout=layout, resident=resident, perm=perm, fused=fused,
+              info={"layout": kind + (" aligned" if lay.aligned else ""), **(info or {})})
+    run.cpu_layout = lay  # what a producer handing over to this layer writes
+    return run

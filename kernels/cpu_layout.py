@@ -5,6 +5,11 @@ Per image and input channel: the zero-padded input split into stride-phase plane
 ``q = oh*Wq + ow`` of kernel tap (r, s) reads ``plane(r%S, s%S) + (r//S)*Wq + s//S + q``.
 Only planes some tap reads are stored (``a < min(S, Kh)``, ``b < min(S, Kw)``). A 1x1,
 stride-1, unpadded layer needs no conversion at all (``direct``).
+
+``aligned`` (the aligned-row kernels): a layer with more than one kernel column gets grid rows
+``Wq`` rounded up to a multiple of 16 floats, so with 64-byte aligned buffers (PyTorch's CPU
+allocator) and channel regions of whole vectors every row, plane and channel starts on a cache
+line; a 1x1 layer whose image is not whole vectors gets its channels padded to them (not direct).
 """
 
 from __future__ import annotations
@@ -35,29 +40,34 @@ class CpuLayout:
     Hq: int
     Wq: int
     chan_stride: int
+    aligned: bool = False
 
     @classmethod
-    def of(cls, layer: ConvLayer) -> CpuLayout:
+    def of(cls, layer: ConvLayer, aligned: bool = False) -> CpuLayout:
         S, p = layer.stride, layer.padding
-        if S == 1 and p == 0 and layer.kh == 1 and layer.kw == 1:
-            return cls(layer, True, 1, 1, 1, layer.h, layer.w, layer.h * layer.w)
+        if S == 1 and p == 0 and layer.kh == 1 and layer.kw == 1 \
+                and not (aligned and layer.h * layer.w % ALIGN):
+            return cls(layer, True, 1, 1, 1, layer.h, layer.w, layer.h * layer.w, aligned)
         Hq = -(-(layer.h + 2 * p) // S)
         Wq = -(-(layer.w + 2 * p) // S)
+        if aligned and layer.kw > 1:
+            Wq = _round_up(Wq, ALIGN)
         na, nb = min(S, layer.kh), min(S, layer.kw)
         # slack past the planes covers the (Kw-1)//S overrun of the last row's garbage columns,
         # so reads of the last channel stay inside the buffer
         cs = _round_up(na * nb * Hq * Wq + Wq + ALIGN, ALIGN)
-        return cls(layer, False, S, na, nb, Hq, Wq, cs)
+        return cls(layer, False, S, na, nb, Hq, Wq, cs, aligned)
 
     @property
     def img_stride(self) -> int:
         return self.layer.cin * self.chan_stride
 
-    def tap_offsets(self) -> torch.Tensor:
-        """Offset of each kernel tap (r*Kw + s order) inside a channel's region."""
+    def tap_offsets(self, column_shift: bool = True) -> torch.Tensor:
+        """Offset of each kernel tap (r*Kw + s order) inside a channel's region; without
+        ``column_shift``, the offset of the tap's row in its plane (the shift is ``s // S``)."""
         L, S = self.layer, self.S
-        offs = [((r % S) * self.nb + (s % S)) * self.Hq * self.Wq + (r // S) * self.Wq + s // S
-                for r in range(L.kh) for s in range(L.kw)]
+        offs = [((r % S) * self.nb + (s % S)) * self.Hq * self.Wq + (r // S) * self.Wq
+                + (s // S if column_shift else 0) for r in range(L.kh) for s in range(L.kw)]
         return torch.tensor(offs, dtype=torch.int64)
 
     def empty(self, n: int) -> torch.Tensor:

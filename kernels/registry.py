@@ -75,6 +75,7 @@ class Run:
         self.resident = resident
         self.info = dict(info or {})
         self.perm = perm  # output-channel order a permuting pattern grouped by (for its check)
+        self.cpu_layout = None  # a C++ CPU kernel's input layout (kernels.cpu_layout.CpuLayout)
 
     @property
     def has_resident(self) -> bool:

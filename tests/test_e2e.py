@@ -67,6 +67,25 @@ def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
 
 
+def test_aligned_row_layers_hand_over_and_add_residuals_inside_a_network():
+    """ResNet18 at 56x56: layer1's 3x3 layers run at 14x14, where the aligned rows are the CS
+    default (16-float grid rows); they hand over to each other in that layout and take their
+    block's residual, and the network equals the masked dense one."""
+    model = build("resnet18", seed=4)
+    x = torch.rand(2, 3, 56, 56) * 2 - 1
+    sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 56, 56))
+    rep = sparse.sparsify_report
+    aligned = {n for n in rep.replaced if sparse.get_submodule(n).in_layout.aligned}
+    assert {"layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv2"} <= aligned
+    assert ("layer1.0.conv1", "layer1.0.conv2") in rep.handover
+    assert "layer1.0.conv2" in set(rep.residual)  # measured both ways, fused or not
+    with torch.no_grad():
+        want = sm.masked_dense(sparse).double()(x.double())
+        assert rel(sparse(x), want) < 1e-4
+        for n in aligned:
+            assert conforms(sparse.get_submodule(n), 0.9375), n
+
+
 def test_the_dense_operations_run_in_the_layout_measured_faster(monkeypatch):
     """The stem convolution and the max-pool stay dense: asked for a layout, they run in it;
     by default both layouts are timed and the faster kept, here NCHW once the channels_last

@@ -18,6 +18,7 @@ from kernels.cpu_layout import CpuLayout
 from shapes.models import build
 
 CPU_KERNELS = [("cs_cpu_direct", {"decode": "offsets"}), ("cs_cpu_direct", {"decode": "inline"}),
+               ("cs_cpu_direct", {"decode": "aligned"}),  # its own layout: whole-vector rows
                ("bsr_1xn_cpu", {"rearrange": True}), ("cci_cpu", {}), ("unstructured_cpu", {})]
 # (producer, consumer): odd sizes, a stride-2 producer, a 1x1 consumer read as NCHW, stride-2
 # consumers (the producer scatters each row over the phase planes: 2x2 of them for 3x3 and 7x7,
@@ -35,6 +36,8 @@ PAIRS = [(layer(32, 64, 1, h=9, w=11), layer(64, 32, 3, padding=1, h=9, w=11)),
 def prepare(name, extra, lay, S, g):
     k = kernels.get(name)
     cfg = {**k.default_config(lay, S), **extra}
+    if extra.get("decode") == "aligned" and k.supports(lay, S, cfg):
+        cfg = k.default_config(lay, S)  # 5x5, or 7x7 at stride 2: more than 3 column shifts
     return k.prepare(lay, torch.randn(lay.cout, lay.cin, lay.kh, lay.kw, generator=g), S, cfg)
 
 
@@ -46,7 +49,8 @@ def test_a_handed_over_pair_equals_conv_relu_conv(name, extra, pair):
     S = 0.75
     ra, rb = prepare(name, extra, a, S, g), prepare(name, extra, b, S, g)
     bias_a, bias_b = torch.randn(a.cout, generator=g), torch.randn(b.cout, generator=g)
-    dest = CpuLayout.of(b)
+    dest = rb.cpu_layout  # the layout the consumer's kernel reads
+    assert dest.aligned == (rb.info["layout"].endswith("aligned"))
     buf = dest.empty(2)
     for seed in (1, 2):  # a second input: nothing of the first may survive in the buffer
         x = torch.randn(2, a.cin, a.h, a.w, generator=torch.Generator().manual_seed(seed))

@@ -52,17 +52,48 @@ def test_cs_cpu_direct_matches_reference(geom, batch, S, M):
     assert P.make("cs", S, form="cin", M=M).conforms(run.masked_weight)
 
 
+@pytest.mark.parametrize("geom", [(64, 32, 3, 1, 1, 14, 14), (64, 48, 3, 2, 1, 30, 30),
+                                  (128, 32, 3, 1, 1, 28, 26)], ids=geom_id)
+def test_aligned_rows_are_the_default_where_they_pay_and_match_reference(geom):
+    """A 3x3 layer whose padded rows round up to whole vectors with little waste runs the
+    aligned-row kernel by default: every grid row, plane and channel starts on a 16-float
+    boundary, and the output matches float64 at every M, batch 1 and 3."""
+    from kernels.cpu_layout import CpuLayout
+
+    lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    k = kernels.get("cs_cpu_direct")
+    cfg = k.default_config(lay, 0.9375)
+    assert cfg["decode"] == "aligned"
+    al = CpuLayout.of(lay, aligned=True)
+    assert al.Wq % 16 == 0 and al.chan_stride % 16 == 0 and al.Hq * al.Wq % 16 == 0
+    assert (al.tap_offsets(column_shift=False) % 16 == 0).all()
+    for M, batch in [(2, 3), (4, 1), (8, 3)]:
+        if k.supports(lay, 0.9375, {"M": M}):
+            continue
+        err, run = check("cs_cpu_direct", lay, 0.9375, {"M": M}, batch=batch)
+        assert err < 1e-5 and run.info["layout"].endswith("aligned")
+        assert P.make("cs", 0.9375, form="cin", M=M).conforms(run.masked_weight)
+    # a 7x7 image would waste 7 of 16 columns a row: the plain layout stays the default
+    assert k.default_config(layer(64, 32, 3, 1, 1, h=7), 0.9375)["decode"] == "offsets"
+
+
 @pytest.mark.parametrize(*grid(geom=GEOMETRIES, cfg=[
     {"T": 2, "split": "channels", "cin_chunk": 0, "ob": 8, "decode": "inline"},
     {"T": 4, "split": "pixels", "cin_chunk": 64, "ob": 128, "decode": "offsets"},
     {"T": 8, "split": "pixels", "cin_chunk": 0, "ob": 128, "decode": "inline"},
     {"T": 6, "split": "channels", "cin_chunk": 64, "ob": 8, "decode": "inline"},
-    {"T": 2, "split": "pixels", "cin_chunk": 64, "ob": 8, "decode": "offsets"}]))
+    {"T": 2, "split": "pixels", "cin_chunk": 64, "ob": 8, "decode": "offsets"},
+    {"T": 4, "split": "pixels", "cin_chunk": 0, "ob": 8, "decode": "aligned"},
+    {"T": 8, "split": "channels", "cin_chunk": 32, "ob": 32, "decode": "aligned"}]))
 def test_cs_cpu_direct_configs_match_reference(geom, cfg):
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
+    k = kernels.get("cs_cpu_direct")
     cfg = {**cfg, "M": 2}
+    if cfg["decode"] == "aligned" and lay.kw == 7:  # 7 columns at stride 2: 4 shifts
+        assert "at most 3 column shifts" in k.supports(lay, 0.9375, cfg)
+        return
     if lay.cin <= cfg["cin_chunk"]:  # a chunk must be smaller than Cin
-        assert "smaller than Cin" in kernels.get("cs_cpu_direct").supports(lay, 0.9375, cfg)
+        assert "smaller than Cin" in k.supports(lay, 0.9375, cfg)
         cfg["cin_chunk"] = 0
     err, _ = check("cs_cpu_direct", lay, 0.9375, cfg, batch=2)
     assert err < 1e-5
@@ -176,6 +207,9 @@ def test_kernel_writes_every_output_element():
                                       # two Cin chunks: the first goes to the tile buffer, the
                                       # last adds it back and stores to the output
                                       ("cs_cpu_direct", {"T": 4, "cin_chunk": 64}),
+                                      # 35 pixels a channel: channels padded to 48 floats
+                                      ("cs_cpu_direct", {"T": 2, "cin_chunk": 64,
+                                                         "decode": "aligned"}),
                                       ("bsr_1xn_cpu", {"N": 8, "T": 3}), ("cci_cpu", {"T": 3}),
                                       ("unstructured_cpu", {"T": 1})])
 @pytest.mark.parametrize("relu", [False, True])
@@ -198,13 +232,16 @@ def test_register_epilogue_writes_partial_tiles_and_nothing_past_the_output(name
     assert (store[2 * 32 * 35:] == 12345.0).all()
 
 
-@pytest.mark.parametrize("geom", [(64, 32, 1, 1, 0, 7, 5), (64, 32, 3, 1, 1, 7, 5)],
-                         ids=["1x1 stored from registers", "3x3 through the tile buffer"])
-def test_fused_relu_keeps_nan_like_torch(geom):
+@pytest.mark.parametrize("geom,cfg", [((64, 32, 1, 1, 0, 7, 5), {}), ((64, 32, 3, 1, 1, 7, 5), {}),
+                                      ((64, 32, 3, 1, 1, 7, 5), {"decode": "aligned", "T": 1})],
+                         ids=["1x1 stored from registers", "3x3 through the tile buffer",
+                              "3x3 aligned rows, lane shifts"])
+def test_fused_relu_keeps_nan_like_torch(geom, cfg):
     """A NaN in the input stays NaN through the fused ReLU on both output paths (F.relu keeps
     NaN; a max(x, 0) with the operands the wrong way round turns it into 0)."""
     lay = layer(*geom[:5], h=geom[5], w=geom[6])
-    run = kernels.get("cs_cpu_direct").prepare(lay, torch.randn(32, 64, lay.kh, lay.kw), 0.75)
+    run = kernels.get("cs_cpu_direct").prepare(lay, torch.randn(32, 64, lay.kh, lay.kw), 0.75,
+                                               cfg)
     x = torch.randn(1, 64, lay.h, lay.w)
     x[0, :, 3, 2] = float("nan")
     plain = run.fused(x, relu=False)
@@ -241,6 +278,11 @@ for name, S, cfg in [('cs_cpu_direct', 0.9375, {'M': 2, 'T': 6}), ('cs_cpu_direc
     for g in [(64, 32, 3, 2, 1, 13, 17), (64, 32, 1, 1, 0, 9, 7), (32, 16, 7, 2, 3, 21, 19)]:
         err, _ = check(name, layer(*g[:5], h=g[5], w=g[6]), S, cfg)
         worst = max(worst, err)
+# the aligned rows' lane shifts on 8-lane vectors: 3 shifts, 2 at stride 2, padded 1x1 channels
+for g in [(64, 32, 3, 1, 1, 13, 17), (64, 32, 3, 2, 1, 13, 17), (64, 32, 1, 1, 0, 9, 7)]:
+    err, _ = check('cs_cpu_direct', layer(*g[:5], h=g[5], w=g[6]), 0.9375,
+                   {'M': 2, 'T': 4, 'decode': 'aligned', 'cin_chunk': 32})
+    worst = max(worst, err)
 print('ISA', _ext.isa(), 'worst', worst)
 assert worst < 1e-5
 """
