@@ -329,6 +329,19 @@ def vector_width() -> int:
     return int(LAYOUT.load().sc_vector_width())
 
 
+def avx512() -> bool:
+    """Whether the kernels build with AVX-512 (16 lanes, 32 vector registers) on this machine,
+    read from the CPU's flags without building anything: default configurations measured there
+    keep more accumulators than an AVX2 build (16 registers) holds."""
+    return (platform.machine() in ("x86_64", "AMD64") and "avx512f" in _cpu_flags().split()
+            and os.environ.get("SPARSECONV_PORTABLE") != "1")
+
+
+def lanes() -> int:
+    """Floats per vector the kernels build with here (``vector_width`` without building)."""
+    return 16 if avx512() else 8
+
+
 def loop_probe(T: int, shift: int, ws_bytes: int, threads: int, fmas: int) -> float:
     """Seconds ``threads`` threads take for ``fmas`` vector FMAs each of the CS inner loop."""
     out = ctypes.c_double()

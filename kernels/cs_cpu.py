@@ -133,16 +133,18 @@ def aligned_groups(layer, lay: CpuLayout, chan, vals, M):
 
 
 def _aligned_pays(layer) -> bool:
-    """Whether the aligned rows are the default: a KxK layer whose rows, rounded up to whole
-    vectors, add at most 15% to its grid (not 7x7 images: 9 columns become 16) and
-    whose grid row fits a tile (T <= 8 vectors: not 224x224). Not a 1x1 layer:
-    at 56x56 and 28x28 its plain layout is aligned already, and at 14x14 and 7x7 the padded
-    channels gained 10-15% kernel-only but cost a conversion from NCHW that lost more end to end
-    (a block's first 1x1 layer reads the block input, which no sparse layer hands over)."""
-    if layer.kw == 1 or (layer.kw - 1) // layer.stride + 1 > 3:
+    """Whether the aligned rows are the default: on AVX-512, where they were measured (on AVX2
+    a straddling load cost only 1-7% more per FMA, and 8-vector tiles spill its 16 registers),
+    for a KxK layer whose rows, rounded up to whole vectors, add at most 15% to its grid (not
+    7x7 images: 9 columns become 16) and whose grid row fits a tile (T <= 8 vectors: not
+    224x224). Not a 1x1 layer: at 56x56 and 28x28 its plain layout is aligned already, and at
+    14x14 and 7x7 the padded channels gained 10-15% kernel-only but cost a conversion from NCHW
+    that lost more end to end (a block's first 1x1 layer reads the block input, which no sparse
+    layer hands over)."""
+    if layer.kw == 1 or (layer.kw - 1) // layer.stride + 1 > 3 or not _ext.avx512():
         return False
     plain, aligned = CpuLayout.of(layer), CpuLayout.of(layer, aligned=True)
-    return aligned.Wq <= 1.15 * plain.Wq and aligned.Wq <= 8 * 16  # a tile of <= 8 vectors
+    return aligned.Wq <= 1.15 * plain.Wq and aligned.Wq <= 8 * _ext.lanes()  # T <= 8
 
 
 @register
@@ -173,7 +175,7 @@ class CSCpuDirect(CppKernel):
         # 8-vector tiles, M=4 and a Cin chunk whose rows stay in L1/L2 (none at 56x56, 64
         # channels at 28x28, 128 at 14x14), channels split between threads in blocks of 32
         M = pinned.get("M", 4 if 4 in ms else max(ms) if ms else P.CPU_M[0])
-        rows = CpuLayout.of(layer, aligned=True).Wq // 16
+        rows = CpuLayout.of(layer, aligned=True).Wq // _ext.lanes()
         T = max(t for t in (rows, 2 * rows, 4 * rows, 8) if t <= 8 and t % rows == 0)
         want = 128 if layer.oh <= 14 else 64 if layer.oh <= 28 else 0
         chunk = want if want and want < layer.cin and want % (K * M) == 0 else 0
@@ -186,7 +188,7 @@ class CSCpuDirect(CppKernel):
             if shifts > 3:
                 return (f"decode=aligned: at most 3 column shifts (Kw={layer.kw} at stride "
                         f"{layer.stride} has {shifts})")
-            rows = CpuLayout.of(layer, aligned=True).Wq // 16
+            rows = CpuLayout.of(layer, aligned=True).Wq // _ext.lanes()
             if config["T"] % rows:
                 return (f"decode=aligned: a pixel tile spans whole grid rows of {rows} vectors, "
                         f"T={config['T']} does not")
