@@ -61,6 +61,13 @@ def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
     for name in rep.replaced:
         mod = sparse.get_submodule(name)
         assert isinstance(mod, sm.SparseConv2d) and conforms(mod, S), name
+    # each Linear left dense runs where measured faster at batch 1: PyTorch's or the C++ pass
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(rep.dense_linear) == linears
+    for n in linears:
+        said = rep.dense_linear[n]
+        assert "C++ pass" in said and "PyTorch" in said and " ms" in said
+        assert isinstance(sparse.get_submodule(n), sm.GemvLinear) == said.startswith("C++")
     with torch.no_grad():
         want = sm.masked_dense(sparse).double()(x.double())
         assert rel(sparse(x), want) < 1e-4

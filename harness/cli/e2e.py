@@ -281,7 +281,8 @@ def show(m) -> None:
                  f"layer timed alone runs from warm caches)" if m.outside_share is not None
                  else ""), flush=True)
     if m.dense_ops:
-        print(f"    dense operations (convolutions kept dense, max-pools) in {m.dense_ops}",
+        print(f"    dense operations (convolutions kept dense, max-pools; Linear layers left "
+              f"dense) in {m.dense_ops}",
               flush=True)
 
 
