@@ -36,6 +36,20 @@ CS = _ext.Family("cs", "cs.cpp", {
 })
 
 
+def _entry(fn: str, name: str, keep: tuple, *args):
+    """``entry(x, geometry, y, bias, res=None)`` calling C++ ``fn(x, *args, geometry, y, bias,
+    res)``; ``keep``: the tensors behind the pointers in ``args``, alive as long as it is."""
+    c_fn = CS.entry(fn)
+
+    def entry(x, geo, y, bias, res=None):
+        _ext.check_io(x, y, geo, name)
+        if c_fn(x.data_ptr(), *args, geo.ref, y.data_ptr(), _ext.bias_ptr(bias, geo, name),
+                _ext.res_ptr(res, y, geo, name)):
+            CS.fail(fn)
+    entry.keep = keep
+    return entry
+
+
 def cs_direct(vals, idx, tap_off, K, M, cout, cin):
     """Entry over compressed values and 1-byte indices [Cout, taps, Cin/K], decoded in the
     inner loop: ``entry(x, geometry, y, bias, res=None)``."""
@@ -45,16 +59,8 @@ def cs_direct(vals, idx, tap_off, K, M, cout, cin):
               and tap_off.is_contiguous() and vals.numel() == idx.numel() == cout * taps * (cin // K),
               f"{name}: bad CS encoding")
 
-    c_fn = CS.entry("sc_cs_direct")
-    pv, pi, pt = vals.data_ptr(), idx.data_ptr(), tap_off.data_ptr()
-
-    def entry(x, geo, y, bias, res=None):
-        _ext.check_io(x, y, geo, name)
-        if c_fn(x.data_ptr(), pv, pi, pt, taps, K, M, geo.ref, y.data_ptr(),
-                _ext.bias_ptr(bias, geo, name), _ext.res_ptr(res, y, geo, name)):
-            CS.fail("sc_cs_direct")
-    entry.keep = (vals, idx, tap_off)  # the tensors behind the pointers live as long as it does
-    return entry
+    return _entry("sc_cs_direct", name, (vals, idx, tap_off), vals.data_ptr(), idx.data_ptr(),
+                  tap_off.data_ptr(), taps, K, M)
 
 
 def cs_offsets(vals, off, K, M, taps, cout, cin):
@@ -65,16 +71,7 @@ def cs_offsets(vals, off, K, M, taps, cout, cin):
               and off.is_contiguous() and vals.numel() == off.numel() == cout * taps * cin // K,
               f"{name}: bad CS offsets")
 
-    c_fn = CS.entry("sc_cs_offsets")
-    pv, po = vals.data_ptr(), off.data_ptr()
-
-    def entry(x, geo, y, bias, res=None):
-        _ext.check_io(x, y, geo, name)
-        if c_fn(x.data_ptr(), pv, po, K, M, taps, geo.ref, y.data_ptr(),
-                _ext.bias_ptr(bias, geo, name), _ext.res_ptr(res, y, geo, name)):
-            CS.fail("sc_cs_offsets")
-    entry.keep = (vals, off)  # the tensors behind the pointers live as long as it does
-    return entry
+    return _entry("sc_cs_offsets", name, (vals, off), vals.data_ptr(), off.data_ptr(), K, M, taps)
 
 
 def cs_aligned(vals, off, start, nsets, K, M, cout):
@@ -87,16 +84,8 @@ def cs_aligned(vals, off, start, nsets, K, M, cout):
               and vals.numel() == off.numel() == int(start[-1]) and 1 <= nsets <= 3
               and (start.numel() - 1) % (cout * nsets) == 0, f"{name}: bad grouped offsets")
 
-    c_fn = CS.entry("sc_cs_aligned")
-    pv, po, ps = vals.data_ptr(), off.data_ptr(), start.data_ptr()
-
-    def entry(x, geo, y, bias, res=None):
-        _ext.check_io(x, y, geo, name)
-        if c_fn(x.data_ptr(), pv, po, ps, nsets, K, M, geo.ref, y.data_ptr(),
-                _ext.bias_ptr(bias, geo, name), _ext.res_ptr(res, y, geo, name)):
-            CS.fail("sc_cs_aligned")
-    entry.keep = (vals, off, start)  # the tensors behind the pointers live as long as it does
-    return entry
+    return _entry("sc_cs_aligned", name, (vals, off, start), vals.data_ptr(), off.data_ptr(),
+                  start.data_ptr(), nsets, K, M)
 
 
 def aligned_groups(layer, lay: CpuLayout, chan, vals, M):
