@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -331,6 +332,7 @@ def vector_width() -> int:
     return int(LAYOUT.load().sc_vector_width())
 
 
+@functools.cache
 def avx512() -> bool:
     """Whether the kernels build with AVX-512 (16 lanes, 32 vector registers) on this machine,
     read from the CPU's flags without building anything: default configurations measured there

@@ -66,6 +66,7 @@ class Bsr1xNCpu(CppKernel):
         # at 14x14; N=4, T=4 at 7x7)
         pixels = layer.oh * CpuLayout.of(layer).Wq
         want_n, want_t = (4, 6) if pixels >= 700 else (8, 2) if pixels >= 150 else (4, 4)
+        want_t = min(want_t, -(-pixels // 16))  # no wholly masked vectors (a Linear: 1 pixel)
         N = pinned.get("N", want_n if layer.cout % want_n == 0
                        else pick_divisor(P.BLOCK_N, layer.cout, 16))
         allowed = [t for t in TILES_1XN if t <= min(MAX_T[N], want_t)]

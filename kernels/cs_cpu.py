@@ -10,9 +10,9 @@ per work item (``ob``: a Cin chunk stays in L1 while that many channels use it),
 expands them once at prepare time into int32 input offsets, segment-major; ``aligned`` reads
 an aligned-row layout (``CpuLayout.of(layer, aligned=True)``: grid rows of whole vectors, every
 load on a cache line) with the kept weights grouped by the tap's column shift (up to 3), each
-group's sum moved into place by lane shifts (see csrc/cs.cpp). ``aligned`` is the default for
-KxK layers whose rows it lengthens by at most 15%; a tile then spans whole grid rows (T a
-multiple of the row's vectors).
+group's sum moved into place by lane shifts (see csrc/cs.cpp). ``aligned`` is the default on
+AVX-512 (where it was measured) for KxK layers whose rows it lengthens by at most 15% and
+whose rows a tile of the tuning space spans whole (T a multiple of the row's vectors).
 """
 
 from __future__ import annotations
@@ -125,15 +125,23 @@ def _aligned_pays(layer) -> bool:
     """Whether the aligned rows are the default: on AVX-512, where they were measured (on AVX2
     a straddling load cost only 1-7% more per FMA, and 8-vector tiles spill its 16 registers),
     for a KxK layer whose rows, rounded up to whole vectors, add at most 15% to its grid (not
-    7x7 images: 9 columns become 16) and whose grid row fits a tile (T <= 8 vectors: not
-    224x224). Not a 1x1 layer: at 56x56 and 28x28 its plain layout is aligned already, and at
-    14x14 and 7x7 the padded channels gained 10-15% kernel-only but cost a conversion from NCHW
-    that lost more end to end (a block's first 1x1 layer reads the block input, which no sparse
-    layer hands over)."""
+    7x7 images: 9 columns become 16) and whose grid row some tile of the tuning space spans
+    whole (rows of 1, 2, 3, 4, 6 or 8 vectors: not 224x224, nor 72x72's 5 vectors). Not a 1x1
+    layer: at 56x56 and 28x28 its plain layout is aligned already, and at 14x14 and 7x7 the
+    padded channels gained 10-15% kernel-only but cost a conversion from NCHW that lost more
+    end to end (a block's first 1x1 layer reads the block input, which no sparse layer hands
+    over)."""
     if layer.kw == 1 or (layer.kw - 1) // layer.stride + 1 > 3 or not _ext.avx512():
         return False
     plain, aligned = CpuLayout.of(layer), CpuLayout.of(layer, aligned=True)
-    return aligned.Wq <= 1.15 * plain.Wq and aligned.Wq <= 8 * _ext.lanes()  # T <= 8
+    return aligned.Wq <= 1.15 * plain.Wq and bool(_whole_row_tiles(aligned))
+
+
+def _whole_row_tiles(aligned: CpuLayout) -> list[int]:
+    """The tuning space's tiles T that span whole rows of an aligned layout (none where a row
+    is 5 or 7 vectors, or more than 8)."""
+    rows = aligned.Wq // _ext.lanes()
+    return [t for t in CSCpuDirect.space["T"] if t % rows == 0]
 
 
 @register
@@ -164,8 +172,7 @@ class CSCpuDirect(CppKernel):
         # 8-vector tiles, M=4 and a Cin chunk whose rows stay in L1/L2 (none at 56x56, 64
         # channels at 28x28, 128 at 14x14), channels split between threads in blocks of 32
         M = pinned.get("M", 4 if 4 in ms else max(ms) if ms else P.CPU_M[0])
-        rows = CpuLayout.of(layer, aligned=True).Wq // _ext.lanes()
-        T = max(t for t in (rows, 2 * rows, 4 * rows, 8) if t <= 8 and t % rows == 0)
+        T = max(_whole_row_tiles(CpuLayout.of(layer, aligned=True)))
         want = 128 if layer.oh <= 14 else 64 if layer.oh <= 28 else 0
         chunk = want if want and want < layer.cin and want % (K * M) == 0 else 0
         return {"M": M, "T": T, "split": "channels", "ob": 32, "cin_chunk": chunk,

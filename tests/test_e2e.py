@@ -56,7 +56,7 @@ def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
         assert set(rep.dense) == {n for n, lay in layers.items() if lay.cin % 32}
         stem = next(iter(layers))
         assert "Cin=3" in rep.dense[stem]
-    else:  # 1xN needs Cout divisible by N (the default N is the largest of 4..32 that fits)
+    else:  # 1xN needs Cout divisible by N (every default N is a multiple of 4)
         assert set(rep.dense) == {n for n, lay in layers.items() if lay.cout % 4}
     for name in rep.replaced:
         mod = sparse.get_submodule(name)
@@ -93,6 +93,8 @@ def test_aligned_row_layers_hand_over_and_add_residuals_inside_a_network(monkeyp
     with torch.no_grad():
         want = sm.masked_dense(sparse).double()(x.double())
         assert rel(sparse(x), want) < 1e-4
+        # batch 1: the fc layer runs where it was measured faster (the C++ pass or PyTorch)
+        assert rel(sparse(x[:1]), want[:1]) < 1e-4
         for n in aligned:
             assert conforms(sparse.get_submodule(n), 0.9375), n
 

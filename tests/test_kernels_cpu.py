@@ -70,12 +70,20 @@ def test_aligned_rows_are_the_default_where_they_pay_and_match_reference(geom):
     al = CpuLayout.of(lay, aligned=True)
     assert al.Wq % 16 == 0 and al.chan_stride % 16 == 0 and al.Hq * al.Wq % 16 == 0
     assert (al.tap_offsets(column_shift=False) % 16 == 0).all()
+    ran = 0
     for M, batch in [(2, 3), (4, 1), (8, 3)]:
         if k.supports(lay, 0.9375, {**cfg, "M": M}):
             continue
         err, run = check("cs_cpu_direct", lay, 0.9375, {**cfg, "M": M}, batch=batch)
         assert err < 1e-5 and run.info["layout"].endswith("aligned")
         assert P.make("cs", 0.9375, form="cin", M=M).conforms(run.masked_weight)
+        ran += 1
+    assert ran >= 2
+    # rows of 5 vectors (72x72 on AVX-512: 74 columns round up to 80) no tile of the tuning
+    # space spans whole: the plain layout stays the default, and the default is supported
+    wide = layer(64, 32, 3, 1, 1, h=8, w=72 if _ext.avx512() else 36)
+    assert k.default_config(wide, 0.9375)["decode"] == "offsets"
+    assert k.supports(wide, 0.9375, k.default_config(wide, 0.9375)) is None
     # a 7x7 image would waste 7 of 16 columns a row: the plain layout stays the default
     assert k.default_config(layer(64, 32, 3, 1, 1, h=7), 0.9375)["decode"] == "offsets"
 
@@ -210,7 +218,7 @@ def test_kernel_writes_every_output_element():
                                       # two Cin chunks: the first goes to the tile buffer, the
                                       # last adds it back and stores to the output
                                       ("cs_cpu_direct", {"T": 4, "cin_chunk": 64}),
-                                      # 35 pixels a channel: channels padded to 48 floats
+                                      # 35 pixels a channel: channels padded to 64 floats
                                       ("cs_cpu_direct", {"T": 2, "cin_chunk": 64,
                                                          "decode": "aligned"}),
                                       ("bsr_1xn_cpu", {"N": 8, "T": 3}), ("cci_cpu", {"T": 3}),
