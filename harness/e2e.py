@@ -268,8 +268,7 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         used[r["kernel"]] = used.get(r["kernel"], 0) + 1
     info = {"replaced": len(rep.replaced), "kept_dense": json.dumps(rep.dense, sort_keys=True),
             "kernels": json.dumps(used, sort_keys=True), "relu_fused": len(rep.relu_fused),
-            "handover": json.dumps(rep.handover), "dense_ops": rep.dense_layout + "".join(
-                f"; {k}: {v}" for k, v in rep.dense_linear.items()),
+            "handover": json.dumps(rep.handover), "dense_ops": rep.dense_ops(),
             "residual": json.dumps([[n] for n in rep.residual_fused] + [
                 [n, rep.residual[n]] for n in rep.residual_apart]),
             "strided": json.dumps(rep.strided, sort_keys=True)}

@@ -327,11 +327,14 @@ class Report:
     # Linear or the C++ pass (GemvLinear), and the times measured for both (CPU)
     dense_linear: dict = field(default_factory=dict)
 
+    def dense_ops(self) -> str:
+        """Where the dense operations run: their layout, then each dense Linear's engine."""
+        return self.dense_layout + "".join(f"; {k}: {v}" for k, v in self.dense_linear.items())
+
     def summary(self) -> str:
         return (f"{len(self.replaced)} convolution(s) sparse, {len(self.dense)} dense, "
                 f"{len(self.folded)} BatchNorm(s) folded; {self.plan or 'default configurations'}"
-                f"; {self.fusion}; dense operations: {self.dense_layout}"
-                + "".join(f"; {k}: {v}" for k, v in self.dense_linear.items()))
+                f"; {self.fusion}; dense operations: {self.dense_ops()}")
 
 
 def _trace(model: nn.Module, input_size) -> tuple[dict, dict]:
@@ -862,8 +865,10 @@ def masked_dense(sparse: nn.Module) -> nn.Module:
     reference holds PyTorch operations only (the peer engines export it to ONNX)."""
     ref = copy.deepcopy(sparse).cpu()
     for name, mod in list(ref.named_modules()):
-        if isinstance(mod, (NchwMaxPool, GemvLinear)):
-            _set(ref, name, mod.pool if isinstance(mod, NchwMaxPool) else mod.lin)
+        if isinstance(mod, NchwMaxPool):
+            _set(ref, name, mod.pool)
+        elif isinstance(mod, GemvLinear):
+            _set(ref, name, mod.lin)
         elif isinstance(mod, SparseLinear):
             lin = nn.Linear(mod.layer.cin, mod.layer.cout, bias=mod.bias is not None)
             with torch.no_grad():

@@ -111,13 +111,9 @@ def aligned_groups(layer, lay: CpuLayout, chan, vals, M):
     off, v = torch.cat(offs, 1), torch.cat(vs, 1)
     if int(off.max()) >= 2**31:
         raise ValueError("cs_cpu_direct: input too large for int32 offsets; use decode='inline'")
-    per_o = off.shape[1]
-    # group (o, k, g) starts at o*per_o + sum(nseg*lens[:k]) + g*lens[k]
-    base = torch.tensor([0] + [nseg * n for n in lens[:-1]], dtype=torch.int64).cumsum(0)
-    seg = torch.arange(nseg, dtype=torch.int64).view(1, nseg) * torch.tensor(lens).view(nsets, 1)
-    start = (torch.arange(cout, dtype=torch.int64).view(cout, 1, 1) * per_o
-             + (base.view(nsets, 1) + seg).view(1, nsets, nseg)).reshape(-1)
-    start = torch.cat([start, torch.tensor([cout * per_o])])
+    # groups (o, k, g) in that order, each lens[k] long: their starts are the running sum
+    sizes = torch.tensor([n for n in lens for _ in range(nseg)] * cout, dtype=torch.int64)
+    start = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
     return v.contiguous(), off.to(torch.int32).contiguous(), start.contiguous(), nsets
 
 
@@ -133,15 +129,19 @@ def _aligned_pays(layer) -> bool:
     over)."""
     if layer.kw == 1 or (layer.kw - 1) // layer.stride + 1 > 3 or not _ext.avx512():
         return False
-    plain, aligned = CpuLayout.of(layer), CpuLayout.of(layer, aligned=True)
-    return aligned.Wq <= 1.15 * plain.Wq and bool(_whole_row_tiles(aligned))
+    return CpuLayout.of(layer, aligned=True).Wq <= 1.15 * CpuLayout.of(layer).Wq \
+        and bool(_whole_row_tiles(layer))
 
 
-def _whole_row_tiles(aligned: CpuLayout) -> list[int]:
-    """The tuning space's tiles T that span whole rows of an aligned layout (none where a row
-    is 5 or 7 vectors, or more than 8)."""
-    rows = aligned.Wq // _ext.lanes()
-    return [t for t in CSCpuDirect.space["T"] if t % rows == 0]
+def _row_vectors(layer) -> int:
+    """Vectors per grid row of the layer's aligned layout: a tile spans a multiple of them."""
+    return CpuLayout.of(layer, aligned=True).Wq // _ext.lanes()
+
+
+def _whole_row_tiles(layer) -> list[int]:
+    """The tuning space's tiles T that span whole rows of the layer's aligned layout (none
+    where a row is 5 or 7 vectors, or more than 8)."""
+    return [t for t in CSCpuDirect.space["T"] if t % _row_vectors(layer) == 0]
 
 
 @register
@@ -172,7 +172,7 @@ class CSCpuDirect(CppKernel):
         # 8-vector tiles, M=4 and a Cin chunk whose rows stay in L1/L2 (none at 56x56, 64
         # channels at 28x28, 128 at 14x14), channels split between threads in blocks of 32
         M = pinned.get("M", 4 if 4 in ms else max(ms) if ms else P.CPU_M[0])
-        T = max(_whole_row_tiles(CpuLayout.of(layer, aligned=True)))
+        T = max(_whole_row_tiles(layer))
         want = 128 if layer.oh <= 14 else 64 if layer.oh <= 28 else 0
         chunk = want if want and want < layer.cin and want % (K * M) == 0 else 0
         return {"M": M, "T": T, "split": "channels", "ob": 32, "cin_chunk": chunk,
@@ -184,7 +184,7 @@ class CSCpuDirect(CppKernel):
             if shifts > 3:
                 return (f"decode=aligned: at most 3 column shifts (Kw={layer.kw} at stride "
                         f"{layer.stride} has {shifts})")
-            rows = CpuLayout.of(layer, aligned=True).Wq // _ext.lanes()
+            rows = _row_vectors(layer)
             if config["T"] % rows:
                 return (f"decode=aligned: a pixel tile spans whole grid rows of {rows} vectors, "
                         f"T={config['T']} does not")
@@ -200,20 +200,18 @@ class CSCpuDirect(CppKernel):
         pat = self.make_pattern(sparsity, config)
         wm, enc = pat.prune(weight)
         vals = enc.values.float().contiguous()
-        idx = enc.idx.contiguous()
-        taps = CpuLayout.of(layer).tap_offsets()
         self.build()
         lay = CpuLayout.of(layer, aligned=config["decode"] == "aligned")
         if lay.aligned:
             entry = cs_aligned(*aligned_groups(layer, lay, enc.positions(), vals, enc.M), enc.K,
                                enc.M, layer.cout)
         elif config["decode"] == "inline":
-            entry = cs_direct(vals, idx, taps, enc.K, enc.M, layer.cout, layer.cin)
+            entry = cs_direct(vals, enc.idx.contiguous(), lay.tap_offsets(), enc.K, enc.M,
+                              layer.cout, layer.cin)
         else:
-            cs = CpuLayout.of(layer).chan_stride
             ntap, nseg = layer.kh * layer.kw, layer.cin // (enc.K * enc.M)
             chan = enc.positions()  # [Cout, taps, Cin/K]: kept input channel of each slot
-            off = chan * cs + taps.view(1, ntap, 1)
+            off = chan * lay.chan_stride + lay.tap_offsets().view(1, ntap, 1)
             # [Cout, taps, nseg, M] -> [Cout, nseg, taps, M]: a Cin chunk is a contiguous range
             off = off.view(-1, ntap, nseg, enc.M).permute(0, 2, 1, 3).reshape(layer.cout, -1)
             v2 = vals.view(-1, ntap, nseg, enc.M).permute(0, 2, 1, 3).reshape(layer.cout, -1)
