@@ -349,7 +349,8 @@ def run_e2e(req: E2ERequest) -> E2EResult:
     if req.alone and case.device is Device.CPU:
         from .engines import alone
 
-        rows = alone.check(case, rows, {"dense": dense, "masked": masked}, x, opts)
+        rows = alone.check(case, rows, {"dense": dense, "masked": masked}, x, opts,
+                           gap=ENGINE_GAP)
 
     def med(name):
         return st[name].median if name in st else None

@@ -181,3 +181,65 @@ def test_e2e_records_wrong_missing_and_fast_engines(tmp_path):
     for v in ("eager_nchw@dense", "standin_fast@dense", "project@sparse"):
         assert rows[v]["alone_s"] > 0, rows[v]
     assert "against the best dense engine (standin_fast" in r.stdout
+
+
+# a stand-in alone child: ready at once, each block 30 ms of sleep, its start and end logged
+STANDIN_CHILD = """
+import json, sys, time
+name, log = sys.argv[1], sys.argv[2]
+print("an engine's banner", flush=True)
+print(json.dumps({"ready": 1}), flush=True)
+for line in sys.stdin:
+    t0 = time.monotonic(); time.sleep(0.03); t1 = time.monotonic()
+    with open(log, "a") as f:
+        f.write(f"{name} {t0} {t1}\\n")
+    print(json.dumps({"s": t1 - t0, "cpu_per_wall": 0.0}), flush=True)
+"""
+
+
+def test_alone_processes_are_timed_in_interleaved_rounds_one_block_at_a_time(tmp_path):
+    """The alone figures share the machine's moments: every child is prepared first, then each
+    round gives each ready child one block in turn, never two at once; a child that fails,
+    dies mid-way or never answers is left out with its reason and the others still finish."""
+    from harness.engines import alone
+
+    log = tmp_path / "blocks.log"
+    child = [sys.executable, "-c", STANDIN_CHILD]
+    got = alone.timed_apart({
+        "a": [*child, "a", str(log)],
+        "fails": [sys.executable, "-c", "import sys; sys.exit('cannot build the engine')"],
+        "b": [*child, "b", str(log)],
+        "dies": [sys.executable, "-c", "import json, sys; print(json.dumps({'ready': 1}), "
+                 "flush=True); sys.stdin.readline(); sys.exit(4)"],
+        "silent": [sys.executable, "-c", "import time; time.sleep(60)"],
+    }, rounds=3, gap=0.0, timeout=5)
+    assert list(got) == ["a", "fails", "b", "dies", "silent"]
+    for name in ("a", "b"):
+        median, cpu, why = got[name]
+        assert why is None and 0.03 <= median < 0.5 and cpu == 0.0
+    assert got["fails"] == (None, None, "not timed alone: exit 1: cannot build the engine")
+    assert got["dies"] == (None, None, "not timed alone: exit 4: no output")
+    assert got["silent"] == (None, None, "not timed alone: no answer within 5 s")
+    blocks = sorted((float(t0), float(t1), n) for n, t0, t1 in
+                    (line.split() for line in log.read_text().splitlines()))
+    assert [n for _, _, n in blocks] == ["a", "b"] * 3  # interleaved, in rounds
+    assert all(blocks[i][1] <= blocks[i + 1][0] for i in range(len(blocks) - 1))  # one at a time
+
+
+def test_the_alone_child_answers_ready_then_one_block_per_go(tmp_path):
+    """The real child (``python -m harness.engines.alone SPEC``) on a small eager network: one
+    ready line, then one timed block per ``go``, the block's seconds per call and CPU/wall."""
+    from harness.engines import alone
+    from harness.records import TimingOptions
+
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval(), tmp_path / "m.pt")
+    torch.save(torch.randn(1, 3, 16, 16), tmp_path / "x.pt")
+    spec = {"variant": "eager_nchw@dense", "x": str(tmp_path / "x.pt"), "threads": 1,
+            "model": str(tmp_path / "m.pt"),
+            "opts": dataclasses.asdict(TimingOptions(rounds=2, min_sample=0.002, warmup=0.0))}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    got = alone.timed_apart(
+        {"eager": [sys.executable, "-m", "harness.engines.alone", str(tmp_path / "spec.json")]},
+        rounds=2)
+    median, cpu, why = got["eager"]
+    assert why is None and 0 < median < 0.05 and 0.3 < cpu < 1.5

@@ -3,35 +3,49 @@ process (thread pools, caches, allocators), so every figure interleaved in the e
 checked against one taken alone, and where the two differ by more than
 ``records.ALONE_DIFFERS`` the alone one is reported (``EngineResult.with_alone``).
 
+The alone processes are timed in interleaved rounds too, as the engines inside the run are:
+every engine's process is started and prepared first (one at a time, so none is built while
+another is timed), then each round gives each process in turn one block (a pause, one untimed
+call, then the timed calls) while the others wait idle on their input. A shared machine runs
+faster and slower by turns (measured on a 2-core VM: the same sparse ResNet50 at 10-13 ms for
+tens of seconds, then at 19-22 ms, within one process); processes timed one after another
+each caught one phase, so an engine's alone figure depended on when it ran, and compared
+with another's, on the machine's phases rather than on the engines.
+
 ``python -m harness.engines.alone SPEC.json`` is the child: it prepares one engine on one
-network (or the project's sparse network, rebuilt from the case), times it with the run's
-timing options and prints one JSON line."""
+network (or the project's sparse network, rebuilt from the case), answers one JSON line when
+ready, then one JSON line per ``go`` line it reads, and exits at the end of its input."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ALONE_TIMEOUT = 900.0
+ALONE_TIMEOUT = 900.0  # seconds for a child to be ready, and for one of its blocks
 
 
-def check(case, rows: dict, nets: dict, x, opts) -> dict:
-    """``rows`` ({variant: EngineResult}) with every measured one timed alone as well."""
+def check(case, rows: dict, nets: dict, x, opts, gap: float = 0.02) -> dict:
+    """``rows`` ({variant: EngineResult}) with every measured one timed alone as well, the
+    processes in interleaved rounds (``gap``: seconds of pause before each block, as the
+    interleaved run has)."""
     import torch
 
     from ..records import Status
 
     out = dict(rows)
     with tempfile.TemporaryDirectory(prefix="sparseconv-alone-") as tmp:
-        files = {}
+        files, specs = {}, {}
         torch.save(x.cpu(), f"{tmp}/x.pt")
-        for name, row in rows.items():
+        for i, (name, row) in enumerate(rows.items()):
             if row.status != Status.OK.value or not row.interleaved_s:
                 continue
             spec = {"variant": name, "x": f"{tmp}/x.pt", "threads": case.threads,
@@ -43,25 +57,114 @@ def check(case, rows: dict, nets: dict, x, opts) -> dict:
                     files[row.network] = f"{tmp}/{row.network}.pt"
                     torch.save(nets[row.network], files[row.network])
                 spec["model"] = files[row.network]
-            Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
-            got, why = _child(f"{tmp}/spec.json")
-            out[name] = row.with_alone(got.get("median_s"), got.get("cpu_per_wall"), why)
+            specs[name] = f"{tmp}/spec{i}.json"
+            Path(specs[name]).write_text(json.dumps(spec))
+        got = timed_apart({name: [sys.executable, "-m", "harness.engines.alone", f]
+                           for name, f in specs.items()}, opts.rounds, gap)
+        for name, (median, cpu, why) in got.items():
+            out[name] = rows[name].with_alone(median, cpu, why)
     return out
 
 
-def _child(spec: str) -> tuple[dict, str | None]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+class _Child:
+    """One alone process: its lines read by a thread, so every wait has a deadline."""
+
+    def __init__(self, argv: list[str]):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.p = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=self._read, args=(self.p.stdout, self.lines.put, True),
+                         daemon=True).start()
+        self._err_reader = threading.Thread(target=self._read, daemon=True,
+                                            args=(self.p.stderr, self.err.append, False))
+        self._err_reader.start()
+
+    @staticmethod
+    def _read(stream, put, end: bool):
+        for line in stream:
+            put(line)
+        if end:
+            put(None)  # the end of the child's output
+
+    def answer(self, timeout: float) -> tuple[dict | None, str | None]:
+        """The child's next JSON line (other lines, such as an engine's banner, skipped)."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(end - time.monotonic(), 0))
+            except queue.Empty:
+                return None, f"not timed alone: no answer within {timeout:.0f} s"
+            if line is None:
+                self.p.wait()
+                self._err_reader.join(timeout=5)
+                err = next((e.strip() for e in reversed(self.err) if e.strip()), "no output")
+                return None, f"not timed alone: exit {self.p.returncode}: {err}"[:300]
+            if line.startswith("{"):
+                return json.loads(line), None
+
+    def ask(self, timeout: float) -> tuple[dict | None, str | None]:
+        try:
+            self.p.stdin.write("go\n")
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: answer() says how it ended
+        return self.answer(timeout)
+
+    def close(self, wait: float = 30):
+        """End the child: its input closed (a ready child exits then), killed after ``wait``
+        seconds (0: a child that did not answer in time)."""
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.p.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+def timed_apart(children: dict, rounds: int, gap: float = 0.02,
+                timeout: float = ALONE_TIMEOUT) -> dict:
+    """{name: argv} of alone children -> {name: (median seconds or None, CPU/wall or None,
+    why not timed or None)}. Each child is started and waited for in turn (it answers when
+    prepared); then ``rounds`` rounds ask every ready child for one block, in turn, after a
+    ``gap`` pause. A child that fails or does not answer within ``timeout`` is left out of the
+    rounds that follow, with the reason."""
+    import statistics
+
+    ready, out = {}, {}
     try:
-        p = subprocess.run([sys.executable, "-m", "harness.engines.alone", spec], env=env,
-                           capture_output=True, text=True, timeout=ALONE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return {}, f"not timed alone: no answer within {ALONE_TIMEOUT:.0f} s"
-    for line in reversed(p.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line), None
-    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {}, f"not timed alone: exit {p.returncode}: {err}"[:300]
+        for name, argv in children.items():
+            c = _Child(argv)
+            got, why = c.answer(timeout)
+            if got is None or "ready" not in got:
+                c.close(wait=0)
+                out[name] = (None, None, why or f"not timed alone: {got}")
+                continue
+            ready[name] = c
+        samples = {name: [] for name in ready}
+        cpu = {name: [] for name in ready}
+        for _ in range(rounds):
+            for name, c in list(ready.items()):
+                time.sleep(gap)  # the previous process's threads go idle first
+                got, why = c.ask(timeout)
+                if got is None:
+                    c.close(wait=0)
+                    del ready[name]
+                    out[name] = (None, None, why)
+                    continue
+                samples[name].append(got["s"])
+                cpu[name].append(got["cpu_per_wall"])
+        for name in ready:
+            out[name] = (statistics.median(samples[name]), statistics.median(cpu[name]), None)
+    finally:
+        for c in ready.values():
+            c.close()
+    return {name: out[name] for name in children}
 
 
 def main(spec_file: str) -> int:
@@ -69,7 +172,7 @@ def main(spec_file: str) -> int:
 
     from .. import engines
     from ..records import Device, E2ECase, TimingOptions
-    from ..timing import interleaved_cpu, prepare_process
+    from ..timing import calibrate, prepare_process
 
     prepare_process()  # as in the worker: one allocator regime, ahead of other work
     spec = json.loads(Path(spec_file).read_text())
@@ -86,9 +189,23 @@ def main(spec_file: str) -> int:
         fn = engines.get(engines.Variant.parse(spec["variant"]).engine).prepare(model, x,
                                                                                 threads)
     with torch.inference_mode():
-        t = interleaved_cpu({"v": (fn, x)}, rounds=opts.rounds, min_sample=opts.min_sample,
-                            warmup=opts.warmup)
-    print(json.dumps({"median_s": t.stats["v"].median, "cpu_per_wall": t.cpu_per_wall["v"]}))
+        end = time.perf_counter() + opts.warmup
+        fn(x)
+        while time.perf_counter() < end:
+            fn(x)
+        reps = calibrate(fn, x, opts.min_sample)
+        print(json.dumps({"ready": reps}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "go":
+                continue
+            fn(x)  # one untimed call: the block starts from this engine's steady state
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(reps):
+                fn(x)
+            wall = time.perf_counter() - t0
+            print(json.dumps({"s": wall / reps,
+                              "cpu_per_wall": (time.process_time() - c0) / max(wall, 1e-9)}),
+                  flush=True)
     return 0
 
 
