@@ -680,7 +680,8 @@ ALONE_DIFFERS = 0.10
 class EngineResult:
     """One engine on one network in an e2e run (``variant`` is ``engine@network``; the
     project's own network is ``project@sparse``). ``latency_s`` is the figure reported: the
-    interleaved median, or the alone one where they differ by more than ``ALONE_DIFFERS``."""
+    interleaved median, or the alone one where they differ by more than ``ALONE_DIFFERS``, for
+    this engine or another of the run (``one_source``)."""
 
     variant: str
     engine: str
@@ -716,6 +717,27 @@ class EngineResult:
                        f"{self.interleaved_s * 1e3:.2f} ms by {diff:+.0%}: alone reported")
         return dataclasses.replace(self, alone_s=alone_s, alone_cpu_per_wall=cpu,
                                    latency_s=lat, alone_note=why)
+
+
+def one_source(rows: dict) -> dict:
+    """``rows`` ({variant: EngineResult}) reported from one kind of figure: where any engine's
+    alone figure is reported (``with_alone``), every engine timed alone reports its alone one
+    too. The alone processes are timed in interleaved rounds of their own, as the engines in
+    the run are, so the alone figures share the machine's moments with each other but not with
+    the interleaved ones: a headline ratio of an alone figure over an interleaved one would
+    compare two stretches of a machine that runs faster and slower by turns."""
+    def alone(r):
+        return r.alone_s is not None and r.latency_s == r.alone_s != r.interleaved_s
+
+    switched = [r.variant for r in rows.values() if alone(r)]
+    if not switched:
+        return dict(rows)
+    why = (f"alone {{:.2f}} ms reported, as for every engine of the run: "
+           f"{', '.join(switched)} differ{'s' if len(switched) == 1 else ''} by more than "
+           f"{ALONE_DIFFERS:.0%} (interleaved {{:.2f}} ms)")
+    return {k: r if alone(r) or not r.alone_s else dataclasses.replace(
+        r, latency_s=r.alone_s, alone_note=why.format(r.alone_s * 1e3, r.interleaved_s * 1e3))
+        for k, r in rows.items()}
 
 
 def engine_summary(engines: str | None) -> dict:

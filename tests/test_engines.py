@@ -243,3 +243,26 @@ def test_the_alone_child_answers_ready_then_one_block_per_go(tmp_path):
         rounds=2)
     median, cpu, why = got["eager"]
     assert why is None and 0 < median < 0.05 and 0.3 < cpu < 1.5
+
+
+def test_where_one_engine_reports_its_alone_figure_every_engine_does():
+    """A headline ratio never sets an alone figure over an interleaved one: they come from
+    different stretches of a machine that runs faster and slower by turns."""
+    from harness.records import one_source
+
+    def row(v, inter, alone):
+        return EngineResult(variant=v, engine=v.split("@")[0], network=v.split("@")[1],
+                            role="dense", label=v, status="ok", interleaved_s=inter,
+                            latency_s=inter).with_alone(alone)
+
+    close = {"a@dense": row("a@dense", 0.040, 0.041), "b@dense": row("b@dense", 0.020, 0.021)}
+    assert one_source(close) == close  # every alone figure within 10%: interleaved throughout
+    rows = {**close, "c@dense": row("c@dense", 0.030, 0.020),
+            "d@dense": row("d@dense", 0.050, None)}  # d: its alone process failed
+    got = one_source(rows)
+    assert got["c@dense"] == rows["c@dense"] and got["c@dense"].latency_s == 0.020
+    assert got["a@dense"].latency_s == 0.041 and got["b@dense"].latency_s == 0.021
+    assert "as for every engine of the run: c@dense differs" in got["a@dense"].alone_note
+    assert got["d@dense"] == rows["d@dense"]  # no alone figure: its interleaved one stands
+    summary = engine_summary(json.dumps([dataclasses.asdict(r) for r in got.values()]))
+    assert summary["best_dense_engine"] == "c" and summary["best_dense_s"] == 0.020

@@ -1,7 +1,8 @@
 """Each engine timed alone, in a process of its own: engines slow each other down inside one
 process (thread pools, caches, allocators), so every figure interleaved in the e2e run is
 checked against one taken alone, and where the two differ by more than
-``records.ALONE_DIFFERS`` the alone one is reported (``EngineResult.with_alone``).
+``records.ALONE_DIFFERS`` the alone one is reported (``EngineResult.with_alone``), and then
+every engine's alone one (``records.one_source``).
 
 The alone processes are timed in interleaved rounds too, as the engines inside the run are:
 every engine's process is started and prepared first (one at a time, so none is built while
@@ -39,7 +40,7 @@ def check(case, rows: dict, nets: dict, x, opts, gap: float = 0.02) -> dict:
     interleaved run has)."""
     import torch
 
-    from ..records import Status
+    from ..records import Status, one_source
 
     out = dict(rows)
     with tempfile.TemporaryDirectory(prefix="sparseconv-alone-") as tmp:
@@ -63,7 +64,7 @@ def check(case, rows: dict, nets: dict, x, opts, gap: float = 0.02) -> dict:
                            for name, f in specs.items()}, opts.rounds, gap)
         for name, (median, cpu, why) in got.items():
             out[name] = rows[name].with_alone(median, cpu, why)
-    return out
+    return one_source(out)
 
 
 class _Child:
