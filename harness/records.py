@@ -648,6 +648,9 @@ class E2EResult:
     # JSON: operation kind -> seconds per run, timed node by node inside the deployed network
     # (e2e.in_network): where the time outside the sparse convolutions goes
     in_network: str | None = None
+    # the sparse convolutions, each called once more right after it ran in the network (its
+    # data now in the caches): against in_network's figure, what waiting for memory costs them
+    sparse_repeated_s: float | None = None
     dense_ops: str | None = None  # the sparse network's dense operations: layout and why
     strided: str | None = None  # JSON: pair into a stride-2 consumer -> handed over or not, why
     conv_dense_s: float | None = None
@@ -805,6 +808,11 @@ def _outside(in_network: str | None) -> float | None:
     return outside_share(json.loads(in_network)) if isinstance(in_network, str) else None
 
 
+def _memory_wait(in_network: str | None, repeated: float | None) -> float | None:
+    conv = json.loads(in_network).get(SPARSE_CONV) if isinstance(in_network, str) else None
+    return 1 - repeated / conv if conv and repeated else None
+
+
 def residual_fused(residual: str | None) -> list:
     """The ``residual`` column's layers whose shortcut addition runs in the kernel."""
     ends = json.loads(residual) if isinstance(residual, str) else []
@@ -889,6 +897,10 @@ class E2EMeasurement:
     in_network: str | None = None  # JSON: as E2EResult's
     # share of the in-network time outside the sparse convolutions (from in_network)
     outside_in_network: float | None = None
+    sparse_repeated_s: float | None = None  # as E2EResult's
+    # share of the sparse convolutions' in-network time beyond their repeated calls' (waiting
+    # for data the network's other layers pushed out of the caches)
+    memory_wait: float | None = None
     dense_ops: str | None = None  # the sparse network's dense operations (sparsify_report)
     strided: str | None = None  # JSON: each pair into a stride-2 consumer, measured both ways
     speedup: float | None = None  # measured end to end
@@ -954,6 +966,8 @@ class E2EMeasurement:
                    sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
                    handover=res.handover, residual=res.residual, dense_ops=res.dense_ops,
                    in_network=res.in_network, outside_in_network=_outside(res.in_network),
+                   sparse_repeated_s=res.sparse_repeated_s,
+                   memory_wait=_memory_wait(res.in_network, res.sparse_repeated_s),
                    strided=res.strided,
                    speedup=dense_s / res.sparse_s if ok else None,
                    conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,

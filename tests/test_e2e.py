@@ -460,3 +460,33 @@ def test_table_plan_re_measures_every_layer_of_a_plan_in_one_run(tmp_path, cli):
     code, _, err = cli("table", "--db", db, "--plan", tmp_path / "stale.json")
     assert code == 2 and err.startswith("error:") and \
         "source of cs_cpu_direct changed" in err and "Traceback" not in err
+
+
+def test_in_network_tells_what_the_sparse_layers_wait_for_memory(monkeypatch):
+    """``in_network`` times each sparse layer where it runs, then once more at once: a layer
+    slow only when another node ran before it (its data pushed out of the caches, simulated
+    here by a sleep) shows the difference in the first figure and not in the second."""
+    from harness.e2e import in_network
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()).eval()
+    net = sm.sparsify(model, "cs", 0.75, input_size=(16, 12, 12), dense_layout="nchw")
+    layers = [m for m in net.modules() if isinstance(m, sm.SparseConv2d)]
+    assert len(layers) == 2
+    last = []
+    for m in layers:
+        conv = m._conv
+
+        def cold_first(*a, m=m, conv=conv, **kw):
+            if not last or last[-1] is not m:  # another node ran since: "cold"
+                time.sleep(0.01)
+            last.append(m)
+            return conv(*a, **kw)
+        monkeypatch.setattr(m, "_conv", cold_first)
+    x = torch.randn(1, 16, 12, 12)
+    where, repeated = in_network(net, x, runs=3)
+    assert where[SPARSE_CONV] > 2 * 0.01  # both layers ran cold once per run
+    assert repeated < where[SPARSE_CONV] - 0.8 * 2 * 0.01  # their repeats did not wait
+    with torch.inference_mode():  # calling a layer twice leaves the network's answer as it was
+        assert torch.equal(net(x), net(x))

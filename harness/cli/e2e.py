@@ -132,6 +132,7 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         "interleaved sparse ms": df.sparse_s * 1e3, "interleaved x": df.speedup,
         "summed-conv x": df.estimate, "outside convs (summed)": df.outside_share,
         "outside convs (in network)": df.outside_in_network,
+        "sparse convs waiting for memory": df.memory_wait,
         "sparse layers": df.replaced,
         "handover pairs": df.handover.map(lambda h: len(json.loads(h)) if isinstance(h, str)
                                           else None),
@@ -280,6 +281,11 @@ def show(m) -> None:
               + (f" (the summed-convolution figure puts {m.outside_share:.0%} outside: each "
                  f"layer timed alone runs from warm caches)" if m.outside_share is not None
                  else ""), flush=True)
+        if m.memory_wait is not None:
+            print(f"    the {SPARSE_CONV}, each called again at once in the network (its data "
+                  f"now in the caches): {m.sparse_repeated_s * 1e3:.2f} ms against "
+                  f"{conv * 1e3:.2f} ms: {m.memory_wait:.0%} of their time in the network is "
+                  f"waiting for data the other layers pushed out of the caches", flush=True)
     if m.dense_ops:
         print(f"    dense operations (convolutions kept dense, max-pools; Linear layers left "
               f"dense) in {m.dense_ops}",
