@@ -490,3 +490,37 @@ def test_in_network_tells_what_the_sparse_layers_wait_for_memory(monkeypatch):
     assert repeated < where[SPARSE_CONV] - 0.8 * 2 * 0.01  # their repeats did not wait
     with torch.inference_mode():  # calling a layer twice leaves the network's answer as it was
         assert torch.equal(net(x), net(x))
+
+
+BROKEN_1XN = '''
+from harness import sparse_model
+
+_choose = sparse_model._choose_dense_layout
+
+
+def broken(m, *a, **kw):  # (plugins load at the first kernel lookup, inside sparsify)
+    if m.sparsify_report.pattern == "1xn":
+        raise TypeError("planted")
+    return _choose(m, *a, **kw)
+
+
+sparse_model._choose_dense_layout = broken
+'''
+
+
+def test_a_network_that_fails_is_a_row_of_the_table_not_a_traceback(tmp_path):
+    """One case failing inside sparsify is recorded with its reason; the run goes on and its
+    summary prints (it read the failed row's missing columns as JSON and ended in a
+    traceback)."""
+    (tmp_path / "broken_1xn.py").write_text(BROKEN_1XN)
+    db = tmp_path / "e.sqlite"
+    r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(db), "--size", "32",
+                        "--rounds", "3", "--threads", "1", "--nets", "resnet18", "--patterns",
+                        "1xn,cs", "--plans", str(tmp_path), *QUIET], cwd=ROOT,
+                       env={**env(HARNESS_PLUGINS="broken_1xn"),
+                            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{tmp_path}"},
+                       capture_output=True, text=True, timeout=900)
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert "runtime_error: sparsify: TypeError: planted" in r.stdout
+    rows = {row.pattern: row for row in Store(db).e2e().itertuples()}
+    assert rows["1xn"].status == "runtime_error" and rows["cs"].status == "ok"

@@ -219,7 +219,8 @@ def run(args) -> int:
               if not device.interpreted else "\nWhole networks through Triton's interpreter "
               "(a pipeline check: the gate ran, the times are not GPU timings):")
         print(_table(df).to_string(index=False))
-    kept = {r.net: json.loads(r.kept_dense or "{}") for r in df.itertuples()}
+    kept = {r.net: json.loads(r.kept_dense) for r in df.itertuples()  # (a failed case: none)
+            if isinstance(r.kept_dense, str)}
     for net, why in kept.items():
         if why:
             print(f"  {net}: {len(why)} layer(s) stay dense, e.g. "
