@@ -363,7 +363,7 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         from .engines import alone
 
         rows = alone.check(case, rows, {"dense": dense, "masked": masked}, x, opts,
-                           gap=ENGINE_GAP)
+                           gap=ENGINE_GAP, decisions=rep.decisions())
 
     def med(name):
         return st[name].median if name in st else None

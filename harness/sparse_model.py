@@ -327,6 +327,18 @@ class Report:
     # Linear or the C++ pass (GemvLinear), and the times measured for both (CPU)
     dense_linear: dict = field(default_factory=dict)
 
+    def decisions(self) -> dict:
+        """What ``sparsify`` chose by measuring (the dense layout, the dense Linears run by the
+        C++ pass, the stride-2 pairs that hand over, the block ends that add their shortcut
+        after the kernel), as JSON: ``sparsify(..., decisions=)`` builds the same network again
+        without measuring (a process timing it alone runs the network the run measured)."""
+        layout = self.dense_layout.split()[0] if self.dense_layout else None
+        return {"dense_layout": layout if layout in ("nchw", "channels_last") else None,
+                "gemv": sorted(n for n, v in self.dense_linear.items()
+                               if v.startswith("C++ pass")),
+                "strided": [list(p) for p in self.strided_kept],
+                "residual_apart": list(self.residual_apart)}
+
     def dense_ops(self) -> str:
         """Where the dense operations run: their layout, then each dense Linear's engine."""
         return self.dense_layout + "".join(f"; {k}: {v}" for k, v in self.dense_linear.items())
@@ -573,7 +585,7 @@ def _linears(model: nn.Module, input_size) -> dict:
 def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict | None = None,
              device: str = "cpu", input_size=(3, 224, 224), net: str | None = None,
              batch: int = 1, identity: str | None = None, fuse: bool = True,
-             linear: bool = False, dense_layout: str = "measure"):
+             linear: bool = False, dense_layout: str = "measure", decisions: dict | None = None):
     """A copy of ``model`` whose convolutions run sparse kernels; see the module docstring.
     What was replaced, kept dense (with the reason) and folded is in its ``sparsify_report``
     (:class:`Report`). ``plan`` (a ``harness.plan.Plan``, or its JSON object) is checked
@@ -592,7 +604,10 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     ``input_size`` (C, H, W) is the size the kernels are prepared for first (and the size a
     plan's layer shapes are matched at); the model takes any other height, width and batch as
     the dense one does: each sparse layer prepares its kernel for a new size on first use
-    (:class:`SparseConv2d`), with the same masks."""
+    (:class:`SparseConv2d`), with the same masks.
+
+    ``decisions`` (``Report.decisions()`` of an earlier call on the same model and arguments)
+    replays what that call chose by measuring, measuring nothing."""
     from kernels import patterns as P
 
     dev = Device(device)
@@ -644,10 +659,11 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
                 _set(m, name, ChannelsLastPool(mod))
     m.sparsify_report = report
     if dev is Device.CPU and report.replaced:
-        m = _choose_dense_layout(m, dense_layout, (batch, *input_size))
-        _choose_dense_linear(m)
-        _choose_strided_handover(m, (batch, *input_size))
-        _choose_residual(m, (batch, *input_size))
+        d = decisions or {}
+        m = _choose_dense_layout(m, d.get("dense_layout") or dense_layout, (batch, *input_size))
+        _choose_dense_linear(m, d.get("gemv"))
+        _choose_strided_handover(m, (batch, *input_size), d.get("strided"))
+        _choose_residual(m, (batch, *input_size), d.get("residual_apart"))
     return fuse_layers(m) if fuse and report.replaced else m
 
 
@@ -672,11 +688,12 @@ def inputs_of(model: nn.Module, names, x, every=False) -> dict:
     return seen
 
 
-def _choose_strided_handover(m: nn.Module, size) -> None:
+def _choose_strided_handover(m: nn.Module, size, kept: list | None = None) -> None:
     """Which producer -> stride-2 consumer pairs hand over (``Report.strided_kept``): each
     pair timed both ways on the producer's real input, interleaved: the producer scattering
     its rows over the consumer's phase planes, against NCHW out and the consumer converting.
-    Scattering is measured slower for some kernels and layers and faster for others."""
+    Scattering is measured slower for some kernels and layers and faster for others. ``kept``:
+    the pairs an earlier measurement kept (nothing is timed)."""
     from .timing import interleaved_cpu
 
     report = m.sparsify_report
@@ -686,6 +703,13 @@ def _choose_strided_handover(m: nn.Module, size) -> None:
     pairs = [(a, b) for a, b in every.sparsify_report.handover
              if every.get_submodule(b).layer.stride > 1]
     if not pairs:
+        return
+    if kept is not None:
+        want = {tuple(p) for p in kept}
+        for a, b in pairs:
+            report.strided[f"{a} -> {b}"] = (f"{'hands over' if (a, b) in want else 'converts'}"
+                                            f": as decided before (not measured here)")
+        report.strided_kept = [p for p in pairs if p in want]
         return
     ins = inputs_of(m, [a for a, _ in pairs], torch.randn(*size))  # unfused: NCHW inputs
 
@@ -729,17 +753,24 @@ def residual_variants(fused: nn.Module, x) -> dict:
     return out
 
 
-def _choose_residual(m: nn.Module, size) -> None:
+def _choose_residual(m: nn.Module, size, apart: list | None = None) -> None:
     """Which layers ending a residual block add the shortcut in their epilogue (all but
     ``Report.residual_apart``): each timed both ways on its real input and shortcut,
     interleaved. Fused, the kernel reads the shortcut while it writes; in a layer whose
     threads write narrow strips of many channels (1xN at 56x56) that was measured slower than
-    the separate addition."""
+    the separate addition. ``apart``: the layers an earlier measurement left apart (nothing is
+    timed)."""
     from .timing import interleaved_cpu
 
     report = m.sparsify_report
     report.residual, report.residual_apart = {}, []
     every = fuse_layers(m, residual="all")
+    if apart is not None:
+        for name in every.sparsify_report.residual_fused:
+            report.residual[name] = (f"{'apart' if name in apart else 'fused'}: as decided "
+                                     f"before (not measured here)")
+        report.residual_apart = [n for n in every.sparsify_report.residual_fused if n in apart]
+        return
     for name, variants in residual_variants(every, torch.randn(*size)).items():
         with torch.inference_mode():
             st = interleaved_cpu(variants, rounds=5, min_sample=0.002, warmup=0.0).stats
@@ -797,15 +828,23 @@ def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
     return m if best == "channels_last" else nchw
 
 
-def _choose_dense_linear(m: nn.Module) -> None:
+def _choose_dense_linear(m: nn.Module, decided: list | None = None) -> None:
     """Each ``nn.Linear`` left dense runs through :class:`GemvLinear` where the C++ pass was
     faster at batch 1: both timed interleaved on a random input of the layer's width
-    (``Report.dense_linear`` gives both times); a larger batch runs PyTorch's either way."""
+    (``Report.dense_linear`` gives both times); a larger batch runs PyTorch's either way.
+    ``decided``: the layers an earlier measurement gave the C++ pass (nothing is timed)."""
     from .timing import interleaved_cpu
 
     report = m.sparsify_report
     for name, lin in list(m.named_modules()):
         if type(lin) is not nn.Linear or lin.weight.dtype != torch.float32:
+            continue
+        if decided is not None:
+            use = name in decided
+            report.dense_linear[name] = (f"{'C++ pass' if use else 'PyTorch'} (as decided "
+                                         f"before, not measured here)")
+            if use:
+                _set(m, name, GemvLinear(lin))
             continue
         x, gemv = torch.randn(1, lin.in_features), GemvLinear(lin)
         with torch.inference_mode():
@@ -890,15 +929,16 @@ def masked_dense(sparse: nn.Module) -> nn.Module:
     return ref
 
 
-def build_case(case) -> tuple:
+def build_case(case, decisions: dict | None = None) -> tuple:
     """For an ``E2ECase``: (the catalogued network as built, the network as sparsify prepares
     it with nothing fused, the network as deployed: epilogues fused and the layout handed over
-    between layers)."""
+    between layers). ``decisions``: as ``sparsify``'s."""
     from shapes import models
 
     model = models.build(case.net)
     unfused = sparsify(model, case.pattern, case.sparsity, plan=case.plan,
                        device=case.device.value, input_size=(3, case.size, case.size),
-                       net=case.net, batch=case.batch, fuse=False, linear=case.classifier)
+                       net=case.net, batch=case.batch, fuse=False, linear=case.classifier,
+                       decisions=decisions)
     fused = fuse_layers(unfused, handover=True) if unfused.sparsify_report.replaced else unfused
     return model, unfused, fused

@@ -492,6 +492,39 @@ def test_in_network_tells_what_the_sparse_layers_wait_for_memory(monkeypatch):
         assert torch.equal(net(x), net(x))
 
 
+def test_sparsify_replays_its_measured_decisions_without_measuring(monkeypatch):
+    """``Report.decisions()`` and ``sparsify(decisions=)``: a process timing the network alone
+    builds the network the run measured. Planted decisions, the opposite of what was measured
+    where there was a choice, are followed exactly, nothing is timed, and the answer is the
+    same network's."""
+    from harness import timing
+
+    torch.manual_seed(0)
+    model = build("resnet50")
+    first = sm.sparsify(model, "1xn", 0.9375, input_size=(3, 32, 32))
+    rep = first.sparsify_report
+    measured = rep.decisions()
+    assert measured["dense_layout"] in ("nchw", "channels_last")
+    pairs = [k.split(" -> ") for k in rep.strided]
+    ends = sorted(rep.residual)
+    assert pairs and ends and "fc" in rep.dense_linear
+    planted = {"dense_layout": "nchw" if measured["dense_layout"] == "channels_last"
+               else "channels_last",
+               "gemv": [] if measured["gemv"] else ["fc"],
+               "strided": [] if measured["strided"] else pairs[:1],
+               "residual_apart": [] if measured["residual_apart"] else ends[:1]}
+
+    def no_timing(*a, **kw):
+        raise AssertionError("a replayed sparsify timed something")
+    monkeypatch.setattr(timing, "interleaved_cpu", no_timing)
+    again = sm.sparsify(model, "1xn", 0.9375, input_size=(3, 32, 32), decisions=planted)
+    assert again.sparsify_report.decisions() == planted
+    assert "as decided before" in again.sparsify_report.dense_linear["fc"]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert rel(again(x), first(x)) < 1e-5
+
+
 BROKEN_1XN = '''
 from harness import sparse_model
 

@@ -34,10 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ALONE_TIMEOUT = 900.0  # seconds for a child to be ready, and for one of its blocks
 
 
-def check(case, rows: dict, nets: dict, x, opts, gap: float = 0.02) -> dict:
+def check(case, rows: dict, nets: dict, x, opts, gap: float = 0.02,
+          decisions: dict | None = None) -> dict:
     """``rows`` ({variant: EngineResult}) with every measured one timed alone as well, the
     processes in interleaved rounds (``gap``: seconds of pause before each block, as the
-    interleaved run has)."""
+    interleaved run has). The project's network is built again in its process with
+    ``decisions`` (``sparse_model.Report.decisions``): the very network the run measured,
+    not one whose measured choices (dense layout, fused block ends, ...) came out otherwise."""
     import torch
 
     from ..records import Status, one_source
@@ -53,6 +56,7 @@ def check(case, rows: dict, nets: dict, x, opts, gap: float = 0.02) -> dict:
                     "opts": dataclasses.asdict(opts)}
             if row.network == "sparse":
                 spec["case"] = {**dataclasses.asdict(case), "device": case.device.value}
+                spec["decisions"] = decisions
             else:
                 if row.network not in files:
                     files[row.network] = f"{tmp}/{row.network}.pt"
@@ -184,7 +188,8 @@ def main(spec_file: str) -> int:
     if "case" in spec:
         from ..sparse_model import build_case
 
-        _, _, fn = build_case(E2ECase(**{**spec["case"], "device": Device.CPU}))
+        _, _, fn = build_case(E2ECase(**{**spec["case"], "device": Device.CPU}),
+                              spec.get("decisions"))
     else:
         model = torch.load(spec["model"], weights_only=False)
         fn = engines.get(engines.Variant.parse(spec["variant"]).engine).prepare(model, x,
