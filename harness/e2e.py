@@ -360,8 +360,16 @@ def run_e2e(req: E2ERequest) -> E2EResult:
         interleaved_s=st["sparse"].median, latency_s=st["sparse"].median,
         noisy=st["sparse"].noisy, cpu_per_wall=cpu.get("sparse"))
     if req.alone and case.device is Device.CPU:
+        import gc
+
         from .engines import alone
 
+        # the engines timed here are not needed again: their memory goes to the alone processes
+        # (VGG19's engines held ~10 GB here; with the alone processes beside them, the kernel
+        # killed this process on a 24 GB machine)
+        engine_fns.clear()
+        variants.clear()
+        gc.collect()
         rows = alone.check(case, rows, {"dense": dense, "masked": masked}, x, opts,
                            gap=ENGINE_GAP, decisions=rep.decisions())
 

@@ -266,3 +266,44 @@ def test_where_one_engine_reports_its_alone_figure_every_engine_does():
     assert got["d@dense"] == rows["d@dense"]  # no alone figure: its interleaved one stands
     summary = engine_summary(json.dumps([dataclasses.asdict(r) for r in got.values()]))
     assert summary["best_dense_engine"] == "c" and summary["best_dense_s"] == 0.020
+
+
+def test_alone_processes_that_do_not_fit_in_memory_wait_for_a_later_group(tmp_path):
+    """Where memory would not hold one more alone process, the ready ones are timed in their
+    rounds and ended first; the rest form the next group (a VGG19 run with every alone process
+    alive at once had the kernel kill the run's worker)."""
+    from harness.engines import alone
+
+    log = tmp_path / "blocks.log"
+    child = [sys.executable, "-c", STANDIN_CHILD]
+    seen = []
+
+    def room(pids):  # two processes at a time
+        seen.append(len(pids))
+        return len(pids) < 2
+
+    got = alone.timed_apart({n: [*child, n, str(log)] for n in "abc"}, rounds=2, gap=0.0,
+                            room=room)
+    assert all(got[n][2] is None and got[n][0] >= 0.03 for n in "abc")
+    blocks = sorted((float(t0), n) for n, t0, _ in
+                    (line.split() for line in log.read_text().splitlines()))
+    assert [n for _, n in blocks] == ["a", "b", "a", "b", "c", "c"]
+    assert seen == [1, 2]  # asked before each start after the first of a group
+
+
+def test_memory_room_keeps_twice_the_largest_process_and_a_tenth_of_the_machine(monkeypatch):
+    import collections
+
+    import psutil
+
+    from harness.engines import alone
+
+    me = psutil.Process().memory_info().rss
+    vm = collections.namedtuple("vm", "available total")
+    slack = 10**8  # this process may grow a little between the two reads
+    for available, total, fits in [(2 * me + 10**9 + slack, 10**10, True),  # 2x me, 10% left
+                                   (2 * me + 10**9 - slack, 10**10, False),
+                                   (10**9, 10**10, True)]:  # no process asked about: only 10%
+        monkeypatch.setattr(psutil, "virtual_memory", lambda a=available, t=total: vm(a, t))
+        pids = [os.getpid()] if available != 10**9 else []
+        assert alone.memory_room(pids) is fits

@@ -7,7 +7,8 @@ every engine's alone one (``records.one_source``).
 The alone processes are timed in interleaved rounds too, as the engines inside the run are:
 every engine's process is started and prepared first (one at a time, so none is built while
 another is timed), then each round gives each process in turn one block (a pause, one untimed
-call, then the timed calls) while the others wait idle on their input. A shared machine runs
+call, then the timed calls) while the others wait idle on their input. Processes are started
+while the memory lasts (``memory_room``); those that do not fit form a later group. A shared machine runs
 faster and slower by turns (measured on a 2-core VM: the same sparse ResNet50 at 10-13 ms for
 tens of seconds, then at 19-22 ms, within one process); processes timed one after another
 each caught one phase, so an engine's alone figure depended on when it ran, and compared
@@ -133,43 +134,73 @@ class _Child:
 
 
 def timed_apart(children: dict, rounds: int, gap: float = 0.02,
-                timeout: float = ALONE_TIMEOUT) -> dict:
+                timeout: float = ALONE_TIMEOUT, room=None) -> dict:
     """{name: argv} of alone children -> {name: (median seconds or None, CPU/wall or None,
     why not timed or None)}. Each child is started and waited for in turn (it answers when
     prepared); then ``rounds`` rounds ask every ready child for one block, in turn, after a
     ``gap`` pause. A child that fails or does not answer within ``timeout`` is left out of the
-    rounds that follow, with the reason."""
+    rounds that follow, with the reason. Children are started while there is memory for one
+    more (``room(ready)``, given the ready children's processes; default ``memory_room``);
+    the rest wait for a later group, each group timed in rounds of its own."""
+    room = room or memory_room
+    pending, out = list(children.items()), {}
+    while pending:
+        ready: dict = {}
+        try:
+            while pending and (not ready or room([c.p.pid for c in ready.values()])):
+                name, argv = pending.pop(0)
+                c = _Child(argv)
+                got, why = c.answer(timeout)
+                if got is None or "ready" not in got:
+                    c.close(wait=0)
+                    out[name] = (None, None, why or f"not timed alone: {got}")
+                    continue
+                ready[name] = c
+            out.update(_rounds(ready, rounds, gap, timeout))
+        finally:
+            for c in ready.values():
+                c.close()
+    return {name: out[name] for name in children}
+
+
+def _rounds(ready: dict, rounds: int, gap: float, timeout: float) -> dict:
+    """The interleaved rounds over ``ready`` children (one that fails leaves them)."""
     import statistics
 
-    ready, out = {}, {}
-    try:
-        for name, argv in children.items():
-            c = _Child(argv)
-            got, why = c.answer(timeout)
-            if got is None or "ready" not in got:
+    out, samples, cpu = {}, {n: [] for n in ready}, {n: [] for n in ready}
+    live = dict(ready)
+    for _ in range(rounds):
+        for name, c in list(live.items()):
+            time.sleep(gap)  # the previous process's threads go idle first
+            got, why = c.ask(timeout)
+            if got is None:
                 c.close(wait=0)
-                out[name] = (None, None, why or f"not timed alone: {got}")
+                del live[name]
+                out[name] = (None, None, why)
                 continue
-            ready[name] = c
-        samples = {name: [] for name in ready}
-        cpu = {name: [] for name in ready}
-        for _ in range(rounds):
-            for name, c in list(ready.items()):
-                time.sleep(gap)  # the previous process's threads go idle first
-                got, why = c.ask(timeout)
-                if got is None:
-                    c.close(wait=0)
-                    del ready[name]
-                    out[name] = (None, None, why)
-                    continue
-                samples[name].append(got["s"])
-                cpu[name].append(got["cpu_per_wall"])
-        for name in ready:
-            out[name] = (statistics.median(samples[name]), statistics.median(cpu[name]), None)
-    finally:
-        for c in ready.values():
-            c.close()
-    return {name: out[name] for name in children}
+            samples[name].append(got["s"])
+            cpu[name].append(got["cpu_per_wall"])
+    for name in live:
+        out[name] = (statistics.median(samples[name]), statistics.median(cpu[name]), None)
+    return out
+
+
+def memory_room(pids: list[int]) -> bool:
+    """Whether one more alone process fits: the memory available now is at least twice the
+    largest of the ready ones (a process's peak while it prepares its engine is above what it
+    keeps) and leaves a tenth of the machine's memory free. Without psutil: always."""
+    try:
+        import psutil
+    except ImportError:
+        return True
+    largest = 0
+    for pid in pids:
+        try:
+            largest = max(largest, psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            pass
+    vm = psutil.virtual_memory()
+    return vm.available - 2 * largest >= 0.1 * vm.total
 
 
 def main(spec_file: str) -> int:
