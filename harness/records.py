@@ -648,8 +648,10 @@ class E2EResult:
     # JSON: operation kind -> seconds per run, timed node by node inside the deployed network
     # (e2e.in_network): where the time outside the sparse convolutions goes
     in_network: str | None = None
-    # the sparse convolutions, each called once more right after it ran in the network (its
-    # data now in the caches): against in_network's figure, what waiting for memory costs them
+    # the sparse convolutions timed where they run in the network (sparse_first_s) and each
+    # called again right after it (its data now in the caches; e2e.in_network, runs of their
+    # own): the difference is at most what waiting for memory costs them
+    sparse_first_s: float | None = None
     sparse_repeated_s: float | None = None
     dense_ops: str | None = None  # the sparse network's dense operations: layout and why
     strided: str | None = None  # JSON: pair into a stride-2 consumer -> handed over or not, why
@@ -722,19 +724,31 @@ class EngineResult:
                                    latency_s=lat, alone_note=why)
 
 
-def one_source(rows: dict) -> dict:
+def one_source(rows: dict, groups: int = 1) -> dict:
     """``rows`` ({variant: EngineResult}) reported from one kind of figure: where any engine's
     alone figure is reported (``with_alone``), every engine timed alone reports its alone one
     too. The alone processes are timed in interleaved rounds of their own, as the engines in
     the run are, so the alone figures share the machine's moments with each other but not with
     the interleaved ones: a headline ratio of an alone figure over an interleaved one would
-    compare two stretches of a machine that runs faster and slower by turns."""
+    compare two stretches of a machine that runs faster and slower by turns. Where the alone
+    figures do not share their moments either (an engine measured in the run but not timed
+    alone, or alone processes run in ``groups`` > 1 because memory held only some at once),
+    every engine reports its interleaved figure, the note saying why."""
     def alone(r):
         return r.alone_s is not None and r.latency_s == r.alone_s != r.interleaved_s
 
     switched = [r.variant for r in rows.values() if alone(r)]
     if not switched:
         return dict(rows)
+    missing = [r.variant for r in rows.values()
+               if r.status == Status.OK.value and r.interleaved_s and not r.alone_s]
+    if missing or groups > 1:
+        why = (f"not timed alone: {', '.join(missing)}" if missing else
+               f"the alone processes ran in {groups} groups (memory), at different moments")
+        return {k: dataclasses.replace(r, latency_s=r.interleaved_s,
+                                       alone_note=f"{r.alone_note}; interleaved reported, as "
+                                                  f"for every engine of the run ({why})")
+                if alone(r) else r for k, r in rows.items()}
     why = (f"alone {{:.2f}} ms reported, as for every engine of the run: "
            f"{', '.join(switched)} differ{'s' if len(switched) == 1 else ''} by more than "
            f"{ALONE_DIFFERS:.0%} (interleaved {{:.2f}} ms)")
@@ -806,11 +820,6 @@ def outside_share(breakdown: dict | None) -> float | None:
 
 def _outside(in_network: str | None) -> float | None:
     return outside_share(json.loads(in_network)) if isinstance(in_network, str) else None
-
-
-def _memory_wait(in_network: str | None, repeated: float | None) -> float | None:
-    conv = json.loads(in_network).get(SPARSE_CONV) if isinstance(in_network, str) else None
-    return 1 - repeated / conv if conv and repeated else None
 
 
 def residual_fused(residual: str | None) -> list:
@@ -897,9 +906,10 @@ class E2EMeasurement:
     in_network: str | None = None  # JSON: as E2EResult's
     # share of the in-network time outside the sparse convolutions (from in_network)
     outside_in_network: float | None = None
-    sparse_repeated_s: float | None = None  # as E2EResult's
-    # share of the sparse convolutions' in-network time beyond their repeated calls' (waiting
-    # for data the network's other layers pushed out of the caches)
+    sparse_first_s: float | None = None  # as E2EResult's
+    sparse_repeated_s: float | None = None
+    # share of the sparse convolutions' in-network time beyond their repeated calls' (at most
+    # the wait for data the other layers pushed out of the caches; below 0: repeats no faster)
     memory_wait: float | None = None
     dense_ops: str | None = None  # the sparse network's dense operations (sparsify_report)
     strided: str | None = None  # JSON: each pair into a stride-2 consumer, measured both ways
@@ -966,8 +976,9 @@ class E2EMeasurement:
                    sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
                    handover=res.handover, residual=res.residual, dense_ops=res.dense_ops,
                    in_network=res.in_network, outside_in_network=_outside(res.in_network),
-                   sparse_repeated_s=res.sparse_repeated_s,
-                   memory_wait=_memory_wait(res.in_network, res.sparse_repeated_s),
+                   sparse_first_s=res.sparse_first_s, sparse_repeated_s=res.sparse_repeated_s,
+                   memory_wait=(1 - res.sparse_repeated_s / res.sparse_first_s
+                                if res.sparse_first_s and res.sparse_repeated_s else None),
                    strided=res.strided,
                    speedup=dense_s / res.sparse_s if ok else None,
                    conv_dense_s=res.conv_dense_s, conv_sparse_s=res.conv_sparse_s,

@@ -215,11 +215,11 @@ def test_alone_processes_are_timed_in_interleaved_rounds_one_block_at_a_time(tmp
     }, rounds=3, gap=0.0, timeout=5)
     assert list(got) == ["a", "fails", "b", "dies", "silent"]
     for name in ("a", "b"):
-        median, cpu, why = got[name]
-        assert why is None and 0.03 <= median < 0.5 and cpu == 0.0
-    assert got["fails"] == (None, None, "not timed alone: exit 1: cannot build the engine")
-    assert got["dies"] == (None, None, "not timed alone: exit 4: no output")
-    assert got["silent"] == (None, None, "not timed alone: no answer within 5 s")
+        median, cpu, why, group = got[name]
+        assert why is None and 0.03 <= median < 0.5 and cpu == 0.0 and group == 1
+    assert got["fails"] == (None, None, "not timed alone: exit 1: cannot build the engine", 1)
+    assert got["dies"] == (None, None, "not timed alone: exit 4: no output", 1)
+    assert got["silent"] == (None, None, "not timed alone: no answer within 5 s", 1)
     blocks = sorted((float(t0), float(t1), n) for n, t0, t1 in
                     (line.split() for line in log.read_text().splitlines()))
     assert [n for _, _, n in blocks] == ["a", "b"] * 3  # interleaved, in rounds
@@ -241,13 +241,15 @@ def test_the_alone_child_answers_ready_then_one_block_per_go(tmp_path):
     got = alone.timed_apart(
         {"eager": [sys.executable, "-m", "harness.engines.alone", str(tmp_path / "spec.json")]},
         rounds=2)
-    median, cpu, why = got["eager"]
+    median, cpu, why, _ = got["eager"]
     assert why is None and 0 < median < 0.05 and 0.3 < cpu < 1.5
 
 
 def test_where_one_engine_reports_its_alone_figure_every_engine_does():
     """A headline ratio never sets an alone figure over an interleaved one: they come from
-    different stretches of a machine that runs faster and slower by turns."""
+    different stretches of a machine that runs faster and slower by turns. Where the alone
+    figures do not share their moments either (an engine not timed alone, or the alone
+    processes run in groups), every engine reports its interleaved one."""
     from harness.records import one_source
 
     def row(v, inter, alone):
@@ -257,15 +259,22 @@ def test_where_one_engine_reports_its_alone_figure_every_engine_does():
 
     close = {"a@dense": row("a@dense", 0.040, 0.041), "b@dense": row("b@dense", 0.020, 0.021)}
     assert one_source(close) == close  # every alone figure within 10%: interleaved throughout
-    rows = {**close, "c@dense": row("c@dense", 0.030, 0.020),
-            "d@dense": row("d@dense", 0.050, None)}  # d: its alone process failed
+    rows = {**close, "c@dense": row("c@dense", 0.030, 0.020)}
     got = one_source(rows)
     assert got["c@dense"] == rows["c@dense"] and got["c@dense"].latency_s == 0.020
     assert got["a@dense"].latency_s == 0.041 and got["b@dense"].latency_s == 0.021
     assert "as for every engine of the run: c@dense differs" in got["a@dense"].alone_note
-    assert got["d@dense"] == rows["d@dense"]  # no alone figure: its interleaved one stands
     summary = engine_summary(json.dumps([dataclasses.asdict(r) for r in got.values()]))
     assert summary["best_dense_engine"] == "c" and summary["best_dense_s"] == 0.020
+    # d's alone process failed: no alone figure set shares its moments, interleaved for all
+    failed = one_source({**rows, "d@dense": row("d@dense", 0.050, None)})
+    assert {k: r.latency_s for k, r in failed.items()} == {
+        "a@dense": 0.040, "b@dense": 0.020, "c@dense": 0.030, "d@dense": 0.050}
+    assert "interleaved reported" in failed["c@dense"].alone_note
+    assert "not timed alone: d@dense" in failed["c@dense"].alone_note
+    grouped = one_source(rows, groups=2)
+    assert grouped["c@dense"].latency_s == 0.030 and "2 groups" in grouped["c@dense"].alone_note
+    assert grouped["a@dense"] == rows["a@dense"]
 
 
 def test_alone_processes_that_do_not_fit_in_memory_wait_for_a_later_group(tmp_path):
@@ -285,6 +294,7 @@ def test_alone_processes_that_do_not_fit_in_memory_wait_for_a_later_group(tmp_pa
     got = alone.timed_apart({n: [*child, n, str(log)] for n in "abc"}, rounds=2, gap=0.0,
                             room=room)
     assert all(got[n][2] is None and got[n][0] >= 0.03 for n in "abc")
+    assert [got[n][3] for n in "abc"] == [1, 1, 2]
     blocks = sorted((float(t0), n) for n, t0, _ in
                     (line.split() for line in log.read_text().splitlines()))
     assert [n for _, n in blocks] == ["a", "b", "a", "b", "c", "c"]

@@ -78,7 +78,9 @@ def add_parser(sub):
                         "out); 'none': PyTorch eager only, which is always measured")
     p.add_argument("--no-alone", dest="alone", action="store_false",
                    help="skip timing each engine alone in a process of its own (the check of "
-                        "the interleaved figures; it costs a process start per engine)")
+                        "the interleaved figures: where one differs by more than 10%%, every "
+                        "engine reports its alone figure; it costs a process per engine, "
+                        "prepared before the alone rounds)")
     p.add_argument("--fresh", action="store_true", help="measure networks already measured")
     p.add_argument("--db", default=str(DEFAULT_DB))
     add_executor(p)
@@ -285,8 +287,11 @@ def show(m) -> None:
         if m.memory_wait is not None:
             print(f"    the {SPARSE_CONV}, each called again at once in the network (its data "
                   f"now in the caches): {m.sparse_repeated_s * 1e3:.2f} ms against "
-                  f"{conv * 1e3:.2f} ms: {m.memory_wait:.0%} of their time in the network is "
-                  f"waiting for data the other layers pushed out of the caches", flush=True)
+                  f"{m.sparse_first_s * 1e3:.2f} ms where they run"
+                  + (f": at most {m.memory_wait:.0%} of their time in the network is waiting "
+                     f"for data the other layers pushed out of the caches" if m.memory_wait > 0
+                     else ": the repeats were no faster, no wait for memory measured"),
+                  flush=True)
     if m.dense_ops:
         print(f"    dense operations (convolutions kept dense, max-pools; Linear layers left "
               f"dense) in {m.dense_ops}",

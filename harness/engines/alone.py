@@ -67,9 +67,9 @@ def check(case, rows: dict, nets: dict, x, opts, gap: float = 0.02,
             Path(specs[name]).write_text(json.dumps(spec))
         got = timed_apart({name: [sys.executable, "-m", "harness.engines.alone", f]
                            for name, f in specs.items()}, opts.rounds, gap)
-        for name, (median, cpu, why) in got.items():
+        for name, (median, cpu, why, _) in got.items():
             out[name] = rows[name].with_alone(median, cpu, why)
-    return one_source(out)
+    return one_source(out, groups=len({g for m, _, _, g in got.values() if m is not None}))
 
 
 class _Child:
@@ -79,7 +79,8 @@ class _Child:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         self.p = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, bufsize=1)
+                                  stderr=subprocess.PIPE, text=True, bufsize=1,
+                                  encoding="utf-8", errors="replace")
         self.lines: queue.Queue = queue.Queue()
         self.err: list[str] = []
         threading.Thread(target=self._read, args=(self.p.stdout, self.lines.put, True),
@@ -103,13 +104,20 @@ class _Child:
                 line = self.lines.get(timeout=max(end - time.monotonic(), 0))
             except queue.Empty:
                 return None, f"not timed alone: no answer within {timeout:.0f} s"
-            if line is None:
-                self.p.wait()
+            if line is None:  # its output closed: it ended (or is made to)
+                try:
+                    self.p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.p.kill()
+                    self.p.wait()
                 self._err_reader.join(timeout=5)
                 err = next((e.strip() for e in reversed(self.err) if e.strip()), "no output")
                 return None, f"not timed alone: exit {self.p.returncode}: {err}"[:300]
             if line.startswith("{"):
-                return json.loads(line), None
+                try:
+                    return json.loads(line), None
+                except ValueError:
+                    pass  # an engine's own output that looks like JSON: not an answer
 
     def ask(self, timeout: float) -> tuple[dict | None, str | None]:
         try:
@@ -135,28 +143,34 @@ class _Child:
 
 def timed_apart(children: dict, rounds: int, gap: float = 0.02,
                 timeout: float = ALONE_TIMEOUT, room=None) -> dict:
-    """{name: argv} of alone children -> {name: (median seconds or None, CPU/wall or None,
-    why not timed or None)}. Each child is started and waited for in turn (it answers when
-    prepared); then ``rounds`` rounds ask every ready child for one block, in turn, after a
-    ``gap`` pause. A child that fails or does not answer within ``timeout`` is left out of the
-    rounds that follow, with the reason. Children are started while there is memory for one
-    more (``room(ready)``, given the ready children's processes; default ``memory_room``);
-    the rest wait for a later group, each group timed in rounds of its own."""
+    """{name: argv} of alone children -> {name: (median seconds or None, CPU/wall or None, why
+    not timed or None, the group it was started in, from 1)}. Each child is started and
+    waited for in turn (it answers when prepared); then ``rounds`` rounds ask every ready
+    child for one block, in turn, after a ``gap`` pause. A child that fails or does not
+    answer within ``timeout`` is left out of the rounds that follow, with the reason.
+    Children are started while there is memory for one more (``room(ready)``, given the
+    ready children's processes; default ``memory_room``); the rest wait for a later group,
+    each group timed in rounds of its own."""
     room = room or memory_room
-    pending, out = list(children.items()), {}
+    pending, out, group = list(children.items()), {}, 0
     while pending:
         ready: dict = {}
+        group += 1
         try:
             while pending and (not ready or room([c.p.pid for c in ready.values()])):
                 name, argv = pending.pop(0)
                 c = _Child(argv)
-                got, why = c.answer(timeout)
+                try:
+                    got, why = c.answer(timeout)
+                except BaseException:
+                    c.close(wait=0)
+                    raise
                 if got is None or "ready" not in got:
                     c.close(wait=0)
-                    out[name] = (None, None, why or f"not timed alone: {got}")
+                    out[name] = (None, None, why or f"not timed alone: {got}", group)
                     continue
                 ready[name] = c
-            out.update(_rounds(ready, rounds, gap, timeout))
+            out.update({n: (*r, group) for n, r in _rounds(ready, rounds, gap, timeout).items()})
         finally:
             for c in ready.values():
                 c.close()
@@ -173,8 +187,9 @@ def _rounds(ready: dict, rounds: int, gap: float, timeout: float) -> dict:
         for name, c in list(live.items()):
             time.sleep(gap)  # the previous process's threads go idle first
             got, why = c.ask(timeout)
-            if got is None:
+            if got is None or "s" not in got:
                 c.close(wait=0)
+                why = why or f"not timed alone: answered {json.dumps(got)[:100]}"
                 del live[name]
                 out[name] = (None, None, why)
                 continue
