@@ -268,6 +268,17 @@ def _prepare_engines(names, nets: dict, x, wants: dict, threads: int, tol: float
 
 
 def run_e2e(req: E2ERequest) -> E2EResult:
+    """One network, measured (see the module docstring); the engines' exported files are
+    removed at its end."""
+    from .engines import _onnx
+
+    try:
+        return _run_e2e(req)
+    finally:
+        _onnx.cleanup()
+
+
+def _run_e2e(req: E2ERequest) -> E2EResult:
     case, opts = req.case, req.timing
     torch.set_num_threads(case.threads)
     gpu_settings(case.device)

@@ -317,3 +317,20 @@ def test_memory_room_keeps_twice_the_largest_process_and_a_tenth_of_the_machine(
         monkeypatch.setattr(psutil, "virtual_memory", lambda a=available, t=total: vm(a, t))
         pids = [os.getpid()] if available != 10**9 else []
         assert alone.memory_room(pids) is fits
+
+
+def test_the_exported_onnx_files_are_removed_at_the_end_of_each_e2e_case(tmp_path, monkeypatch):
+    """The worker ends with os._exit, which runs no exit handler: the export folder (2.4 GB
+    for VGG19) was left in the temporary folder by every e2e run."""
+    from harness.e2e import run_e2e
+    from harness.engines import _onnx
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    path = _onnx.export(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8))
+    assert os.path.exists(path)
+    with pytest.raises(AttributeError):
+        run_e2e(object())  # not a request: the case fails at once
+    assert not os.path.exists(path) and list(tmp_path.iterdir()) == []
+    again = _onnx.export(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8))
+    assert os.path.exists(again)  # a later case exports afresh
+    _onnx.cleanup()
