@@ -699,7 +699,6 @@ def _choose_strided_handover(m: nn.Module, size, kept: list | None = None) -> No
     report = m.sparsify_report
     report.strided, report.strided_kept = {}, []
     every = fuse_layers(m, handover="strided")
-    base = fuse_layers(m)  # the stride-1 pairs hand over, as deployed; these pairs convert
     pairs = [(a, b) for a, b in every.sparsify_report.handover
              if every.get_submodule(b).layer.stride > 1]
     if not pairs:
@@ -711,6 +710,7 @@ def _choose_strided_handover(m: nn.Module, size, kept: list | None = None) -> No
                                             f": as decided before (not measured here)")
         report.strided_kept = [p for p in pairs if p in want]
         return
+    base = fuse_layers(m)  # the stride-1 pairs hand over, as deployed; these pairs convert
     ins = inputs_of(m, [a for a, _ in pairs], torch.randn(*size))  # unfused: NCHW inputs
 
     def arg(mod, xa):  # the producer's input as it arrives there: its own layout if handed

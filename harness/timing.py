@@ -236,6 +236,26 @@ def calibrate(fn, arg, min_sample: float, max_reps: int = 10000) -> int:
         reps = min(max_reps, max(reps * 2, int(reps * min_sample / max(t, 1e-9) * 1.2)))
 
 
+def warmed_reps(fn, arg, warmup: float, min_sample: float, max_reps: int = 10000) -> int:
+    """``fn(arg)`` called for ``warmup`` seconds (at least once), then ``calibrate``'s
+    repetitions per sample."""
+    t_end = time.perf_counter() + warmup
+    fn(arg)
+    while time.perf_counter() < t_end:
+        fn(arg)
+    return calibrate(fn, arg, min_sample, max_reps)
+
+
+def block(fn, arg, reps: int, settle: bool = True) -> tuple[float, float]:
+    """One timed block: (seconds per call over ``reps`` calls, the process's CPU time over
+    wall time), after one untimed call where ``settle``."""
+    if settle:  # one untimed call: the block starts from this variant's steady state
+        fn(arg)
+    c0 = time.process_time()
+    t = _time_reps(fn, arg, reps)
+    return t, (time.process_time() - c0) / max(t * reps, 1e-9)
+
+
 def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
                     warmup: float = 0.05, deadline: float | None = None, max_reps: int = 10000,
                     gap: float = 0.0, max_contention: float | None = None, monitor=None):
@@ -256,13 +276,8 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
     (``max_reps`` 1), where one call is the whole round."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    reps = {}
-    for name, (fn, arg) in variants.items():
-        t_end = time.perf_counter() + warmup
-        fn(arg)
-        while time.perf_counter() < t_end:
-            fn(arg)
-        reps[name] = calibrate(fn, arg, min_sample, max_reps)
+    reps = {name: warmed_reps(fn, arg, warmup, min_sample, max_reps)
+            for name, (fn, arg) in variants.items()}
     samples: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     settle = max_reps > 1 or bool(gap)
@@ -272,11 +287,8 @@ def interleaved_cpu(variants: dict, rounds: int = 7, min_sample: float = 2e-3,
         for name, (fn, arg) in variants.items():
             if gap:  # a pause first, so spinning pools of the variant before go idle
                 time.sleep(gap)
-            if settle:  # one untimed call: the block starts from this variant's steady state
-                fn(arg)
-            c0 = time.process_time()
-            t = _time_reps(fn, arg, reps[name])
-            cpu[name].append((time.process_time() - c0) / max(t * reps[name], 1e-9))
+            t, c = block(fn, arg, reps[name], settle)
+            cpu[name].append(c)
             samples[name].append(t)
 
         def drop():  # the round is retaken: its samples go, for every variant alike

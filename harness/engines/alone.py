@@ -8,8 +8,8 @@ The alone processes are timed in interleaved rounds too, as the engines inside t
 every engine's process is started and prepared first (one at a time, so none is built while
 another is timed), then each round gives each process in turn one block (a pause, one untimed
 call, then the timed calls) while the others wait idle on their input. Processes are started
-while the memory lasts (``memory_room``); those that do not fit form a later group. A shared machine runs
-faster and slower by turns (measured on a 2-core VM: the same sparse ResNet50 at 10-13 ms for
+while the memory lasts (``memory_room``); those that do not fit form a later group. A shared
+machine runs faster and slower by turns (measured on a 2-core VM: the same sparse ResNet50 at 10-13 ms for
 tens of seconds, then at 19-22 ms, within one process); processes timed one after another
 each caught one phase, so an engine's alone figure depended on when it ran, and compared
 with another's, on the machine's phases rather than on the engines.
@@ -223,7 +223,7 @@ def main(spec_file: str) -> int:
 
     from .. import engines
     from ..records import Device, E2ECase, TimingOptions
-    from ..timing import calibrate, prepare_process
+    from ..timing import block, prepare_process, warmed_reps
 
     prepare_process()  # as in the worker: one allocator regime, ahead of other work
     spec = json.loads(Path(spec_file).read_text())
@@ -241,23 +241,12 @@ def main(spec_file: str) -> int:
         fn = engines.get(engines.Variant.parse(spec["variant"]).engine).prepare(model, x,
                                                                                 threads)
     with torch.inference_mode():
-        end = time.perf_counter() + opts.warmup
-        fn(x)
-        while time.perf_counter() < end:
-            fn(x)
-        reps = calibrate(fn, x, opts.min_sample)
+        reps = warmed_reps(fn, x, opts.warmup, opts.min_sample)
         print(json.dumps({"ready": reps}), flush=True)
         for line in sys.stdin:
-            if line.strip() != "go":
-                continue
-            fn(x)  # one untimed call: the block starts from this engine's steady state
-            c0, t0 = time.process_time(), time.perf_counter()
-            for _ in range(reps):
-                fn(x)
-            wall = time.perf_counter() - t0
-            print(json.dumps({"s": wall / reps,
-                              "cpu_per_wall": (time.process_time() - c0) / max(wall, 1e-9)}),
-                  flush=True)
+            if line.strip() == "go":  # one block, as a round of interleaved_cpu times it
+                t, cpu = block(fn, x, reps)
+                print(json.dumps({"s": t, "cpu_per_wall": cpu}), flush=True)
     return 0
 
 
