@@ -82,7 +82,8 @@ def _conv_sums(dense: nn.Module, sparse: nn.Module, x, device, opts) -> tuple[fl
         with torch.inference_mode():
             st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's
         total_d += len(names) * min(st["nchw"].median, st["cl"].median)
-        total_s += len(names) * st["sparse"].median
+        # a network running its batch a few images per call (BatchChunks) calls it that often
+        total_s += len(names) * st["sparse"].median * len(x) / len(s_in[name])
     return total_d, total_s
 
 
@@ -113,7 +114,8 @@ def _residual_savings(fused: nn.Module, x, device, opts) -> list:
     out = []
     for name, variants in sparse_model.residual_variants(fused, x).items():
         st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's
-        out.append([name, st["apart"].median - st["fused"].median])
+        calls = len(x) / len(variants["fused"][1])  # a batch run a few images per call
+        out.append([name, (st["apart"].median - st["fused"].median) * calls])
     return out
 
 
@@ -143,7 +145,8 @@ def in_network(net: nn.Module, x, runs: int = 5) -> tuple[dict, tuple | None] | 
     data now in the caches), the second of two calls timed, so its output is written where
     the first one's was: what they cost in the network beyond that is at most the wait for
     data the network pushed out of the caches), or None without sparse convolutions); None
-    where the network is not a traceable graph."""
+    where the network is not a traceable graph. A network running its batch a few images per
+    call (``sparse_model.BatchChunks``) is run so here too, and each run sums its calls."""
     import time
     from collections import defaultdict
 
@@ -155,6 +158,8 @@ def in_network(net: nn.Module, x, runs: int = 5) -> tuple[dict, tuple | None] | 
     kinds = {n: _kind(n, mods) for n in net.graph.nodes if n.op not in ("placeholder", "output")}
     acc: dict = defaultdict(float)
     repeat = False
+    chunk = getattr(net, "batch_chunk", 0)
+    parts = x.split(chunk) if chunk else (x,)
 
     class Timed(fx.Interpreter):
         def run_node(self, n):
@@ -175,7 +180,8 @@ def in_network(net: nn.Module, x, runs: int = 5) -> tuple[dict, tuple | None] | 
         with torch.inference_mode():
             for i in range(runs + 1):
                 acc.clear()
-                Timed(net).run(x)
+                for part in parts:
+                    Timed(net).run(part)
                 if i:
                     per_run.append(dict(acc))
         return {k: sorted(r.get(k, 0.0) for r in per_run)[len(per_run) // 2]
@@ -295,8 +301,13 @@ def _run_e2e(req: E2ERequest) -> E2EResult:
     rep = sparse.sparsify_report
     variants_sparse = {"sparse": sparse}
     if sparse is not unfused:
-        variants_sparse["sparse_epilogue"] = sparse_model.fuse_layers(unfused, handover=False)
+        # the whole batch per call, as the unfused network runs it, so the difference is the
+        # epilogues' alone; what running a few images per call saves is its own variant
+        variants_sparse["sparse_epilogue"] = sparse_model.fuse_layers(unfused, handover=False,
+                                                                      batch_chunk=0)
         variants_sparse["sparse_unfused"] = unfused
+        if getattr(sparse, "batch_chunk", 0):
+            variants_sparse["sparse_whole"] = sparse_model.fuse_layers(unfused, batch_chunk=0)
     used: dict = {}
     for r in rep.replaced.values():
         used[r["kernel"]] = used.get(r["kernel"], 0) + 1
@@ -305,7 +316,7 @@ def _run_e2e(req: E2ERequest) -> E2EResult:
             "handover": json.dumps(rep.handover), "dense_ops": rep.dense_ops(),
             "residual": json.dumps([[n] for n in rep.residual_fused] + [
                 [n, rep.residual[n]] for n in rep.residual_apart]),
-            "strided": json.dumps(rep.strided, sort_keys=True)}
+            "strided": json.dumps(rep.strided, sort_keys=True), "batch_chunk": rep.batch_chunks}
     if not rep.replaced:
         return E2EResult(Status.UNSUPPORTED, f"{case.pattern} replaces no convolution of "
                                              f"{case.net}", **info)
@@ -404,7 +415,7 @@ def _run_e2e(req: E2ERequest) -> E2EResult:
         dense_cl_s=med("dense_cl"), dense_compiled_s=med("dense_compiled"),
         sparse_s=st["sparse"].median,
         sparse_epilogue_s=med("sparse_epilogue"), sparse_unfused_s=med("sparse_unfused"),
-        conv_dense_s=conv_d, conv_sparse_s=conv_s,
+        sparse_whole_s=med("sparse_whole"), conv_dense_s=conv_d, conv_sparse_s=conv_s,
         dense_graph_s=min(st["dense_nchw_graph"].median, st["dense_cl_graph"].median)
         if "sparse_graph" in st else None,
         sparse_graph_s=st["sparse_graph"].median if "sparse_graph" in st else None,

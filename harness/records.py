@@ -638,6 +638,9 @@ class E2EResult:
     sparse_s: float | None = None  # fused (epilogues in the kernels, layout handover)
     sparse_epilogue_s: float | None = None  # epilogues fused, NCHW between every layer
     sparse_unfused_s: float | None = None  # bias and ReLU as separate ops, NCHW between layers
+    # the fused network with the whole batch in one call, where it runs a few images per call
+    sparse_whole_s: float | None = None
+    batch_chunk: str | None = None  # images per call of the sparse network, and the measurement
     relu_fused: int | None = None
     handover: str | None = None  # JSON: [producer, consumer(, seconds saved)] per layer pair
     # handing over in the kernel's layout (the time saved measured per pair, interleaved)
@@ -806,6 +809,13 @@ def handover_saved_s(handover: str | None) -> float | None:
     return float(sum(saved)) if saved else None
 
 
+def images_per_call(batch_chunk: str | None) -> str | None:
+    """The ``batch_chunk`` column's choice alone: "whole batch" or the images per call."""
+    if not isinstance(batch_chunk, str):
+        return None
+    return "whole batch" if batch_chunk.startswith("whole") else batch_chunk.split()[0]
+
+
 SPARSE_CONV = "sparse convolutions"  # e2e.in_network's kind for the sparse layers
 
 
@@ -900,6 +910,8 @@ class E2EMeasurement:
     sparse_s: float | None = None
     sparse_epilogue_s: float | None = None  # same kernels, no layout handover
     sparse_unfused_s: float | None = None  # same kernels, nothing fused
+    sparse_whole_s: float | None = None  # as E2EResult's
+    batch_chunk: str | None = None
     relu_fused: int | None = None
     handover: str | None = None
     residual: str | None = None  # JSON: as E2EResult's
@@ -973,7 +985,8 @@ class E2EMeasurement:
                    dense_nchw_s=res.dense_nchw_s, dense_cl_s=res.dense_cl_s,
                    dense_compiled_s=res.dense_compiled_s, sparse_s=res.sparse_s,
                    sparse_epilogue_s=res.sparse_epilogue_s,
-                   sparse_unfused_s=res.sparse_unfused_s, relu_fused=res.relu_fused,
+                   sparse_unfused_s=res.sparse_unfused_s, sparse_whole_s=res.sparse_whole_s,
+                   batch_chunk=res.batch_chunk, relu_fused=res.relu_fused,
                    handover=res.handover, residual=res.residual, dense_ops=res.dense_ops,
                    in_network=res.in_network, outside_in_network=_outside(res.in_network),
                    sparse_first_s=res.sparse_first_s, sparse_repeated_s=res.sparse_repeated_s,

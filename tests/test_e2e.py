@@ -1,6 +1,7 @@
 """Whole networks: drop-in sparse models equal the masked dense network, plans are checked before
 use, and ``e2e`` gates, times and stores whole-network latency."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -514,7 +515,8 @@ def test_sparsify_replays_its_measured_decisions_without_measuring(monkeypatch):
                else "channels_last",
                "gemv": [] if measured["gemv"] else ["fc"],
                "strided": [] if measured["strided"] else pairs[:1],
-               "residual_apart": [] if measured["residual_apart"] else ends[:1]}
+               "residual_apart": [] if measured["residual_apart"] else ends[:1],
+               "batch_chunk": 0}  # batch 1: one image per call whatever is asked
 
     def no_timing(*a, **kw):
         raise AssertionError("a replayed sparsify timed something")
@@ -537,6 +539,67 @@ def test_sparsify_replays_its_measured_decisions_without_measuring(monkeypatch):
         assert rel(again(x), first(x)) < 1e-5
 
 
+def test_a_batch_runs_in_the_number_of_images_per_call_measured_fastest(monkeypatch):
+    """At batch 4 ``sparsify`` times the fused network whole and 1 and 2 images per call and
+    keeps the fastest: with a max-pool planted to cost 10 ms on one image, nothing on two and
+    30 ms on four, two per call is the fastest (4 x 10 ms one by one, 30 ms whole). The network
+    then calls its layers on two images at a time, equals the masked dense network image for
+    image, and a replay of its decisions builds the same; the layer choices after it were
+    timed at two images."""
+    from harness import timing
+
+    cost = {1: 0.01, 2: 0.0, 4: 0.03}
+
+    def slowed(forward):
+        def slow(self, t):
+            time.sleep(cost.get(t.shape[0], 0.0))
+            return forward(self, t)
+        return slow
+
+    for pool in (sm.ChannelsLastPool, sm.NchwMaxPool):
+        monkeypatch.setattr(pool, "forward", slowed(pool.forward))
+    sizes = []
+    interleaved = timing.interleaved_cpu
+
+    def spy(variants, *a, **kw):
+        sizes.extend(arg.shape[0] for _, arg in variants.values())
+        return interleaved(variants, *a, **kw)
+
+    monkeypatch.setattr(timing, "interleaved_cpu", spy)
+    model = build("resnet18", seed=3)
+    sparse = harness.sparsify(model, "1xn", 0.9375, input_size=(3, 32, 32), batch=4)
+    rep = sparse.sparsify_report
+    assert isinstance(sparse, sm.BatchChunks) and sparse.batch_chunk == 2, rep.batch_chunks
+    assert rep.batch_chunk == 2 and rep.decisions()["batch_chunk"] == 2
+    assert rep.batch_chunks.startswith("2 images per call (measured whole network at 4x3x32x32")
+    for said in ("whole batch", "1 image per call", "2 images per call"):
+        assert said + " " in rep.batch_chunks.split(": ", 1)[1], rep.batch_chunks
+    assert rep.residual  # measured, on two images (not on the batch of 4)
+    assert 4 in sizes and 2 in sizes and sizes[-1] == 2
+    seen = []
+    first = next(m for m in sparse.modules() if isinstance(m, sm.SparseConv2d))
+    hook = first.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    ref = sm.masked_dense(sparse).double()
+    with torch.no_grad():
+        y = sparse(x)
+        assert y.shape == (4, 1000) and rel(y, ref(x.double())) < 1e-4
+        assert seen == [2, 2]
+        seen.clear()
+        assert rel(sparse(x[:1]), ref(x[:1].double())) < 1e-4 and seen == [1]
+    hook.remove()
+    again = harness.sparsify(model, "1xn", 0.9375, input_size=(3, 32, 32), batch=4,
+                             decisions=rep.decisions())
+    assert again.batch_chunk == 2 and "as decided before" in again.sparsify_report.batch_chunks
+    copied = copy.deepcopy(again)
+    assert copied.batch_chunk == 2
+    with torch.no_grad():
+        assert torch.equal(copied(x), again(x))
+    cost.update({1: 0.0, 2: 0.03})  # now one image per call is fastest
+    one = harness.sparsify(model, "1xn", 0.9375, input_size=(3, 32, 32), batch=4)
+    assert one.batch_chunk == 1, one.sparsify_report.batch_chunks
+
+
 BROKEN_1XN = '''
 from harness import sparse_model
 
@@ -551,6 +614,46 @@ def broken(m, *a, **kw):  # (plugins load at the first kernel lookup, inside spa
 
 sparse_model._choose_dense_layout = broken
 '''
+
+
+ONE_PER_CALL = '''
+from harness import sparse_model
+
+_choose = sparse_model._choose_batch_chunk
+
+
+def one(m, size, decided=None):  # as if one image per call had been measured fastest
+    return _choose(m, size, 1 if decided is None else decided)
+
+
+sparse_model._choose_batch_chunk = one
+'''
+
+
+def test_e2e_times_a_batch_run_a_few_images_per_call_against_the_whole_batch(tmp_path):
+    """At batch 2, with one image per call chosen (planted), the e2e row checks that network
+    against float64, times it beside the same network taking the whole batch in one call
+    (the step's saving, its own column) and stores the choice; the process timing the project
+    alone rebuilds that network from the run's decisions."""
+    (tmp_path / "one_per_call.py").write_text(ONE_PER_CALL)
+    db = tmp_path / "e.sqlite"
+    r = subprocess.run([sys.executable, "-m", "harness", "e2e", "--db", str(db), "--size", "32",
+                        "--rounds", "3", "--threads", "1", "--nets", "resnet18", "--patterns",
+                        "1xn", "--batch", "2", "--plans", str(tmp_path), "--engines", "none",
+                        "--min-sample", "0.002"], cwd=ROOT,
+                       env={**env(HARNESS_PLUGINS="one_per_call"),
+                            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{tmp_path}"},
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    row = Store(db).e2e().iloc[0]
+    assert row.status == "ok" and row.batch == 2 and row.rel_err < 1e-4
+    assert row.batch_chunk.startswith("1 image per call")
+    assert row.sparse_whole_s > 0 and row.sparse_s > 0 and row.sparse_epilogue_s > 0
+    assert "batch: 1 image per call" in r.stdout and "the whole batch in one call" in r.stdout
+    alone = {e["variant"]: e for e in json.loads(row.engines)}["project@sparse"]
+    assert alone["alone_s"] > 0, alone  # the child built and ran the same network
+    where = json.loads(row.in_network)
+    assert where[SPARSE_CONV] > 0
 
 
 def test_a_network_that_fails_is_a_row_of_the_table_not_a_traceback(tmp_path):

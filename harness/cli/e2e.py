@@ -23,6 +23,7 @@ from ..records import (
     Status,
     TimingOptions,
     handover_saved_s,
+    images_per_call,
     residual_fused,
 )
 from ..store import Store
@@ -142,7 +143,9 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
         "residual adds fused": df.residual.map(lambda h: len(residual_fused(h))
                                                if isinstance(h, str) else None),
         "residual saves ms": df.residual.map(handover_saved_s) * 1e3,
-        "epilogues save ms": (df.sparse_unfused_s - df.sparse_epilogue_s) * 1e3})
+        "epilogues save ms": (df.sparse_unfused_s - df.sparse_epilogue_s) * 1e3,
+        "images per call": df.batch_chunk.map(images_per_call),
+        "images per call save ms": (df.sparse_whole_s - df.sparse_s) * 1e3})
     if "graph_speedup" in df and df.graph_speedup.notna().any():  # GPU runs: CUDA graphs too
         out["graph dense ms"] = df.dense_graph_s * 1e3
         out["graph sparse ms"] = df.sparse_graph_s * 1e3
@@ -292,6 +295,10 @@ def show(m) -> None:
                      f"for data the other layers pushed out of the caches" if m.memory_wait > 0
                      else ": the repeats were no faster, no wait for memory measured"),
                   flush=True)
+    if m.batch_chunk and m.batch > 1:
+        print(f"    batch: {m.batch_chunk}"
+              + (f"; the whole batch in one call, same run: {m.sparse_whole_s * 1e3:.2f} ms "
+                 f"against {m.sparse_s * 1e3:.2f} ms" if m.sparse_whole_s else ""), flush=True)
     if m.dense_ops:
         print(f"    dense operations (convolutions kept dense, max-pools; Linear layers left "
               f"dense) in {m.dense_ops}",
