@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import operator
+import threading
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ class SparseConv2d(nn.Module):
         # a direct (NCHW) layout is what a producer hands over as a 4-D tensor; any other layout
         # arrives as a 2-D buffer, so a 4-D input of the layer's own size is plain NCHW
         self._direct_in = laid_in and self.in_layout.direct
-        self._out: dict = {}  # batch -> buffer in ``dest``'s layout (its padding stays zero)
+        # (batch, thread) -> buffer in ``dest``'s layout (its padding stays zero)
+        self._out: dict = {}
         self._sizes: OrderedDict = OrderedDict()  # (h, w) -> (run, how), other input sizes
 
     @property
@@ -108,9 +110,10 @@ class SparseConv2d(nn.Module):
         if self.epilogue:
             out = None
             if self.dest is not None:
-                out = self._out.get(x.shape[0])
+                key = (x.shape[0], threading.get_ident())  # images run side by side
+                out = self._out.get(key)
                 if out is None:
-                    out = self._out[x.shape[0]] = self.dest.empty(x.shape[0])
+                    out = self._out[key] = self.dest.empty(x.shape[0])
             return self.run.fused(x, laid_out=self.laid_in and (x.dim() == 2 or self._direct_in),
                                   bias=self.bias, relu=relu, dest=self.dest, out=out,
                                   residual=None if residual is None

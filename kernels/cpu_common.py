@@ -3,6 +3,8 @@ point, default pixel tiles, and the availability check (the extension builds on 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import _ext
@@ -61,7 +63,7 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
     added before the ReLU); ``lay`` is the input layout the entry reads (default: the layer's
     plain ``CpuLayout``), kept as the Run's ``cpu_layout``."""
     lay = lay or CpuLayout.of(layer)
-    bufs: dict[int, torch.Tensor] = {}
+    bufs: dict[tuple, torch.Tensor] = {}
     geos: dict[tuple, _ext.Geometry] = {}
     cout = layer.cout
     name = (info or {}).get("kernel", "cpu kernel")
@@ -112,15 +114,15 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
         return lay.layout(x)
 
     def laid(x):
-        """NCHW ``x`` in this layer's layout (a buffer kept per batch size; only its interior
-        is written, so its padding stays zero)."""
+        """NCHW ``x`` in this layer's layout (a buffer kept per batch size and calling thread;
+        only its interior is written, so its padding stays zero)."""
         check_input(layer, x, name)
         if lay.direct:
             return x.contiguous()
-        n = x.shape[0]
-        if n not in bufs:
-            bufs[n] = lay.empty(n)
-        return lay.fill(x, bufs[n])
+        key = (x.shape[0], threading.get_ident())  # threads running images side by side
+        if key not in bufs:
+            bufs[key] = lay.empty(key[0])
+        return lay.fill(x, bufs[key])
 
     def call(x, out=None):
         return resident(laid(x), out)
