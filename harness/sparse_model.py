@@ -639,6 +639,11 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     the dense one does: each sparse layer prepares its kernel for a new size on first use
     (:class:`SparseConv2d`), with the same masks.
 
+    At a ``batch`` above 1 the fused network is timed whole and at 1, 2, 4 and 8 images per
+    call (those dividing ``batch``), and the fastest is kept (:class:`BatchChunks`; the
+    report's ``batch_chunk`` and ``batch_chunks``); the stride-2 handover and residual choices
+    are then timed at that many images.
+
     ``decisions`` (``Report.decisions()`` of an earlier call on the same model and arguments)
     replays what that call chose by measuring, measuring nothing."""
     from kernels import patterns as P
