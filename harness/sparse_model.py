@@ -21,6 +21,7 @@ import json
 import operator
 import threading
 import warnings
+import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -41,6 +42,9 @@ class SparsifyError(ValueError):
 
 
 SIZES_KEPT = 8  # input sizes a layer keeps prepared kernels for, besides its own (LRU)
+
+
+_PREPARING = threading.Lock()  # a layer preparing its kernel for another input size
 
 
 class SparseConv2d(nn.Module):
@@ -74,8 +78,9 @@ class SparseConv2d(nn.Module):
         # a direct (NCHW) layout is what a producer hands over as a 4-D tensor; any other layout
         # arrives as a 2-D buffer, so a 4-D input of the layer's own size is plain NCHW
         self._direct_in = laid_in and self.in_layout.direct
-        # (batch, thread) -> buffer in ``dest``'s layout (its padding stays zero)
-        self._out: dict = {}
+        # calling thread -> batch -> buffer in ``dest``'s layout (its padding stays zero); a
+        # thread's buffers go with it
+        self._out = weakref.WeakKeyDictionary()
         self._sizes: OrderedDict = OrderedDict()  # (h, w) -> (run, how), other input sizes
 
     @property
@@ -110,10 +115,10 @@ class SparseConv2d(nn.Module):
         if self.epilogue:
             out = None
             if self.dest is not None:
-                key = (x.shape[0], threading.get_ident())  # images run side by side
-                out = self._out.get(key)
+                mine = self._out.setdefault(threading.current_thread(), {})
+                out = mine.get(x.shape[0])
                 if out is None:
-                    out = self._out[key] = self.dest.empty(x.shape[0])
+                    out = mine[x.shape[0]] = self.dest.empty(x.shape[0])
             return self.run.fused(x, laid_out=self.laid_in and (x.dim() == 2 or self._direct_in),
                                   bias=self.bias, relu=relu, dest=self.dest, out=out,
                                   residual=None if residual is None
@@ -143,6 +148,10 @@ class SparseConv2d(nn.Module):
         return self._prepared(h, w)[1]
 
     def _prepared(self, h: int, w: int):
+        with _PREPARING:  # threads sharing the model meet one bounded cache
+            return self._prepared_locked(h, w)
+
+    def _prepared_locked(self, h: int, w: int):
         key = (h, w)
         if key in self._sizes:
             self._sizes.move_to_end(key)
@@ -466,8 +475,11 @@ class BatchChunks(fx.GraphModule):
     """A fused network (``fuse_layers``) that runs a batch of more than ``batch_chunk`` images
     ``batch_chunk`` at a time and concatenates the outputs (0: the whole batch at once). Each
     image's result is the same either way; what changes is how much of the activations the
-    caches hold: measured on a 2-core EPYC, ResNet50 1xN at 93.75% and batch 8 ran 1.2-1.3x
-    faster two images at a time than all eight at once (``sparsify`` measures the choice)."""
+    caches hold: on a 2-core EPYC, ResNet50 at 93.75% and batch 8 ran 1.18-1.52x faster two
+    images at a time than all eight at once with 1xN (six measurements), 0.96-1.46x with CS
+    (five), so ``sparsify`` measures the choice. Only a call of the module runs in chunks:
+    ``forward``, a trace, ``copy.copy`` and pickling give the plain graph, the whole batch at
+    once (``copy.deepcopy`` keeps the chunks)."""
 
     batch_chunk = 0
 
@@ -640,9 +652,11 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     (:class:`SparseConv2d`), with the same masks.
 
     At a ``batch`` above 1 the fused network is timed whole and at 1, 2, 4 and 8 images per
-    call (those dividing ``batch``), and the fastest is kept (:class:`BatchChunks`; the
-    report's ``batch_chunk`` and ``batch_chunks``); the stride-2 handover and residual choices
-    are then timed at that many images.
+    call (those dividing ``batch``, each checked first to give the whole batch's answer), and
+    the fastest is kept (:class:`BatchChunks`; the report's ``batch_chunk`` and
+    ``batch_chunks``); the dense layout, stride-2 handover and residual choices are then timed
+    at that many images. The choice is the fused network's (``fuse_layers`` applies it): with
+    ``fuse=False`` the model returned takes the whole batch in one call.
 
     ``decisions`` (``Report.decisions()`` of an earlier call on the same model and arguments)
     replays what that call chose by measuring, measuring nothing."""
@@ -698,10 +712,10 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
     m.sparsify_report = report
     if dev is Device.CPU and report.replaced:
         d = decisions or {}
-        m = _choose_dense_layout(m, d.get("dense_layout") or dense_layout, (batch, *input_size))
-        _choose_dense_linear(m, d.get("gemv"))
-        # the layer choices below are timed at the batch each call of the network then runs
+        # the images per call first: the choices after it are timed at that many images
         chunk = _choose_batch_chunk(m, (batch, *input_size), d.get("batch_chunk"))
+        m = _choose_dense_layout(m, d.get("dense_layout") or dense_layout, (chunk, *input_size))
+        _choose_dense_linear(m, d.get("gemv"))
         _choose_strided_handover(m, (chunk, *input_size), d.get("strided"))
         _choose_residual(m, (chunk, *input_size), d.get("residual_apart"))
     return fuse_layers(m) if fuse and report.replaced else m
@@ -895,6 +909,10 @@ def _choose_batch_chunk(m: nn.Module, size, decided: int | None = None) -> int:
         report.batch_chunks = f"whole batch ({nets[0].sparsify_report.fusion})"
         return batch
     x = torch.randn(*size)
+    why = _chunks_differ(nets, x)
+    if why:
+        report.batch_chunks = f"whole batch ({why})"
+        return batch
     with torch.inference_mode():
         st = interleaved_cpu({c: (net, x) for c, net in nets.items()}, rounds=7,
                              min_sample=0.02, warmup=0.05).stats
@@ -905,6 +923,25 @@ def _choose_batch_chunk(m: nn.Module, size, decided: int | None = None) -> int:
                                f"{_chunk_words(c)} {st[c].median * 1e3:.2f} ms" for c in sizes)
                            + ")")
     return best or batch
+
+
+def _chunks_differ(nets: dict, x) -> str | None:
+    """Why the network cannot run its batch a few images per call, or None: its output must
+    be one tensor with the batch first, the same (relative error <= 1e-4) run whole and in
+    chunks (a model mixing images across the batch is not)."""
+    try:
+        with torch.inference_mode():
+            whole = nets[0](x)
+            if not isinstance(whole, torch.Tensor) or whole.dim() == 0 or len(whole) != len(x):
+                return "not run in chunks: its output is not one tensor with the batch first"
+            outs = {c: net(x) for c, net in nets.items()}
+    except Exception as e:  # noqa: BLE001 - what a model of any kind may raise
+        return f"not run in chunks: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+    scale = whole.abs().max().clamp_min(1e-30)
+    for c, y in outs.items():
+        if y.shape != whole.shape or not ((y - whole).abs().max() / scale <= 1e-4):
+            return f"not run in chunks: {_chunk_words(c)} gives another answer than the whole batch"
+    return None
 
 
 def _chunk_words(chunk: int) -> str:

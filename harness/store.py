@@ -405,9 +405,12 @@ class Store:
     def e2e(self, fp_hash: str | None = None) -> pd.DataFrame:
         """Latest row per (identity, network case)."""
         where = "WHERE fp_hash = ?" if fp_hash else ""
-        return pd.read_sql_query(
+        df = pd.read_sql_query(
             f"SELECT * FROM e2e WHERE id IN (SELECT MAX(id) FROM e2e {where} GROUP BY fp_hash, "
             f"case_key) ORDER BY id", self.db, params=(fp_hash,) if fp_hash else ())
+        # a database written before a column was added, opened read-only, lacks it: empty
+        missing = [c for c in E2E_COLUMNS if c not in df.columns]
+        return df.assign(**dict.fromkeys(missing)) if missing else df
 
     # ---- tuning ------------------------------------------------------------------------------
     @_guarded

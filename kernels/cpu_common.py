@@ -4,6 +4,7 @@ point, default pixel tiles, and the availability check (the extension builds on 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -63,7 +64,8 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
     added before the ReLU); ``lay`` is the input layout the entry reads (default: the layer's
     plain ``CpuLayout``), kept as the Run's ``cpu_layout``."""
     lay = lay or CpuLayout.of(layer)
-    bufs: dict[tuple, torch.Tensor] = {}
+    # calling thread -> batch -> buffer; a thread's buffers go with it
+    bufs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     geos: dict[tuple, _ext.Geometry] = {}
     cout = layer.cout
     name = (info or {}).get("kernel", "cpu kernel")
@@ -119,10 +121,11 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
         check_input(layer, x, name)
         if lay.direct:
             return x.contiguous()
-        key = (x.shape[0], threading.get_ident())  # threads running images side by side
-        if key not in bufs:
-            bufs[key] = lay.empty(key[0])
-        return lay.fill(x, bufs[key])
+        mine = bufs.setdefault(threading.current_thread(), {})  # threads sharing the layer
+        n = x.shape[0]
+        if n not in mine:
+            mine[n] = lay.empty(n)
+        return lay.fill(x, mine[n])
 
     def call(x, out=None):
         return resident(laid(x), out)

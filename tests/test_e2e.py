@@ -640,13 +640,45 @@ def test_threads_calling_one_sparse_model_at_once_get_their_own_answers(pattern)
             assert all(torch.equal(a, b) for a, b in zip(alone, together))
 
 
+class _MixesImages(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)  # each image's answer depends on the others
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x, x.sum()
+
+
+@pytest.mark.parametrize("tail, said", [
+    (_MixesImages(), "gives another answer than the whole batch"),
+    (_Pair(), "its output is not one tensor with the batch first"),
+])
+def test_a_model_whose_batch_cannot_be_split_runs_it_whole(tail, said):
+    """Chunks are kept only where the model's output is one batch-first tensor that chunks
+    reproduce: a model mixing images across the batch, or answering a tuple, runs its batch
+    whole, with the reason in the report."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), tail)
+    sparse = harness.sparsify(model, "1xn", 0.9375, input_size=(3, 16, 16), batch=4)
+    rep = sparse.sparsify_report
+    assert rep.replaced and sparse.batch_chunk == 0 and rep.batch_chunk == 0
+    assert rep.batch_chunks.startswith("whole batch (not run in chunks: ")
+    assert said in rep.batch_chunks, rep.batch_chunks
+
+
 ONE_PER_CALL = '''
+import os
+
 from harness import sparse_model
 
 _choose = sparse_model._choose_batch_chunk
 
 
 def one(m, size, decided=None):  # as if one image per call had been measured fastest
+    with open(os.environ["CHUNK_LOG"], "a") as f:  # what each process was asked
+        f.write(f"{os.getpid()} {decided}\\n")
     return _choose(m, size, 1 if decided is None else decided)
 
 
@@ -666,6 +698,7 @@ def test_e2e_times_a_batch_run_a_few_images_per_call_against_the_whole_batch(tmp
                         "1xn", "--batch", "2", "--plans", str(tmp_path), "--engines", "none",
                         "--min-sample", "0.002"], cwd=ROOT,
                        env={**env(HARNESS_PLUGINS="one_per_call"),
+                            "CHUNK_LOG": str(tmp_path / "chunks.log"),
                             "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}:{tmp_path}"},
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
@@ -675,7 +708,10 @@ def test_e2e_times_a_batch_run_a_few_images_per_call_against_the_whole_batch(tmp
     assert row.sparse_whole_s > 0 and row.sparse_s > 0 and row.sparse_epilogue_s > 0
     assert "batch: 1 image per call" in r.stdout and "the whole batch in one call" in r.stdout
     alone = {e["variant"]: e for e in json.loads(row.engines)}["project@sparse"]
-    assert alone["alone_s"] > 0, alone  # the child built and ran the same network
+    assert alone["alone_s"] > 0, alone  # the child built and ran the same network...
+    asked = [line.split() for line in (tmp_path / "chunks.log").read_text().splitlines()]
+    assert [d for _, d in asked] == ["None", "1"], asked  # ...from the run's decisions
+    assert asked[0][0] != asked[1][0]
     where = json.loads(row.in_network)
     assert where[SPARSE_CONV] > 0
 

@@ -90,6 +90,25 @@ def test_a_flagged_network_timing_is_never_the_answer(db, tmp_path):
     assert all(a["pattern"] != won for a in then)
 
 
+def test_a_database_from_before_a_new_e2e_column_still_reports(db, tmp_path):
+    """The report opens a database read-only, so one written before an e2e column was added
+    keeps lacking it: the rows come back with the column empty, and the report is written."""
+    import sqlite3
+
+    old = tmp_path / "old.sqlite"
+    shutil.copy(db, old)
+    with sqlite3.connect(old) as con:
+        for col in ("batch_chunk", "sparse_whole_s"):
+            con.execute(f"ALTER TABLE e2e DROP COLUMN {col}")
+    e2e = Store(old, readonly=True).e2e()
+    assert len(e2e) and e2e.batch_chunk.isna().all() and e2e.sparse_whole_s.isna().all()
+    r = subprocess.run([sys.executable, "-m", "harness", "report", "--db", str(old), "--out",
+                        str(tmp_path / "old.html")], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "images per call" in (tmp_path / "old.html").read_text()
+
+
 @pytest.fixture(scope="module")
 def report(db):
     tmp = db.parent
