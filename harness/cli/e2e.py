@@ -144,7 +144,7 @@ def _table(df: pd.DataFrame) -> pd.DataFrame:
                                                if isinstance(h, str) else None),
         "residual saves ms": df.residual.map(handover_saved_s) * 1e3,
         "epilogues save ms": (df.sparse_unfused_s - df.sparse_epilogue_s) * 1e3,
-        "images per call": df.batch_chunk.map(images_per_call),
+        "images per call": df.batch_chunk.where(df.batch > 1).map(images_per_call),
         "images per call save ms": (df.sparse_whole_s - df.sparse_s) * 1e3})
     if "graph_speedup" in df and df.graph_speedup.notna().any():  # GPU runs: CUDA graphs too
         out["graph dense ms"] = df.dense_graph_s * 1e3
