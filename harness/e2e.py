@@ -157,8 +157,7 @@ def in_network(net: nn.Module, x, runs: int = 5) -> tuple[dict, tuple | None] | 
     kinds = {n: _kind(n, mods) for n in net.graph.nodes if n.op not in ("placeholder", "output")}
     acc: dict = defaultdict(float)
     repeat = False
-    chunk = getattr(net, "batch_chunk", 0)
-    parts = x.split(chunk) if chunk else (x,)
+    parts = net.parts(x) if isinstance(net, sparse_model.BatchChunks) else (x,)
 
     class Timed(fx.Interpreter):
         def run_node(self, n):

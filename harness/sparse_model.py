@@ -21,7 +21,6 @@ import json
 import operator
 import threading
 import warnings
-import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from torch import fx, nn
 
 import kernels
 import shapes
+from kernels.cpu_common import ThreadBuffers
 from kernels.cpu_layout import CpuLayout
 
 from .plan import Plan, PlanError
@@ -78,9 +78,8 @@ class SparseConv2d(nn.Module):
         # a direct (NCHW) layout is what a producer hands over as a 4-D tensor; any other layout
         # arrives as a 2-D buffer, so a 4-D input of the layer's own size is plain NCHW
         self._direct_in = laid_in and self.in_layout.direct
-        # calling thread -> batch -> buffer in ``dest``'s layout (its padding stays zero); a
-        # thread's buffers go with it
-        self._out = weakref.WeakKeyDictionary()
+        # buffers in ``dest``'s layout (their padding stays zero), per calling thread and batch
+        self._out = None if self.dest is None else ThreadBuffers(self.dest.empty)
         self._sizes: OrderedDict = OrderedDict()  # (h, w) -> (run, how), other input sizes
 
     @property
@@ -113,12 +112,7 @@ class SparseConv2d(nn.Module):
         """The layer at its own input size; ``relu`` (an epilogue's) and ``residual`` (one that
         ``_fits``) in the kernel."""
         if self.epilogue:
-            out = None
-            if self.dest is not None:
-                mine = self._out.setdefault(threading.current_thread(), {})
-                out = mine.get(x.shape[0])
-                if out is None:
-                    out = mine[x.shape[0]] = self.dest.empty(x.shape[0])
+            out = None if self._out is None else self._out.get(x.shape[0])
             return self.run.fused(x, laid_out=self.laid_in and (x.dim() == 2 or self._direct_in),
                                   bias=self.bias, relu=relu, dest=self.dest, out=out,
                                   residual=None if residual is None
@@ -483,11 +477,18 @@ class BatchChunks(fx.GraphModule):
 
     batch_chunk = 0
 
-    def __call__(self, x, *args, **kwargs):
-        c, call = self.batch_chunk, super().__call__
+    def parts(self, x) -> tuple:
+        """The pieces of input ``x`` that one call runs one after another."""
+        c = self.batch_chunk
         if c and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > c:
-            return torch.cat([call(part, *args, **kwargs) for part in x.split(c)])
-        return call(x, *args, **kwargs)
+            return x.split(c)
+        return (x,)
+
+    def __call__(self, x, *args, **kwargs):
+        parts, call = self.parts(x), super().__call__
+        if len(parts) == 1:
+            return call(x, *args, **kwargs)
+        return torch.cat([call(part, *args, **kwargs) for part in parts])
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
@@ -927,19 +928,20 @@ def _choose_batch_chunk(m: nn.Module, size, decided: int | None = None) -> int:
 
 def _chunks_differ(nets: dict, x) -> str | None:
     """Why the network cannot run its batch a few images per call, or None: its output must
-    be one tensor with the batch first, the same (relative error <= 1e-4) run whole and in
-    chunks (a model mixing images across the batch is not)."""
+    be one tensor with the batch first, the same run whole and in chunks (within the gate's
+    float32 tolerance; a model mixing images across the batch is not)."""
+    from .gate import TOLERANCE, relative_error
+
     try:
         with torch.inference_mode():
             whole = nets[0](x)
             if not isinstance(whole, torch.Tensor) or whole.dim() == 0 or len(whole) != len(x):
                 return "not run in chunks: its output is not one tensor with the batch first"
-            outs = {c: net(x) for c, net in nets.items()}
+            outs = {c: net(x) for c, net in nets.items() if c}
     except Exception as e:  # noqa: BLE001 - what a model of any kind may raise
         return f"not run in chunks: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
-    scale = whole.abs().max().clamp_min(1e-30)
     for c, y in outs.items():
-        if y.shape != whole.shape or not ((y - whole).abs().max() / scale <= 1e-4):
+        if y.shape != whole.shape or not relative_error(y, whole) <= TOLERANCE["float32"]:
             return f"not run in chunks: {_chunk_words(c)} gives another answer than the whole batch"
     return None
 
