@@ -115,8 +115,7 @@ class SparseConv2d(nn.Module):
             out = None if self._out is None else self._out.get(x.shape[0])
             return self.run.fused(x, laid_out=self.laid_in and (x.dim() == 2 or self._direct_in),
                                   bias=self.bias, relu=relu, dest=self.dest, out=out,
-                                  residual=None if residual is None
-                                  else residual.contiguous())
+                                  residual=residual)  # the run lays it out as it reads it
         y = self.run(x.contiguous())
         if self.bias is not None:
             y.add_(self.bias.view(1, -1, 1, 1))
@@ -425,10 +424,12 @@ def dense_folded(model: nn.Module, input_size=(3, 224, 224)):
 
 def default_kernel(layer, pattern: str, sparsity: float, device: Device, dtype="float32"):
     """(kernel, config, None) the harness picks for a layer without a plan, or
-    (None, None, reason): the first kernel of the pattern on the device (by name) that supports
-    the layer with its default configuration."""
+    (None, None, reason): the first kernel of the pattern on the device that supports the layer
+    with its default configuration, in the order of the kernels' ``default_rank`` (measured
+    faster first), then by name."""
     reasons = []
-    for name in kernels.names(device=device.kernel_device, pattern=pattern):
+    names = kernels.names(device=device.kernel_device, pattern=pattern)
+    for name in sorted(names, key=lambda n: (kernels.get(n).default_rank, n)):
         k = kernels.get(name)
         cfg = k.default_config(layer, sparsity)
         why = k.supports(layer, sparsity, cfg, dtype) if cfg is not None else "no configuration"
@@ -496,6 +497,12 @@ class BatchChunks(fx.GraphModule):
         return res
 
 
+def _channels_last_run(m: SparseConv2d) -> bool:
+    """Whether the layer's kernel reads and writes channels-last tensors (``cs_cpu_nhwc``): it
+    hands activations over as they are, not in a planar layout."""
+    return bool(getattr(m.run, "channels_last", False))
+
+
 def fuse_layers(model: nn.Module, handover: bool | str = True,
                 residual: bool | str = True, batch_chunk: int | None = None) -> nn.Module:
     """The sparse model with its C++ CPU layers fused (a ``torch.fx`` GraphModule sharing the
@@ -556,7 +563,8 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
             report.relu_fused.append(node.target)
         users = list(node.users)
         nxt = fusable(users[0]) if len(users) == 1 else None
-        if handover and nxt is not None and users[0].args == (node,) and not users[0].kwargs:
+        if handover and nxt is not None and users[0].args == (node,) and not users[0].kwargs \
+                and not _channels_last_run(m) and not _channels_last_run(nxt):
             lay = nxt.in_layout
             strided_ok = nxt.layer.stride == 1 or handover == "strided" or \
                 (node.target, users[0].target) in report.strided_kept

@@ -124,7 +124,8 @@ def make_run(layer, masked_weight, entry, T, split, chunk=0, ob=8, info=None, pe
             out = dest.empty(n) if out is None else out
             where = dest.destination()
         b = NO_BIAS if bias is None else bias.detach().float().contiguous()
-        entry(xl, geometry(n, where, relu), out, b, residual)
+        entry(xl, geometry(n, where, relu), out, b,
+              None if residual is None else residual.contiguous())
         return out
 
     def layout(x):

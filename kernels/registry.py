@@ -98,6 +98,9 @@ class Kernel:
     dtypes: tuple[str, ...] = ("float32",)
     sources: tuple[str, ...] = ()  # files (relative to kernels/) the kernel also depends on
     baseline = False
+    # where several kernels of a pattern support a layer, a network without a plan runs the one
+    # of lowest rank (then the first by name): a kernel measured faster ranks lower
+    default_rank = 1
 
     # ---- availability ---------------------------------------------------------------------
     def available(self) -> str | None:

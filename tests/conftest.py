@@ -34,6 +34,16 @@ def _seed():
 
 
 @pytest.fixture
+def planar_cs(monkeypatch):
+    """CS networks on the planar kernel (cs_cpu_direct) in this process: the channels-last one
+    (cs_cpu_nhwc) ranks first where it runs, and hands no planar layout over; tests of the
+    planar layouts and their handover take this."""
+    import kernels
+
+    monkeypatch.setattr(kernels.get("cs_cpu_nhwc"), "default_rank", 2)
+
+
+@pytest.fixture
 def cli(capsys):
     """Run ``python -m harness ARGS`` in this process: (exit code, stdout, stderr). For checks
     that end before any work starts (usage errors, refusals): no interpreter start-up, no torch

@@ -9,6 +9,7 @@ import sys
 import pytest
 from test_harness import ROOT, env
 
+import kernels
 from harness import plan
 from harness.autotune import strategy
 from harness.records import Candidate, Config
@@ -167,7 +168,8 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     assert lay.speedup >= 1.0 - 1e-9  # dense is a candidate: never slower than dense
     store = Store(tmp_path / "t.sqlite")
     n = len(store.tuning())
-    assert n == 2 + 1 + 4  # two dense layouts, the kernel's default, four random candidates
+    defaults = sum(kernels.get(k).available() is None for k in kernels.names("cpu", "cs"))
+    assert n == 2 + defaults + 4  # two dense layouts, each CS kernel's default, four random
     # same key: nothing measured again
     r2 = autotune(tmp_path, "--strategy", "random", "--budget", "4")
     assert r2.returncode == 0, r2.stderr

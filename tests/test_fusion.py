@@ -130,7 +130,7 @@ def _expected_pairs(net, layers, replaced):
 
 
 @pytest.mark.parametrize("net", ["resnet50", "resnet18", "vgg19", "squeezenet1_1"])
-def test_fusion_hands_over_exactly_the_pairs_the_architecture_allows(net):
+def test_fusion_hands_over_exactly_the_pairs_the_architecture_allows(net, planar_cs):
     size = 64 if net == "squeezenet1_1" else 32
     model = build(net, seed=5)
     x = torch.rand(2, 3, size, size) * 2 - 1

@@ -177,7 +177,7 @@ def test_dense_random_weight_does_not_conform():
 @pytest.mark.parametrize("name,S,params,match", [
     ("cs", 0.9, {}, r"0\.9.*valid.*0\.5, 0\.75, 0\.875, 0\.9375"),
     ("cs", 0.6, {}, "not an integer"),
-    ("cs", 0.75, {"M": 3}, r"M=3.*valid.*\(2, 4, 8, 16\)"),
+    ("cs", 0.75, {"M": 3}, r"M=3.*valid.*\(1, 2, 4, 8, 16\)"),
     ("cs", 0.75, {"form": "col"}, "form 'col'"),
     ("ovw", 0.5, {"V": 8}, r"V=8.*valid"),
     ("1xn", 0.5, {"N": 3}, r"N=3.*valid"),
@@ -197,7 +197,7 @@ def test_invalid_parameters_raise_clear_errors(name, S, params, match):
 
 
 @pytest.mark.parametrize("name,params,shape,match", [
-    ("cs", {"M": 16}, (8, 64, 3, 3), r"Cin=64 divisible by K\*M=16\*16=256.*valid M.*\[2, 4\]"),
+    ("cs", {"M": 16}, (8, 64, 3, 3), r"Cin=64 divisible by K\*M=16\*16=256.*valid M.*\[1, 2, 4\]"),
     ("ovw", {"V": 64}, (32, 8, 3, 3), "V=64 is larger than Cout=32"),
     ("ovw", {"V": 16}, (40, 8, 3, 3), "Cout=40 divisible by V=16"),
     ("1xn", {"N": 16}, (24, 8, 1, 1), "Cout=24 divisible by N=16"),

@@ -12,7 +12,7 @@ import inspect
 from .base import POW2_SPARSITIES, Pattern, check_sparsity
 from .block import BLOCK_N, Block1xN, BSREncoding
 from .cci import CCI, CCI_G, CCIEncoding
-from .cs import CPU_M, CS, CSEncoding
+from .cs import CPU_M, CS, NHWC_M, CSEncoding
 from .nm import NM, CSREncoding, NMEncoding, Unstructured
 from .ovw import OVW, OVW_V, OVWEncoding
 
@@ -55,4 +55,4 @@ def names() -> list[str]:
 
 __all__ = ["make", "names", "Pattern", "PATTERNS", "SWEEP_PARAMS", "SUMMARY", "POW2_SPARSITIES",
            "CSEncoding", "OVWEncoding", "BSREncoding", "CCIEncoding", "NMEncoding", "CSREncoding",
-           "CPU_M", "OVW_V", "BLOCK_N", "CCI_G"]
+           "CPU_M", "NHWC_M", "OVW_V", "BLOCK_N", "CCI_G"]

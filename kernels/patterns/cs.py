@@ -9,8 +9,10 @@ Two segmentations:
 
 * ``form="row"`` (GPU): along the OIHW-flattened filter row of length ``R = Cin*Kh*Kw``; by
   default one segment, ``M = R/K`` (as large as possible).
-* ``form="cin"`` (CPU direct method): along Cin at each kernel tap, ``M`` in {2, 4, 8, 16},
-  Cin a multiple of ``K*M``. Encoded arrays are ``[Cout, Kh*Kw, Cin/K]`` (tap-major).
+* ``form="cin"`` (CPU kernels): along Cin at each kernel tap, ``M`` in {1, 2, 4, 8, 16},
+  Cin a multiple of ``K*M``. Encoded arrays are ``[Cout, Kh*Kw, Cin/K]`` (tap-major). ``M=1``
+  makes each segment K consecutive channels (the channels-last kernel, ``cs_cpu_nhwc``: its
+  candidates lie inside one vector of a pixel's channels).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 
 from .base import Pattern, exact_int
 
-CPU_M = (2, 4, 8, 16)
+CPU_M = (2, 4, 8, 16)  # the planar direct kernel's (cs_cpu_direct)
+NHWC_M = 1  # the channels-last kernel's (cs_cpu_nhwc)
 
 
 @dataclass
@@ -61,8 +64,9 @@ class CS(Pattern):
             raise ValueError(f"CS form {form!r} is unknown; valid: 'row' (GPU), 'cin' (CPU)")
         if form == "cin":
             M = 4 if M is None else M
-            if M not in CPU_M:
-                raise ValueError(f"CS cin-form M={M} is not supported; valid: {CPU_M}")
+            if M not in CPU_M and M != NHWC_M:
+                raise ValueError(f"CS cin-form M={M} is not supported; valid: "
+                                 f"{(NHWC_M, *CPU_M)}")
         elif M is not None and (not isinstance(M, int) or M < 1):
             raise ValueError(f"CS M must be a positive integer, got {M!r}")
         self.form, self.M = form, M
@@ -79,7 +83,7 @@ class CS(Pattern):
             if cin % (K * self.M):
                 return (f"CS (cin form) needs Cin={cin} divisible by K*M={K}*{self.M}={K * self.M}"
                         f"; valid M for this layer: "
-                        f"{[m for m in CPU_M if cin % (K * m) == 0] or 'none'}")
+                        f"{[m for m in (NHWC_M, *CPU_M) if cin % (K * m) == 0] or 'none'}")
             return None
         R = cin * kh * kw
         M = self._seg_M(shape)
