@@ -21,7 +21,7 @@ PATTERNS: dict[str, type[Pattern]] = {
 }
 
 #: the free parameter of each pattern and the values a sweep tries
-SWEEP_PARAMS = {"cs": ("M", CPU_M), "ovw": ("V", OVW_V), "1xn": ("N", BLOCK_N),
+SWEEP_PARAMS = {"cs": ("M", (NHWC_M, *CPU_M)), "ovw": ("V", OVW_V), "1xn": ("N", BLOCK_N),
                 "cci": ("G", CCI_G), "nm": ("M", (4, 8, 16)), "unstructured": (None, ())}
 
 SUMMARY = {
