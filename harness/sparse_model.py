@@ -62,7 +62,8 @@ class SparseConv2d(nn.Module):
     ``masked_weight`` (so the same weights and mask at every size), with ``config`` where the
     kernel supports it there, else the kernel's default with the same pattern parameters; where
     neither reproduces ``masked_weight`` exactly, the layer runs as a dense convolution over it.
-    At such a size the output is NCHW (no layout handover); the last ``SIZES_KEPT`` sizes stay
+    At such a size there is no layout handover (the output is NCHW, or channels-last from a
+    channels-last kernel's epilogue, ``cs_cpu_nhwc``); the last ``SIZES_KEPT`` sizes stay
     prepared."""
 
     def __init__(self, layer: shapes.ConvLayer, run, bias, kernel: str, config: dict,
@@ -510,8 +511,9 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
     is a ReLU, the ReLU moves into the kernel's epilogue (with the bias); with ``residual``,
     where its only use is an addition of another tensor (a residual block's shortcut), that
     addition, and the ReLU when it is the addition's only use, move there too (the shortcut
-    becomes the layer's second input, read in NCHW; one of another shape or dtype is added
-    after the kernel), except for the layers the report's ``residual_apart`` lists (measured
+    becomes the layer's second input, read in the layout the kernel writes: NCHW, or
+    channels-last for a channels-last kernel; one of another shape or dtype is added after the
+    kernel), except for the layers the report's ``residual_apart`` lists (measured
     slower fused by ``sparsify``), or for every one with ``residual="all"``; with ``handover``,
     where its only use is the next sparse convolution, it writes that one's layout directly,
     so the next layer converts nothing: one padded plane (stride 1) always, the stride-phase

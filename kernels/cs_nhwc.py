@@ -9,7 +9,8 @@ blocks and a block's indices and weights serve ``PB`` pixels, where the planar d
 ``channels_last``): a network of these layers hands activations over as they are, and its
 residual additions, pools and dense stem run in the same layout. Needs AVX-512 (16 lanes: the
 K <= 16 candidates in one vector) and Cin, Cout multiples of 16. Tunable: ``tile``, filter
-blocks x pixels per work item.
+blocks x pixels per work item. ``run(x)`` is NCHW in and out (conversions included, as for
+every kernel's per-layer figure); ``fused`` and ``resident`` return channels-last tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from . import _ext
 from . import patterns as P
 from .cpu_common import CppKernel
+from .cpu_layout import check_input
 from .registry import Run, register
 
 _P, _I = _ext.P, _ext.I64
@@ -116,9 +118,10 @@ class CSCpuNhwc(CppKernel):
                                  f"[N, {layer.cin}, {layer.h}, {layer.w}] tensor")
             if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32):
                 raise ValueError(f"{name}: out must be a float32 {list(shape)} tensor")
-            # written in place when channels-last, else computed aside and copied in
-            y = out if out is not None and out.is_contiguous(memory_format=CL) \
-                else torch.empty(shape, memory_format=CL)
+            # written in place when channels-last; another out is copied into a channels-last
+            # buffer first (an element the kernel leaves unwritten keeps what out held, so a
+            # NaN-poisoned out still shows it), then back
+            y = torch.empty(shape, memory_format=CL) if out is None else _nhwc(out)
             b = None if bias is None or bias.numel() == 0 else bias.detach().float().contiguous()
             if b is not None and b.numel() != layer.cout:
                 raise ValueError(f"{name}: bias must have {layer.cout} values")
@@ -132,7 +135,8 @@ class CSCpuNhwc(CppKernel):
             return y if out is None or out is y else out.copy_(y)
 
         def layout(x):
-            return _nhwc(x.float() if x.dtype != torch.float32 else x)
+            check_input(layer, x, name)
+            return _nhwc(x)
 
         def fused(x, laid_out=False, bias=None, relu=False, dest=None, out=None,
                   residual=None):
@@ -144,7 +148,10 @@ class CSCpuNhwc(CppKernel):
             return resident(layout(x), out, bias, relu, residual)
 
         def call(x, out=None):
-            return resident(layout(x), out)
+            """NCHW in and out, as every Run (the layout conversions included): a network of
+            these layers passes channels-last tensors through ``fused`` instead."""
+            y = resident(layout(x), out)
+            return y if out is not None else y.contiguous()
 
         run = Run(wm, call, layout=layout, resident=resident, fused=fused,
                   info={"kernel": name, "K": enc.K, "M": enc.M, "layout": "nhwc",

@@ -64,7 +64,8 @@ class Run:
     the kernel has its own input layout, ``layout(x)`` plus ``resident(xl)`` so kernel-only time
     can be measured without the layout conversion. C++ CPU kernels also offer ``fused`` (bias
     and ReLU in the kernel's epilogue, input already laid out, output written into the next
-    layer's layout: see ``kernels.cpu_common.make_run``)."""
+    layer's layout: see ``kernels.cpu_common.make_run``; a channels-last kernel's ``fused`` and
+    ``resident`` return channels-last tensors, ``kernels.cs_nhwc``)."""
 
     def __init__(self, masked_weight, call, layout=None, resident=None, info=None, perm=None,
                  fused=None):

@@ -40,7 +40,29 @@ def test_cs_nhwc_matches_reference_and_keeps_the_cs_pattern(geom, S, tile, batch
     assert err < 1e-5
     assert P.make("cs", S, form="cin", M=1).conforms(run.masked_weight)
     x = torch.randn(batch, lay.cin, lay.h, lay.w)
-    assert run(x).is_contiguous(memory_format=torch.channels_last)
+    assert run(x).is_contiguous()  # NCHW out, as every kernel's run
+    assert run.fused(x).is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_avx512
+def test_it_writes_every_output_element_in_place_or_through_a_copy():
+    """A channels-last out is written in place; any other out (NCHW) through a channels-last
+    copy of it, so an element the kernel missed keeps the NaN it was poisoned with; an empty
+    batch writes nothing and fails nothing."""
+    lay = layer(64, 48, 3, 2, 1, h=13, w=17)
+    run = kernels.get(NAME).prepare(lay, torch.randn(48, 64, 3, 3), 0.9375)
+    x = torch.randn(2, 64, 13, 17)
+    ref = F.conv2d(x.double(), run.masked_weight.double(), stride=2, padding=1)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        out = torch.full((2, 48, lay.oh, lay.ow), float("nan")).contiguous(memory_format=fmt)
+        assert run.resident(run.layout(x), out=out) is out and not out.isnan().any()
+        assert rel_err(out, ref) < 1e-5
+    empty = run(torch.randn(0, 64, 13, 17))
+    assert empty.shape == (0, 48, lay.oh, lay.ow)
+    with pytest.raises(ValueError, match="float32 input expected"):
+        run(x.double())
+    with pytest.raises(ValueError, match="does not match"):
+        run(torch.randn(2, 32, 13, 17))
 
 
 @needs_avx512
@@ -79,10 +101,9 @@ def test_fused_relu_keeps_nan_like_torch():
     assert torch.equal(fused.nan_to_num(-1.0), plain.relu().nan_to_num(-1.0))
 
 
+@needs_avx512
 def test_layers_it_cannot_run_get_a_reason():
     k = kernels.get(NAME)
-    if k.available():
-        return  # test_without_avx512_the_kernel_says_why
     assert "K=32" in k.supports(layer(64, 32, 1), 0.96875)
     assert "multiples of 16" in k.supports(layer(64, 24, 1), 0.9375)
     assert "divisible" in k.supports(layer(24, 32, 1), 0.9375)  # Cin % K (the pattern's)

@@ -143,15 +143,19 @@ def test_the_dense_operations_run_in_the_layout_measured_faster(monkeypatch):
         harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32), dense_layout="nhwc")
 
 
-@pytest.mark.parametrize("pattern", ["cs", "1xn"])
-def test_a_sparsified_model_takes_any_input_size_and_batch_as_the_dense_one_does(pattern):
+@pytest.mark.parametrize("pattern", ["cs", "cs planar", "1xn"])
+def test_a_sparsified_model_takes_any_input_size_and_batch_as_the_dense_one_does(pattern,
+                                                                                monkeypatch):
     """Prepared at 32x32, the fused ResNet18 runs at other sizes and batches (each sparse layer
     prepares its kernel for a new size on first use, from its masked weight) and equals the
-    masked dense network at every one, the first size again included."""
+    masked dense network at every one, the first size again included. CS runs channels-last
+    where AVX-512 builds (nothing to hand over), and on the planar kernel ("cs planar")."""
+    if pattern == "cs planar":
+        monkeypatch.setattr(kernels.get("cs_cpu_nhwc"), "default_rank", 2)
+    planar = pattern != "cs" or not _ext.avx512()
     model = build("resnet18", seed=6)
-    sparse = harness.sparsify(model, pattern, 0.9375, input_size=(3, 32, 32))
-    if pattern == "1xn" or not _ext.avx512():  # CS there runs channels-last: no handover
-        assert sparse.sparsify_report.handover  # the fused, handed-over network at its size
+    sparse = harness.sparsify(model, pattern.split()[0], 0.9375, input_size=(3, 32, 32))
+    assert bool(sparse.sparsify_report.handover) == planar  # handed over at its own size
     ref = sm.masked_dense(sparse).double()
     for n, h, w in [(1, 32, 32), (2, 40, 56), (3, 17, 19), (2, 32, 32)]:
         x = torch.rand(n, 3, h, w) * 2 - 1
@@ -626,17 +630,19 @@ sparse_model._choose_dense_layout = broken
 '''
 
 
-@pytest.mark.parametrize("pattern", ["cs", "1xn"])
-def test_threads_calling_one_sparse_model_at_once_get_their_own_answers(pattern):
+@pytest.mark.parametrize("pattern", ["cs", "cs planar", "1xn"])
+def test_threads_calling_one_sparse_model_at_once_get_their_own_answers(pattern, monkeypatch):
     """The prepared layers keep their input-layout and handover buffers per calling thread:
     shared, two threads running one fused ResNet50 on different images at once wrote into each
     other's buffers (ResNet50 at 224x224 came out wrong by 1e-3 relative in most calls)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if pattern == "cs planar":  # the planar kernel's per-thread layout buffers
+        monkeypatch.setattr(kernels.get("cs_cpu_nhwc"), "default_rank", 2)
     torch.manual_seed(0)
-    sparse = harness.sparsify(build("resnet50"), pattern, 0.9375, input_size=(3, 64, 64),
-                              dense_layout="nchw")
-    assert sparse.sparsify_report.handover or pattern == "cs" and _ext.avx512()
+    sparse = harness.sparsify(build("resnet50"), pattern.split()[0], 0.9375,
+                              input_size=(3, 64, 64), dense_layout="nchw")
+    assert bool(sparse.sparsify_report.handover) == (pattern != "cs" or not _ext.avx512())
     xs = [torch.rand(1, 3, 64, 64) * 2 - 1 for _ in range(8)]
 
     def run(x):

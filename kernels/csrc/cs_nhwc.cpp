@@ -91,6 +91,7 @@ void run(const sc_nhwc_geometry& g, const float* x, const int32_t* idx, const fl
          const int64_t* voff, int64_t slots, float* y, const float* bias, const float* res) {
   const int64_t P = g.oh * g.ow, nb = g.cout / 16, groups = (nb + FB - 1) / FB;
   const int64_t npb = (P + PB - 1) / PB, blocks = g.n * npb;
+  if (blocks == 0) return;  // an empty batch
   // a work item is a pixel block and a share of the filter groups: its tap pointers are found
   // once for all of them, and the shares are enough items to keep the threads even
   const int64_t shares = std::min(groups, std::max<int64_t>(1, (8 * g.threads + blocks - 1) /
