@@ -63,7 +63,8 @@ class CSCpuNhwc(CppKernel):
     # ahead of cs_cpu_direct in a network without a plan: measured on ResNet50 at 93.75% (AMD
     # EPYC, AVX-512, 2 threads, one process, interleaved) the whole network ran 1.40x faster at
     # batch 1 and 1.36x at batch 8, and kernel-only 1.1-2.4x faster on its 1x1 and 3x3 layers at
-    # S 0.5, 0.75 and 0.875 (slower only on 64->64 layers at 56x56, within 10-30%)
+    # S 0.5, 0.75 and 0.875; slower on the 64-channel layers at 56x56 (64->64 1x1 by 38% and
+    # 3x3 by 15% at batch 1, the three of them by 13-36% at batch 4)
     default_rank = 0
 
     def make_pattern(self, sparsity, config):
