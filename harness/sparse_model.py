@@ -84,10 +84,12 @@ class SparseConv2d(nn.Module):
         self._sizes: OrderedDict = OrderedDict()  # (h, w) -> (run, how), other input sizes
 
     @property
-    def in_layout(self) -> CpuLayout:
-        """The input layout the layer's kernel reads (a producer handing over writes it): the
-        run's own (an aligned-row kernel's differs from the layer's plain layout)."""
-        return self.run.cpu_layout or CpuLayout.of(self.layer)
+    def in_layout(self) -> CpuLayout | None:
+        """The planar input layout the layer's kernel reads (a producer handing over writes it):
+        the run's own (an aligned-row kernel's differs from the layer's plain layout); None for
+        a kernel that reads plain tensors (``cs_cpu_nhwc``: channels-last), which nothing hands
+        a layout over to or from."""
+        return self.run.cpu_layout
 
     def fused_copy(self, **fusion) -> SparseConv2d:
         """The same layer (same run and weights) with the given fusion added to what it already
@@ -498,12 +500,6 @@ class BatchChunks(fx.GraphModule):
         return res
 
 
-def _channels_last_run(m: SparseConv2d) -> bool:
-    """Whether the layer's kernel reads and writes channels-last tensors (``cs_cpu_nhwc``): it
-    hands activations over as they are, not in a planar layout."""
-    return bool(getattr(m.run, "channels_last", False))
-
-
 def fuse_layers(model: nn.Module, handover: bool | str = True,
                 residual: bool | str = True, batch_chunk: int | None = None) -> nn.Module:
     """The sparse model with its C++ CPU layers fused (a ``torch.fx`` GraphModule sharing the
@@ -565,9 +561,9 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
             report.relu_fused.append(node.target)
         users = list(node.users)
         nxt = fusable(users[0]) if len(users) == 1 else None
-        if handover and nxt is not None and users[0].args == (node,) and not users[0].kwargs \
-                and not _channels_last_run(m) and not _channels_last_run(nxt):
-            lay = nxt.in_layout
+        lay = nxt.in_layout if nxt is not None else None
+        if handover and lay is not None and m.in_layout is not None \
+                and users[0].args == (node,) and not users[0].kwargs:
             strided_ok = nxt.layer.stride == 1 or handover == "strided" or \
                 (node.target, users[0].target) in report.strided_kept
             if not lay.direct and strided_ok and (nxt.layer.cin, nxt.layer.h, nxt.layer.w) == \

@@ -157,6 +157,5 @@ class CSCpuNhwc(CppKernel):
         run = Run(wm, call, layout=layout, resident=resident, fused=fused,
                   info={"kernel": name, "K": enc.K, "M": enc.M, "layout": "nhwc",
                         "isa": _ext.isa()})
-        run.keep = (idx, vals, voff)
-        run.channels_last = True  # its activations are NHWC tensors: no planar handover
+        run.keep = (idx, vals, voff)  # no planar cpu_layout: nothing hands a layout over to it
         return run

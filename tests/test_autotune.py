@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_harness import ROOT, env
+from test_harness import ROOT, cs_cpu_kernels, env
 
 import kernels
 from harness import plan
@@ -114,7 +114,6 @@ def test_plan_validation_rejects_bad_plans(tmp_path, change, message):
 
 
 def test_every_refusal_of_a_plan_made_for_something_else_is_the_plan_s_own():
-    import kernels
     from harness.records import Device
 
     made = make_plan()
@@ -168,7 +167,7 @@ def test_autotune_writes_a_valid_plan_and_reuses_the_tuning_database(tmp_path):
     assert lay.speedup >= 1.0 - 1e-9  # dense is a candidate: never slower than dense
     store = Store(tmp_path / "t.sqlite")
     n = len(store.tuning())
-    defaults = sum(kernels.get(k).available() is None for k in kernels.names("cpu", "cs"))
+    defaults = cs_cpu_kernels()
     assert n == 2 + defaults + 4  # two dense layouts, each CS kernel's default, four random
     # same key: nothing measured again
     r2 = autotune(tmp_path, "--strategy", "random", "--budget", "4")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from procs import descendants, listening, loopback, reaped, stop, wait_gone
-from test_harness import ROOT, SHAPES, bench, env, rows
+from test_harness import ROOT, SHAPES, bench, cs_cpu_kernels, env, rows
 
-import kernels
 from harness import analysis
 from harness.store import Store
 
@@ -264,7 +263,7 @@ def test_autotune_on_two_identical_nodes_writes_the_plan_from_the_driver_store(t
     p = json.loads((tmp_path / "plans" / "resnet50_cs_0.9375_cpu.json").read_text())
     assert {lay["layer"] for lay in p["layers"]} == {"layer4.1.conv2", "layer3.1.conv2"}
     n = len(Store(tmp_path / "t.sqlite").tuning())
-    defaults = sum(kernels.get(k).available() is None for k in kernels.names("cpu", "cs"))
+    defaults = cs_cpu_kernels()
     assert n == 2 * (2 + defaults + 2)  # per layer: two dense layouts, each CS kernel's
     # default, two candidates
     assert os.path.getsize(tmp_path / "t.sqlite") > 0

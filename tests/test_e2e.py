@@ -145,13 +145,13 @@ def test_the_dense_operations_run_in_the_layout_measured_faster(monkeypatch):
 
 @pytest.mark.parametrize("pattern", ["cs", "cs planar", "1xn"])
 def test_a_sparsified_model_takes_any_input_size_and_batch_as_the_dense_one_does(pattern,
-                                                                                monkeypatch):
+                                                                                request):
     """Prepared at 32x32, the fused ResNet18 runs at other sizes and batches (each sparse layer
     prepares its kernel for a new size on first use, from its masked weight) and equals the
     masked dense network at every one, the first size again included. CS runs channels-last
     where AVX-512 builds (nothing to hand over), and on the planar kernel ("cs planar")."""
     if pattern == "cs planar":
-        monkeypatch.setattr(kernels.get("cs_cpu_nhwc"), "default_rank", 2)
+        request.getfixturevalue("planar_cs")
     planar = pattern != "cs" or not _ext.avx512()
     model = build("resnet18", seed=6)
     sparse = harness.sparsify(model, pattern.split()[0], 0.9375, input_size=(3, 32, 32))
@@ -634,14 +634,14 @@ sparse_model._choose_dense_layout = broken
 
 
 @pytest.mark.parametrize("pattern", ["cs", "cs planar", "1xn"])
-def test_threads_calling_one_sparse_model_at_once_get_their_own_answers(pattern, monkeypatch):
+def test_threads_calling_one_sparse_model_at_once_get_their_own_answers(pattern, request):
     """The prepared layers keep their input-layout and handover buffers per calling thread:
     shared, two threads running one fused ResNet50 on different images at once wrote into each
     other's buffers (ResNet50 at 224x224 came out wrong by 1e-3 relative in most calls)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if pattern == "cs planar":  # the planar kernel's per-thread layout buffers
-        monkeypatch.setattr(kernels.get("cs_cpu_nhwc"), "default_rank", 2)
+        request.getfixturevalue("planar_cs")
     torch.manual_seed(0)
     sparse = harness.sparsify(build("resnet50"), pattern.split()[0], 0.9375,
                               input_size=(3, 64, 64), dense_layout="nchw")

@@ -34,6 +34,13 @@ def env(**extra):
     return e
 
 
+def cs_cpu_kernels() -> int:
+    """How many CS CPU kernels run here (an autotune measures each one's default)."""
+    import kernels
+
+    return sum(kernels.get(k).available() is None for k in kernels.names("cpu", "cs"))
+
+
 def bench(tmp, *args, db=None, timeout=600, plugins="faulty_kernels", **kw):
     shapes = tmp / "tiny.csv"
     shapes.write_text(SHAPES)

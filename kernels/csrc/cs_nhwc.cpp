@@ -97,7 +97,7 @@ void run(const sc_nhwc_geometry& g, const float* x, const int32_t* idx, const fl
   const int64_t shares = std::min(groups, std::max<int64_t>(1, (8 * g.threads + blocks - 1) /
                                                                    blocks));
   const int64_t per = (groups + shares - 1) / shares;
-  const std::vector<float> zeros(g.cin + 16, 0.f);
+  const std::vector<float> zeros(g.cin, 0.f);  // a padding tap's pixel
 #pragma omp parallel for schedule(static) num_threads(g.threads)
   for (int64_t it = 0; it < blocks * shares; ++it) {
     const int64_t blk = it / shares, share = it % shares;

@@ -12,7 +12,7 @@ import inspect
 from .base import POW2_SPARSITIES, Pattern, check_sparsity
 from .block import BLOCK_N, Block1xN, BSREncoding
 from .cci import CCI, CCI_G, CCIEncoding
-from .cs import CPU_M, CS, NHWC_M, CSEncoding
+from .cs import CIN_M, CPU_M, CS, NHWC_M, CSEncoding
 from .nm import NM, CSREncoding, NMEncoding, Unstructured
 from .ovw import OVW, OVW_V, OVWEncoding
 
@@ -21,7 +21,7 @@ PATTERNS: dict[str, type[Pattern]] = {
 }
 
 #: the free parameter of each pattern and the values a sweep tries
-SWEEP_PARAMS = {"cs": ("M", (NHWC_M, *CPU_M)), "ovw": ("V", OVW_V), "1xn": ("N", BLOCK_N),
+SWEEP_PARAMS = {"cs": ("M", CIN_M), "ovw": ("V", OVW_V), "1xn": ("N", BLOCK_N),
                 "cci": ("G", CCI_G), "nm": ("M", (4, 8, 16)), "unstructured": (None, ())}
 
 SUMMARY = {
@@ -55,4 +55,4 @@ def names() -> list[str]:
 
 __all__ = ["make", "names", "Pattern", "PATTERNS", "SWEEP_PARAMS", "SUMMARY", "POW2_SPARSITIES",
            "CSEncoding", "OVWEncoding", "BSREncoding", "CCIEncoding", "NMEncoding", "CSREncoding",
-           "CPU_M", "NHWC_M", "OVW_V", "BLOCK_N", "CCI_G"]
+           "CPU_M", "NHWC_M", "CIN_M", "OVW_V", "BLOCK_N", "CCI_G"]

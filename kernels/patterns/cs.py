@@ -26,6 +26,7 @@ from .base import Pattern, exact_int
 
 CPU_M = (2, 4, 8, 16)  # the planar direct kernel's (cs_cpu_direct)
 NHWC_M = 1  # the channels-last kernel's (cs_cpu_nhwc)
+CIN_M = (NHWC_M, *CPU_M)  # every cin-form M
 
 
 @dataclass
@@ -64,9 +65,8 @@ class CS(Pattern):
             raise ValueError(f"CS form {form!r} is unknown; valid: 'row' (GPU), 'cin' (CPU)")
         if form == "cin":
             M = 4 if M is None else M
-            if M not in CPU_M and M != NHWC_M:
-                raise ValueError(f"CS cin-form M={M} is not supported; valid: "
-                                 f"{(NHWC_M, *CPU_M)}")
+            if M not in CIN_M:
+                raise ValueError(f"CS cin-form M={M} is not supported; valid: {CIN_M}")
         elif M is not None and (not isinstance(M, int) or M < 1):
             raise ValueError(f"CS M must be a positive integer, got {M!r}")
         self.form, self.M = form, M
@@ -83,7 +83,7 @@ class CS(Pattern):
             if cin % (K * self.M):
                 return (f"CS (cin form) needs Cin={cin} divisible by K*M={K}*{self.M}={K * self.M}"
                         f"; valid M for this layer: "
-                        f"{[m for m in (NHWC_M, *CPU_M) if cin % (K * m) == 0] or 'none'}")
+                        f"{[m for m in CIN_M if cin % (K * m) == 0] or 'none'}")
             return None
         R = cin * kh * kw
         M = self._seg_M(shape)
