@@ -49,14 +49,17 @@ def _input(batch: int, size: int, device: str):
     return (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
 
 
+_WRAPS = (sparse_model.ChannelsLastConv2d, sparse_model.ConvPool)  # a dense conv inside
+
+
 def _conv_inputs(model: nn.Module, x) -> dict:
-    """Module name -> the input it received, for every convolution (dense or sparse)."""
-    wrapped = {f"{n}.conv" for n, m in model.named_modules()
-               if isinstance(m, sparse_model.ChannelsLastConv2d)}
+    """Module name -> the input it received, for every convolution (dense or sparse; a
+    ``ConvPool`` is its convolution's name, under which it runs)."""
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, _WRAPS)}
     return sparse_model.inputs_of(model, [
         n for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, sparse_model.SparseConv2d,
-                          sparse_model.ChannelsLastConv2d)) and n not in wrapped], x)
+        if isinstance(m, (nn.Conv2d, sparse_model.SparseConv2d, *_WRAPS))
+        and n.rpartition(".")[0] not in wrapped], x)
 
 
 def _conv_sums(dense: nn.Module, sparse: nn.Module, x, device, opts) -> tuple[float, float]:
@@ -77,6 +80,8 @@ def _conv_sums(dense: nn.Module, sparse: nn.Module, x, device, opts) -> tuple[fl
         conv_cl = _channels_last(conv)
         xin_cl = xin.contiguous(memory_format=torch.channels_last)
         smod = sparse.get_submodule(name)
+        if isinstance(smod, sparse_model.ConvPool):  # its convolution, as the layer the sum counts
+            smod = smod.conv
         variants = {"nchw": (conv, xin), "cl": (lambda t, c=conv_cl: c(t), xin_cl),
                     "sparse": (smod, s_in[name])}
         with torch.inference_mode():
@@ -106,6 +111,21 @@ def _handover_savings(epilogue: nn.Module, fused: nn.Module, x, device, opts) ->
     return out
 
 
+def _conv_pool_savings(fused: nn.Module, x, device, opts) -> list:
+    """[layer, seconds saved] per dense convolution run with its ReLU and max-pool as one pass
+    (``sparse_model.ConvPool``): the three operations as the network runs them otherwise
+    (channels_last) timed interleaved with the one pass, on the layer's real input."""
+    names = fused.sparsify_report.conv_pool
+    ins = sparse_model.inputs_of(fused, names, x)
+    out = []
+    for name in names:
+        mod = fused.get_submodule(name)
+        st, _ = timed(device, {"apart": (mod.apart, ins[name]), "one": (mod, ins[name])}, opts,
+                      graphs=False)
+        out.append([name, st["apart"].median - st["one"].median])
+    return out
+
+
 def _residual_savings(fused: nn.Module, x, device, opts) -> list:
     """[layer, seconds saved] per sparse layer that ends a residual block with the shortcut
     addition (and its ReLU) in its epilogue: the layer as the unfused network runs it (the
@@ -124,6 +144,9 @@ def _kind(node, mods: dict) -> str:
     m = mods.get(node.target) if node.op == "call_module" else None
     if isinstance(m, sparse_model.SparseConv2d) and not isinstance(m, sparse_model.SparseLinear):
         return SPARSE_CONV
+    if isinstance(m, sparse_model.ConvPool):
+        return f"{type(m.conv.conv).__name__}{'+ReLU' if m.relu else ''}+" \
+               f"{type(m.pool.pool).__name__} (one pass)"
     if m is not None:
         inner = getattr(m, "conv", None) or getattr(m, "pool", None)
         return type(inner if inner is not None else m).__name__
@@ -301,8 +324,9 @@ def _run_e2e(req: E2ERequest) -> E2EResult:
     if sparse is not unfused:
         # the whole batch per call, as the unfused network runs it, so the difference is the
         # epilogues' alone; what running a few images per call saves is its own variant
-        variants_sparse["sparse_epilogue"] = sparse_model.fuse_layers(unfused, handover=False,
-                                                                      batch_chunk=0)
+        # (and its dense convolution, ReLU and max-pool apart: that pass has its own figure)
+        variants_sparse["sparse_epilogue"] = sparse_model.fuse_layers(
+            unfused, handover=False, batch_chunk=0, conv_pool=False)
         variants_sparse["sparse_unfused"] = unfused
         if getattr(sparse, "batch_chunk", 0):
             variants_sparse["sparse_whole"] = sparse_model.fuse_layers(unfused, batch_chunk=0)
@@ -366,6 +390,8 @@ def _run_e2e(req: E2ERequest) -> E2EResult:
         if "sparse_epilogue" in variants_sparse and rep.handover:
             info["handover"] = json.dumps(_handover_savings(
                 variants_sparse["sparse_epilogue"], sparse, x, case.device, short))
+        if rep.conv_pool:
+            info["conv_pool"] = json.dumps(_conv_pool_savings(sparse, x, case.device, short))
         if case.device is Device.CPU:
             where = in_network(sparse, x)
             if where is not None:

@@ -648,6 +648,9 @@ class E2EResult:
     # addition and its ReLU in the kernel (the time saved measured per layer, interleaved), and
     # [layer, why] per one measured slower fused (the addition runs after the kernel)
     residual: str | None = None
+    # JSON: [layer, seconds saved] per dense convolution run with its ReLU and max-pool as one
+    # pass (sparse_model.ConvPool; the time saved measured per layer, interleaved)
+    conv_pool: str | None = None
     # JSON: operation kind -> seconds per run, timed node by node inside the deployed network
     # (e2e.in_network): where the time outside the sparse convolutions goes
     in_network: str | None = None
@@ -803,7 +806,8 @@ INTERVAL_COLUMNS = tuple(f"{c}_{e}" for c in ("speedup_best", "speedup_eager", "
 
 def handover_saved_s(handover: str | None) -> float | None:
     """Time the layout handover saves, summed over its layer pairs (each measured on its own);
-    None where no pair was measured. The same for a ``residual`` column's layers."""
+    None where no pair was measured. The same for a ``residual`` or ``conv_pool`` column's
+    layers."""
     pairs = json.loads(handover) if isinstance(handover, str) else []
     saved = [p[-1] for p in pairs if len(p) > 1 and not isinstance(p[-1], str)]
     return float(sum(saved)) if saved else None
@@ -915,6 +919,7 @@ class E2EMeasurement:
     relu_fused: int | None = None
     handover: str | None = None
     residual: str | None = None  # JSON: as E2EResult's
+    conv_pool: str | None = None  # JSON: as E2EResult's
     in_network: str | None = None  # JSON: as E2EResult's
     # share of the in-network time outside the sparse convolutions (from in_network)
     outside_in_network: float | None = None
@@ -987,7 +992,8 @@ class E2EMeasurement:
                    sparse_epilogue_s=res.sparse_epilogue_s,
                    sparse_unfused_s=res.sparse_unfused_s, sparse_whole_s=res.sparse_whole_s,
                    batch_chunk=res.batch_chunk, relu_fused=res.relu_fused,
-                   handover=res.handover, residual=res.residual, dense_ops=res.dense_ops,
+                   handover=res.handover, residual=res.residual, conv_pool=res.conv_pool,
+                   dense_ops=res.dense_ops,
                    in_network=res.in_network, outside_in_network=_outside(res.in_network),
                    sparse_first_s=res.sparse_first_s, sparse_repeated_s=res.sparse_repeated_s,
                    memory_wait=(1 - res.sparse_repeated_s / res.sparse_first_s

@@ -360,6 +360,8 @@ def _e2e(e2e: pd.DataFrame, net_table: pd.DataFrame) -> dict:
             in_network_names=e2e.in_network.map(_where),
             residual_saved_ms=e2e.residual.map(handover_saved_s) * 1e3,
             epilogue_saved_ms=(e2e.sparse_unfused_s - e2e.sparse_epilogue_s) * 1e3,
+            conv_pool_saved_ms=(e2e.conv_pool.map(handover_saved_s) * 1e3
+                                if "conv_pool" in e2e else None),
             images_per_call=e2e.batch_chunk.where(e2e.batch > 1).map(images_per_call),
             chunk_saved_ms=(e2e.sparse_whole_s - e2e.sparse_s) * 1e3,
         ).to_dict("records")

@@ -31,7 +31,7 @@ from torch import fx, nn
 import kernels
 import shapes
 from kernels.cpu_common import ThreadBuffers
-from kernels.cpu_layout import CpuLayout
+from kernels.cpu_layout import GEMV_MAX_ROWS, CpuLayout
 
 from .plan import Plan, PlanError
 from .records import Device
@@ -250,6 +250,47 @@ class ChannelsLastPool(nn.Module):
         return self.pool(x.contiguous(memory_format=torch.channels_last))
 
 
+class ConvPool(nn.Module):
+    """A convolution kept dense (a stem with few input channels), the ReLU after it (``relu``)
+    and the max-pool after that, as one C++ pass (``kernels.stem``) writing channels-last: the
+    convolution's full-size output never leaves the cache, where the three operations write and
+    read it three times (ResNet50's stem at batch 1 on a 2-core EPYC, warm: 1.16 ms against 1.51
+    ms). ``fuse_layers`` puts one in where ``sparsify`` measured the network faster so
+    (``Report.dense_layout`` "conv_pool"); any input the pass does not take (another dtype, a
+    gradient wanted) runs the three operations."""
+
+    def __init__(self, conv: ChannelsLastConv2d, relu: bool, pool: ChannelsLastPool):
+        super().__init__()
+        from kernels import stem
+
+        self.conv, self.relu, self.pool = conv, relu, pool
+        c, p = conv.conv, pool.pool
+        self.register_buffer("packed", stem.pack_weight(c.weight), persistent=False)
+        one = stem.square
+        self._args = (one(c.kernel_size), one(c.stride), one(c.padding),
+                      (one(p.kernel_size), one(p.stride or p.kernel_size), one(p.padding)))
+
+    @property
+    def weight(self):
+        return self.conv.weight
+
+    def forward(self, x):
+        c = self.conv.conv
+        if x.dim() == 4 and x.shape[1] == c.in_channels and x.dtype == self.packed.dtype \
+                == torch.float32 and x.is_cpu and not torch.is_grad_enabled():
+            from kernels import stem
+
+            k, s, pad, pool = self._args
+            return stem.conv_pool(x, self.packed, c.bias, k, s, pad, pool, self.relu)
+        return self.apart(x)
+
+    def apart(self, x):
+        """The three operations one after another (channels_last), as the network runs them
+        without the pass."""
+        y = self.conv(x)
+        return self.pool(F.relu(y) if self.relu else y)
+
+
 class NchwMaxPool(nn.Module):
     """A max-pool in NCHW: one parallel C++ pass (``kernels.cpu_layout.max_pool_nchw``) where it
     applies (a contiguous float32 CPU input, square window, no dilation or ceil_mode), PyTorch's
@@ -280,10 +321,11 @@ class NchwMaxPool(nn.Module):
 
 class GemvLinear(nn.Module):
     """A dense ``nn.Linear`` (a classifier left dense) that reads its weight in one parallel C++
-    pass at batch 1 (``kernels.cpu_layout.linear_gemv``); any other input goes to the Linear
-    itself. ``sparsify`` puts one in only where it was measured faster (``Report.dense_linear``):
-    PyTorch's batch-1 Linear read VGG19's 411 MB first classifier layer in 24.8 ms, this pass in
-    14.5 ms (2-core EPYC, AVX-512)."""
+    pass for a few images (``kernels.cpu_layout.linear_gemv``, up to ``GEMV_MAX_ROWS``); any
+    other input goes to the Linear itself. ``sparsify`` puts one in only where it was measured
+    faster at the images per call the network runs (``Report.dense_linear``): PyTorch's batch-1
+    Linear read VGG19's 411 MB first classifier layer in 24.8 ms, this pass in 14.5 ms (2-core
+    EPYC, AVX-512)."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -291,7 +333,8 @@ class GemvLinear(nn.Module):
 
     def forward(self, x):
         w, b = self.lin.weight, self.lin.bias
-        if x.dim() == 2 and x.shape[0] == 1 and x.dtype == w.dtype == torch.float32 \
+        if x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_ROWS \
+                and x.dtype == w.dtype == torch.float32 \
                 and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous() \
                 and not torch.is_grad_enabled():
             from kernels.cpu_layout import linear_gemv
@@ -317,6 +360,8 @@ class Report:
     # relu_fused) runs in the kernel's epilogue
     residual_fused: list = field(default_factory=list)
     handover: list = field(default_factory=list)  # (producer, consumer) in the kernel's layout
+    # dense convolutions run with their ReLU and max-pool as one pass (ConvPool)
+    conv_pool: list = field(default_factory=list)
     fusion: str = "not fused"  # what fuse() did, or why it could not
     # the layout the dense convolutions and max-pools run in (CPU), and the measurement behind
     # the choice (``sparsify(dense_layout="measure")``)
@@ -346,7 +391,7 @@ class Report:
         add their shortcut after the kernel), as JSON: ``sparsify(..., decisions=)`` builds the same network again
         without measuring (a process timing it alone runs the network the run measured)."""
         layout = self.dense_layout.split()[0] if self.dense_layout else None
-        return {"dense_layout": layout if layout in ("nchw", "channels_last") else None,
+        return {"dense_layout": layout if layout in DENSE_LAYOUTS[1:] else None,
                 "gemv": sorted(n for n, v in self.dense_linear.items()
                                if v.startswith("C++ pass")),
                 "batch_chunk": self.batch_chunk,
@@ -448,7 +493,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, (SparseConv2d, ChannelsLastConv2d, ChannelsLastPool, NchwMaxPool,
-                              GemvLinear)) \
+                              GemvLinear, ConvPool)) \
             or super().is_leaf_module(m, qualname)
 
 
@@ -501,7 +546,8 @@ class BatchChunks(fx.GraphModule):
 
 
 def fuse_layers(model: nn.Module, handover: bool | str = True,
-                residual: bool | str = True, batch_chunk: int | None = None) -> nn.Module:
+                residual: bool | str = True, batch_chunk: int | None = None,
+                conv_pool: bool | None = None) -> nn.Module:
     """The sparse model with its C++ CPU layers fused (a ``torch.fx`` GraphModule sharing the
     prepared kernels; ``model`` itself is left as it is). Where a sparse convolution's only use
     is a ReLU, the ReLU moves into the kernel's epilogue (with the bias); with ``residual``,
@@ -518,14 +564,22 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
     fused is in the copy's ``sparsify_report`` (``relu_fused``, ``residual_fused``,
     ``handover``, ``fusion``); a
     model torch.fx cannot trace, or with nothing to fuse, is returned as it is, with the reason
-    in its report's ``fusion``. The result is a :class:`BatchChunks` running ``batch_chunk``
-    images per call (None: the report's ``batch_chunk``, as ``sparsify`` measured it)."""
+    in its report's ``fusion``. With ``conv_pool`` (None: where the report's ``dense_layout``
+    is "conv_pool", as ``sparsify`` measured it), a convolution kept dense whose output goes
+    only to a max-pool, or only to a ReLU whose output goes only to a max-pool, runs with them
+    as one pass (:class:`ConvPool`; the report's ``conv_pool`` lists them). The result is a
+    :class:`BatchChunks` running ``batch_chunk`` images per call (None: the report's
+    ``batch_chunk``, as ``sparsify`` measured it)."""
     report = copy.copy(getattr(model, "sparsify_report", None) or Report("?", 0.0))
     report.relu_fused, report.handover, report.residual_fused = [], [], []
+    report.conv_pool = []
+    if conv_pool is None:
+        conv_pool = report.dense_layout.split()[:1] == ["conv_pool"]
 
     def unfused(why: str) -> nn.Module:  # the model as it is, its own report saying why
         own = getattr(model, "sparsify_report", None) or report
         own.relu_fused, own.handover, own.residual_fused, own.fusion = [], [], [], why
+        own.conv_pool = []
         model.sparsify_report = own
         return model
 
@@ -602,6 +656,17 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
         if relu is not None:
             mine["relu"] = True
             report.relu_fused.append(node.target)
+    for node in list(graph.nodes) if conv_pool else ():
+        chain = _conv_pool_chain(node, mods, calls)
+        if chain is not None:
+            relu, pool = chain
+            _set(gm, node.target, ConvPool(mods[node.target], relu is not None,
+                                           mods[pool.target]))
+            pool.replace_all_uses_with(node)
+            for gone in (pool, relu):
+                if gone is not None:
+                    graph.erase_node(gone)
+            report.conv_pool.append(node.target)
     if not spec:
         return unfused("not fused: no layer runs a C++ CPU kernel")
     for target, fusion in spec.items():
@@ -613,10 +678,36 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
                      + (f"{len(report.residual_fused)} residual addition(s) in the kernel, "
                         if residual else "no residual addition fused, ")
                      + (f"{len(report.handover)} layer pair(s) hand over in the kernel's layout"
-                        if handover else "no layout handover"))
+                        if handover else "no layout handover")
+                     + (f", {len(report.conv_pool)} dense convolution(s) with their max-pool "
+                        f"in one pass" if report.conv_pool else ""))
     gm.sparsify_report = report
     gm.batch_chunk = report.batch_chunk if batch_chunk is None else batch_chunk
     return gm
+
+
+def _conv_pool_chain(node, mods: dict, calls: Counter) -> tuple | None:
+    """(the ReLU node or None, the max-pool node) where ``node`` runs a dense convolution
+    (:class:`ChannelsLastConv2d`, called once) whose output goes only to that max-pool
+    (:class:`ChannelsLastPool`), directly or through that ReLU, and ``kernels.stem`` runs the
+    pair here; else None."""
+    from kernels import stem
+
+    conv = mods.get(node.target) if node.op == "call_module" else None
+    if not isinstance(conv, ChannelsLastConv2d) or calls[node.target] != 1 \
+            or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
+        return None
+    relu = nxt = next(iter(node.users))
+    if _is_relu(relu, mods) and relu.args == (node,) and len(relu.users) == 1:
+        nxt = next(iter(relu.users))
+    else:
+        relu = None
+    pool = mods.get(nxt.target) if nxt.op == "call_module" else None
+    if not isinstance(pool, ChannelsLastPool) or calls[nxt.target] != 1 \
+            or nxt.args != (relu or node,) or nxt.kwargs \
+            or stem.why_not(conv.conv, pool.pool) is not None or not stem.available():
+        return None
+    return relu, nxt
 
 
 def _linears(model: nn.Module, input_size) -> dict:
@@ -649,9 +740,11 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
 
     On the CPU the operations that stay dense (convolutions kept dense, such as a stem with
     three input channels, and max-pools) run in one layout for the whole network:
-    ``dense_layout="channels_last"`` or ``"nchw"``, or by default ``"measure"``: the network is
-    timed both ways at ``input_size`` and ``batch`` (interleaved, a second or two) and the
-    faster is kept; the report's ``dense_layout`` gives both times.
+    ``dense_layout="channels_last"`` or ``"nchw"``; ``"conv_pool"`` is channels_last with a
+    convolution kept dense, its ReLU and the max-pool after it run as one C++ pass
+    (:class:`ConvPool`, a ResNet's stem); by default ``"measure"``: the network is timed each
+    way at ``input_size`` and ``batch`` (interleaved, a second or two) and the fastest is kept;
+    the report's ``dense_layout`` gives every time.
 
     ``input_size`` (C, H, W) is the size the kernels are prepared for first (and the size a
     plan's layer shapes are matched at); the model takes any other height, width and batch as
@@ -722,7 +815,7 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
         # the images per call first: the choices after it are timed at that many images
         chunk = _choose_batch_chunk(m, (batch, *input_size), d.get("batch_chunk"))
         m = _choose_dense_layout(m, d.get("dense_layout") or dense_layout, (chunk, *input_size))
-        _choose_dense_linear(m, d.get("gemv"))
+        _choose_dense_linear(m, chunk, d.get("gemv"))
         _choose_strided_handover(m, (chunk, *input_size), d.get("strided"))
         _choose_residual(m, (chunk, *input_size), d.get("residual_apart"))
     return fuse_layers(m) if fuse and report.replaced else m
@@ -843,7 +936,7 @@ def _choose_residual(m: nn.Module, size, apart: list | None = None) -> None:
             report.residual_apart.append(name)
 
 
-DENSE_LAYOUTS = ("measure", "channels_last", "nchw")
+DENSE_LAYOUTS = ("measure", "channels_last", "nchw", "conv_pool")
 
 
 def _in_nchw(m: nn.Module) -> nn.Module:
@@ -863,7 +956,9 @@ def _in_nchw(m: nn.Module) -> nn.Module:
 
 def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
     """``m`` (dense operations in channels_last, as built) or its NCHW twin: as asked, or the
-    faster of the two as fused and deployed, timed interleaved on a random input of ``size``."""
+    fastest as fused and deployed, timed interleaved on a random input of ``size``: channels_last,
+    NCHW, and channels_last with each dense convolution, ReLU and max-pool chain as one pass
+    ("conv_pool", ``fuse_layers`` then fuses them; tried where a chain runs so here)."""
     report = m.sparsify_report
     dense = [mod for mod in m.modules() if isinstance(mod, (ChannelsLastConv2d,
                                                            ChannelsLastPool))]
@@ -877,16 +972,22 @@ def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
 
     nchw = _in_nchw(m)
     x = torch.randn(*size)
-    variants = {"channels_last": fuse_layers(m), "nchw": fuse_layers(nchw)}
+    variants = {"channels_last": fuse_layers(m, conv_pool=False),
+                "nchw": fuse_layers(nchw, conv_pool=False)}
+    pooled = fuse_layers(m, conv_pool=True)
+    if pooled.sparsify_report.conv_pool:
+        variants["conv_pool"] = pooled
     with torch.inference_mode():
         st = interleaved_cpu({k: (v, x) for k, v in variants.items()}, rounds=5,
                              min_sample=0.02, warmup=0.05).stats
     best = min(st, key=lambda k: st[k].median)
+    words = {"channels_last": "channels_last", "nchw": "NCHW",
+             "conv_pool": "channels_last with convolution, ReLU and max-pool in one pass"}
     report.dense_layout = (
         f"{best} ({len(dense)} dense operation(s); measured whole network at "
-        f"{'x'.join(map(str, size))}: channels_last {st['channels_last'].median * 1e3:.2f} ms, "
-        f"NCHW {st['nchw'].median * 1e3:.2f} ms)")
-    return m if best == "channels_last" else nchw
+        f"{'x'.join(map(str, size))}: "
+        + ", ".join(f"{words[k]} {st[k].median * 1e3:.2f} ms" for k in variants) + ")")
+    return nchw if best == "nchw" else m
 
 
 BATCH_CHUNKS = (1, 2, 4, 8)  # images per call tried on a larger batch (the whole batch too)
@@ -956,11 +1057,12 @@ def _chunk_words(chunk: int) -> str:
     return "whole batch" if not chunk else f"{chunk} image{'s' if chunk > 1 else ''} per call"
 
 
-def _choose_dense_linear(m: nn.Module, decided: list | None = None) -> None:
+def _choose_dense_linear(m: nn.Module, rows: int = 1, decided: list | None = None) -> None:
     """Each ``nn.Linear`` left dense runs through :class:`GemvLinear` where the C++ pass was
-    faster at batch 1: both timed interleaved on a random input of the layer's width
-    (``Report.dense_linear`` gives both times); a larger batch runs PyTorch's either way.
-    ``decided``: the layers an earlier measurement gave the C++ pass (nothing is timed)."""
+    faster for ``rows`` images (the images per call the network runs): both timed interleaved on
+    a random input of the layer's width (``Report.dense_linear`` gives both times); more than
+    ``GEMV_MAX_ROWS`` images run PyTorch's Linear either way. ``decided``: the layers an earlier
+    measurement gave the C++ pass (nothing is timed)."""
     from .timing import interleaved_cpu
 
     report = m.sparsify_report
@@ -974,14 +1076,18 @@ def _choose_dense_linear(m: nn.Module, decided: list | None = None) -> None:
             if use:
                 _set(m, name, GemvLinear(lin))
             continue
-        x, gemv = torch.randn(1, lin.in_features), GemvLinear(lin)
+        if rows > GEMV_MAX_ROWS:
+            report.dense_linear[name] = (f"PyTorch ({rows} images per call: the C++ pass takes "
+                                         f"at most {GEMV_MAX_ROWS})")
+            continue
+        x, gemv = torch.randn(rows, lin.in_features), GemvLinear(lin)
         with torch.inference_mode():
             st = interleaved_cpu({"pytorch": (lin, x), "gemv": (gemv, x)}, rounds=5,
                                  min_sample=0.01, warmup=0.01).stats
         t = {k: v.median * 1e3 for k, v in st.items()}
         best = "gemv" if t["gemv"] < t["pytorch"] else "pytorch"
         report.dense_linear[name] = (f"{'C++ pass' if best == 'gemv' else 'PyTorch'} "
-                                     f"({lin.in_features}->{lin.out_features} at batch 1: "
+                                     f"({lin.in_features}->{lin.out_features} at batch {rows}: "
                                      f"C++ pass {t['gemv']:.2f} ms, PyTorch {t['pytorch']:.2f} ms)")
         if best == "gemv":
             _set(m, name, gemv)
@@ -1029,11 +1135,14 @@ def masked_dense(sparse: nn.Module) -> nn.Module:
     """The reference: the sparse model with each ``SparseConv2d`` turned back into a plain
     convolution over its ``masked_weight`` (same masks, same folded biases; a fused ReLU or
     shortcut addition after it); a max-pool run by the C++ pass is PyTorch's again, so the
-    reference holds PyTorch operations only (the peer engines export it to ONNX)."""
+    reference holds PyTorch operations only (the peer engines export it to ONNX), as is a
+    convolution run with its ReLU and max-pool as one pass (:class:`ConvPool`)."""
     ref = copy.deepcopy(sparse).cpu()
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, NchwMaxPool):
             _set(ref, name, mod.pool)
+        elif isinstance(mod, ConvPool):
+            _set(ref, name, nn.Sequential(mod.conv, *[nn.ReLU()] * mod.relu, mod.pool))
         elif isinstance(mod, GemvLinear):
             _set(ref, name, mod.lin)
         elif isinstance(mod, SparseLinear):

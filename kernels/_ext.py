@@ -316,8 +316,8 @@ LAYOUT = Family("layout", "layout.cpp", {
     "sc_layout_fill": [P, I64, I64, I64, I64, P, I64, I64, I64, I64, I64, I64, I64, I64],
     # x, N, C, H, W, K, S, padding, OH, OW, y, threads
     "sc_max_pool_nchw": [P, I64, I64, I64, I64, I64, I64, I64, I64, I64, P, I64],
-    # x, weight, bias, y, K, N, threads
-    "sc_linear_gemv": [P, P, P, P, I64, I64, I64]})
+    # x, weight, bias, y, K, N, M (images), threads
+    "sc_linear_gemv": [P, P, P, P, I64, I64, I64, I64]})
 PROBE = Family("probe", "probe.cpp", {
     "sc_loop_probe": [I64, I64, I64, I64, I64, ctypes.POINTER(ctypes.c_double)]})
 

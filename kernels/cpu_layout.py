@@ -170,19 +170,23 @@ def max_pool_nchw(x: torch.Tensor, kernel: int, stride: int, padding: int) -> to
     return y
 
 
+GEMV_MAX_ROWS = 8  # images a call of linear_gemv takes: each reads a weight block from the cache
+
+
 def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for one image (``x`` [1, K]) in one parallel C++ pass over
-    the weight: PyTorch's batch-1 Linear reads a large weight below memory speed (VGG19's first
+    """``F.linear(x, weight, bias)`` for a few images (``x`` [M, K], M <= ``GEMV_MAX_ROWS``) in
+    one parallel C++ pass over the weight, each block of its rows read from memory once for all
+    M: PyTorch's batch-1 Linear reads a large weight below memory speed (VGG19's first
     classifier layer, 411 MB: 15 GB/s on a 2-core EPYC, where a plain pass reads 24 GB/s)."""
     n, k = weight.shape
-    ok = x.dim() == 2 and x.shape == (1, k) and all(
+    ok = x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] == k and all(
         t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
         for t in (x, weight, *([] if bias is None else [bias])))
     if not ok or (bias is not None and bias.shape != (n,)):
-        raise ValueError(f"linear_gemv: a contiguous float32 CPU [1, {k}] input, [{n}, {k}] "
-                         f"weight and [{n}] bias, got {tuple(x.shape)} {x.dtype}")
-    y = torch.empty(1, n)
+        raise ValueError(f"linear_gemv: a contiguous float32 CPU [1..{GEMV_MAX_ROWS}, {k}] input, "
+                         f"[{n}, {k}] weight and [{n}] bias, got {tuple(x.shape)} {x.dtype}")
+    y = torch.empty(x.shape[0], n)
     _ext.LAYOUT.call("sc_linear_gemv", x.data_ptr(), weight.data_ptr(),
-                     None if bias is None else bias.data_ptr(), y.data_ptr(), k, n,
+                     None if bias is None else bias.data_ptr(), y.data_ptr(), k, n, x.shape[0],
                      torch.get_num_threads())
     return y

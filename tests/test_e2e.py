@@ -66,7 +66,7 @@ def test_sparsify_equals_the_masked_dense_network(net, pattern, S):
     for name in rep.replaced:
         mod = sparse.get_submodule(name)
         assert isinstance(mod, sm.SparseConv2d) and conforms(mod, S), name
-    # each Linear left dense runs where measured faster at batch 1: PyTorch's or the C++ pass
+    # each Linear left dense runs where measured faster at the batch: PyTorch's or the C++ pass
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert set(rep.dense_linear) == linears
     for n in linears:
@@ -106,37 +106,64 @@ def test_aligned_row_layers_hand_over_and_add_residuals_inside_a_network(monkeyp
 
 
 def test_the_dense_operations_run_in_the_layout_measured_faster(monkeypatch):
-    """The stem convolution and the max-pool stay dense: asked for a layout, they run in it;
-    by default both layouts are timed and the faster kept, here NCHW once the channels_last
-    max-pool is made 20 ms slower. Every choice equals the masked dense network."""
+    """The stem convolution and the max-pool stay dense: asked for a layout, they run in it
+    (with "conv_pool", the convolution, its ReLU and the pool as one pass); by default every
+    way is timed and the fastest kept: NCHW once the channels_last max-pool and the one pass
+    are made 20 ms slower, the one pass once both max-pools are. Every choice equals the masked
+    dense network, whose reference holds PyTorch operations only."""
     model = build("resnet18", seed=5)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
 
     def kinds(m):
         return {type(mod).__name__ for mod in m.modules()}
 
+    def in_graph(m):  # the modules the fused network calls
+        return {type(m.get_submodule(n.target)).__name__ for n in m.graph.nodes
+                if n.op == "call_module"}
+
     want = None
-    for how, cl in (("channels_last", True), ("nchw", False)):
+    for how, cl in (("channels_last", True), ("nchw", False), ("conv_pool", True)):
         sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32), dense_layout=how)
         assert ("ChannelsLastPool" in kinds(sparse)) is cl
         assert ("NchwMaxPool" in kinds(sparse)) is not cl
-        assert "NchwMaxPool" not in kinds(sm.masked_dense(sparse))  # exportable: torch only
         assert ("ChannelsLastConv2d" in kinds(sparse)) is cl
+        called = in_graph(sparse)
+        assert ("ConvPool" in called) is (how == "conv_pool"), called
+        assert ("ChannelsLastPool" in called) is (how == "channels_last"), called
+        assert sparse.sparsify_report.conv_pool == (["conv1"] if how == "conv_pool" else [])
+        assert not {"NchwMaxPool", "ConvPool"} & kinds(sm.masked_dense(sparse))  # torch only
         assert sparse.sparsify_report.dense_layout == f"{how} (as asked)"
         with torch.no_grad():
             want = sm.masked_dense(sparse).double()(x.double()) if want is None else want
             assert rel(sparse(x), want) < 1e-4
-    slow = sm.ChannelsLastPool.forward
+            assert rel(sm.masked_dense(sparse)(x), want) < 1e-4
 
-    def slower(self, t):
-        time.sleep(0.02)
-        return slow(self, t)
+    def slowed(cls):
+        fast = cls.forward
 
-    monkeypatch.setattr(sm.ChannelsLastPool, "forward", slower)
+        def slower(self, t):
+            time.sleep(0.02)
+            return fast(self, t)
+        monkeypatch.setattr(cls, "forward", slower)
+
+    slowed(sm.ChannelsLastPool)
+    slowed(sm.ConvPool)
     sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32))
     said = sparse.sparsify_report.dense_layout
     assert said.startswith("nchw (2 dense operation(s); measured whole network at 1x3x32x32")
+    assert "in one pass" in said, said  # the one pass was timed too
     assert "ChannelsLastPool" not in kinds(sparse), said
+    with torch.no_grad():
+        assert rel(sparse(x), want) < 1e-4
+    monkeypatch.undo()
+    slowed(sm.ChannelsLastPool)
+    slowed(sm.NchwMaxPool)
+    sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32))
+    said = sparse.sparsify_report.dense_layout
+    assert said.startswith("conv_pool (2 dense operation(s)"), said
+    assert sparse.sparsify_report.decisions()["dense_layout"] == "conv_pool"
+    assert "ConvPool" in in_graph(sparse) and "1 dense convolution(s) with their max-pool" \
+        in sparse.sparsify_report.fusion
     with torch.no_grad():
         assert rel(sparse(x), want) < 1e-4
     with pytest.raises(sm.SparsifyError, match="dense_layout must be one of"):
@@ -475,6 +502,39 @@ def test_table_plan_re_measures_every_layer_of_a_plan_in_one_run(tmp_path, cli):
     code, _, err = cli("table", "--db", db, "--plan", tmp_path / "stale.json")
     assert code == 2 and err.startswith("error:") and \
         "source of cs_cpu_direct changed" in err and "Traceback" not in err
+
+
+def test_e2e_accounts_for_the_stem_run_as_one_pass(monkeypatch):
+    """A network whose stem runs with its ReLU and max-pool as one pass (ConvPool): the summed
+    convolutions time its convolution on its real input, the in-network breakdown names the
+    pass, and what the pass saves is timed against the three operations on that input: planted
+    5 ms slower apart, it saves at least 4 ms."""
+    from harness import e2e
+    from harness.records import Device, TimingOptions
+
+    model = build("resnet18", seed=5)
+    sparse = harness.sparsify(model, "cs", 0.9375, input_size=(3, 32, 32),
+                              dense_layout="conv_pool")
+    dense, _, _ = sm.dense_folded(model, (3, 32, 32))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert sparse.sparsify_report.conv_pool == ["conv1"]
+    ins = e2e._conv_inputs(sparse, x)
+    assert ins["conv1"].shape == (1, 3, 32, 32) and "conv1.conv" not in ins
+    opts = TimingOptions(rounds=3, min_sample=1e-3, warmup=0.0, max_contention=None)
+    conv_d, conv_s = e2e._conv_sums(dense, sparse, x, Device.CPU, opts)
+    assert conv_d > 0 and conv_s > 0
+    where, _ = e2e.in_network(sparse, x, runs=2)
+    assert "Conv2d+ReLU+MaxPool2d (one pass)" in where and "MaxPool2d" not in where
+    apart = sm.ConvPool.apart
+
+    def slower(self, t):
+        time.sleep(0.005)
+        return apart(self, t)
+
+    monkeypatch.setattr(sm.ConvPool, "apart", slower)
+    with torch.inference_mode():  # as e2e times (a gradient wanted runs the three operations)
+        [(name, saved)] = e2e._conv_pool_savings(sparse, x, Device.CPU, opts)
+    assert name == "conv1" and saved > 0.004
 
 
 def test_in_network_tells_what_the_sparse_layers_wait_for_memory(monkeypatch):

@@ -294,28 +294,32 @@ def test_the_nchw_max_pool_equals_pytorchs(k, stride, padding):
 
 @pytest.mark.parametrize("n,k,bias", [(4096, 2048, True), (7, 37, True), (10, 16, False),
                                       (1, 5, True)])
-def test_the_batch_one_linear_pass_equals_float64(n, k, bias):
-    """The C++ pass for a dense Linear at batch 1 (rows not a multiple of 4, widths not a
-    multiple of the vector, no bias) against float64; a NaN in the input gives NaN in every
-    output, as a dot product does; GemvLinear runs PyTorch's Linear for any other batch, and
-    masked_dense turns it back into that Linear."""
-    from kernels.cpu_layout import linear_gemv
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_the_few_images_linear_pass_equals_float64(n, k, bias, m):
+    """The C++ pass for a dense Linear at 1 to GEMV_MAX_ROWS images (rows not a multiple of 4,
+    widths not a multiple of the vector, no bias) against float64; a NaN in one image's input
+    gives NaN in every output of that image and no other, as a dot product does; GemvLinear
+    runs PyTorch's Linear for a larger batch, and masked_dense turns it back into that Linear."""
+    from kernels.cpu_layout import GEMV_MAX_ROWS, linear_gemv
 
-    g = torch.Generator().manual_seed(n + k)
+    g = torch.Generator().manual_seed(n + k + m)
     lin = nn.Linear(k, n, bias=bias)
-    x = torch.randn(1, k, generator=g)
+    x = torch.randn(m, k, generator=g)
     with torch.no_grad():
         want = F.linear(x.double(), lin.weight.double(), None if lin.bias is None
                         else lin.bias.double())
         got = linear_gemv(x, lin.weight, lin.bias)
-        assert rel_err(got, want) < 1e-6
-        x[0, k // 2] = float("nan")
-        assert linear_gemv(x, lin.weight, lin.bias).isnan().all()
+        assert got.shape == (m, n) and rel_err(got, want) < 1e-6
+        x[m - 1, k // 2] = float("nan")
+        got = linear_gemv(x, lin.weight, lin.bias)
+        assert got[m - 1].isnan().all() and not got[:m - 1].isnan().any()
         mod = sm.GemvLinear(lin)
-        x3 = torch.randn(3, k, generator=g)
-        assert torch.equal(mod(x3), lin(x3))
+        big = torch.randn(GEMV_MAX_ROWS + 1, k, generator=g)
+        assert torch.equal(mod(big), lin(big))
         wrapped = nn.Sequential(mod)
         wrapped.sparsify_report = None
         assert isinstance(sm.masked_dense(wrapped)[0], nn.Linear)
     with pytest.raises(ValueError, match="linear_gemv"):
-        linear_gemv(torch.randn(2, k), lin.weight, lin.bias)
+        linear_gemv(torch.randn(GEMV_MAX_ROWS + 1, k), lin.weight, lin.bias)
+    with pytest.raises(ValueError, match="linear_gemv"):
+        linear_gemv(torch.randn(0, k), lin.weight, lin.bias)
