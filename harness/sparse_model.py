@@ -265,7 +265,7 @@ class ConvPool(nn.Module):
 
         self.conv, self.relu, self.pool = conv, relu, pool
         c, p = conv.conv, pool.pool
-        self.register_buffer("packed", stem.pack_weight(c.weight), persistent=False)
+        self._packed = self._packed_of = None  # the weight as the pass reads it, and of what
         one = stem.square
         self._args = (one(c.kernel_size), one(c.stride), one(c.padding),
                       (one(p.kernel_size), one(p.stride or p.kernel_size), one(p.padding)))
@@ -274,14 +274,27 @@ class ConvPool(nn.Module):
     def weight(self):
         return self.conv.weight
 
+    def packed(self) -> torch.Tensor:
+        """The convolution's weight packed for the pass: packed again whenever the weight
+        changed (another tensor, or this one written in place: a state dict loaded)."""
+        from kernels import stem
+
+        w = self.conv.conv.weight
+        of = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._packed_of != of:
+            self._packed, self._packed_of = stem.pack_weight(w), of
+        return self._packed
+
     def forward(self, x):
         c = self.conv.conv
-        if x.dim() == 4 and x.shape[1] == c.in_channels and x.dtype == self.packed.dtype \
-                == torch.float32 and x.is_cpu and not torch.is_grad_enabled():
+        if x.dim() == 4 and x.shape[1] == c.in_channels and x.dtype == c.weight.dtype \
+                == torch.float32 and x.is_cpu and c.weight.is_cpu \
+                and (c.bias is None or c.bias.dtype == torch.float32) \
+                and not torch.is_grad_enabled():
             from kernels import stem
 
             k, s, pad, pool = self._args
-            return stem.conv_pool(x, self.packed, c.bias, k, s, pad, pool, self.relu)
+            return stem.conv_pool(x, self.packed(), c.bias, k, s, pad, pool, self.relu)
         return self.apart(x)
 
     def apart(self, x):
@@ -377,8 +390,8 @@ class Report:
     # measures them; unmeasured, every one is fused)
     residual: dict = field(default_factory=dict)
     residual_apart: list = field(default_factory=list)
-    # dense Linear layers (a classifier left dense): name -> which runs it at batch 1, PyTorch's
-    # Linear or the C++ pass (GemvLinear), and the times measured for both (CPU)
+    # dense Linear layers (a classifier left dense): name -> which runs it at the images per
+    # call, PyTorch's Linear or the C++ pass (GemvLinear), and the times measured for both (CPU)
     dense_linear: dict = field(default_factory=dict)
     # images per call of the fused network on a larger batch (0: the whole batch at once), and
     # the measurement behind it (``sparsify`` times each chunk size at its ``batch``)
@@ -982,7 +995,8 @@ def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
                              min_sample=0.02, warmup=0.05).stats
     best = min(st, key=lambda k: st[k].median)
     words = {"channels_last": "channels_last", "nchw": "NCHW",
-             "conv_pool": "channels_last with convolution, ReLU and max-pool in one pass"}
+             "conv_pool": "channels_last with each convolution, (ReLU,) max-pool chain in one "
+                          "pass"}
     report.dense_layout = (
         f"{best} ({len(dense)} dense operation(s); measured whole network at "
         f"{'x'.join(map(str, size))}: "

@@ -185,7 +185,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not ok or (bias is not None and bias.shape != (n,)):
         raise ValueError(f"linear_gemv: a contiguous float32 CPU [1..{GEMV_MAX_ROWS}, {k}] input, "
                          f"[{n}, {k}] weight and [{n}] bias, got {tuple(x.shape)} {x.dtype}")
-    y = torch.empty(x.shape[0], n)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
     _ext.LAYOUT.call("sc_linear_gemv", x.data_ptr(), weight.data_ptr(),
                      None if bias is None else bias.data_ptr(), y.data_ptr(), k, n, x.shape[0],
                      torch.get_num_threads())

@@ -85,18 +85,24 @@ def conv_pool(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, 
     if packed.shape != (k, cin, k, cout) or x.dtype != torch.float32 or not x.is_cpu:
         raise ValueError(f"conv_pool: a float32 CPU input with {packed.shape[1]} channels, "
                          f"got {tuple(x.shape)} {x.dtype}")
+    if packed.dtype != torch.float32 or not packed.is_contiguous() or not packed.is_cpu or (
+            bias is not None and (bias.dtype != torch.float32 or bias.shape != (cout,)
+                                  or not bias.is_cpu)):
+        raise ValueError(f"conv_pool: a contiguous float32 CPU weight packed by pack_weight and "
+                         f"a float32 [{cout}] bias")
     pk, ps, ppad = pool
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     ph, pw = (oh + 2 * ppad - pk) // ps + 1, (ow + 2 * ppad - pk) // ps + 1
     if oh < 1 or ow < 1 or ph < 1 or pw < 1:
         raise ValueError(f"conv_pool: input {h}x{w} is too small for a {k}x{k} convolution "
                          f"and a {pk}x{pk} pool")
-    y = torch.empty(n, ph, pw, cout).permute(0, 3, 1, 2)
+    f32 = torch.float32
+    y = torch.empty(n, ph, pw, cout, dtype=f32).permute(0, 3, 1, 2)
     if n == 0:
         return y
     x = x.contiguous()
-    b = torch.zeros(cout) if bias is None else bias.detach().contiguous()
-    scratch = torch.empty(n * cin * (h + 2 * pad) * (w + 2 * pad))
+    b = torch.zeros(cout, dtype=f32) if bias is None else bias.detach().contiguous()
+    scratch = torch.empty(n * cin * (h + 2 * pad) * (w + 2 * pad), dtype=f32)
     threads = torch.get_num_threads()
     # one image's pool rows split among the threads when the images alone would leave some idle
     bands = 1 if n % threads == 0 else min(ph, threads)

@@ -14,7 +14,7 @@ GEOMETRIES = [
     (1, 3, 64, 64, 64, 7, 2, 3, (3, 2, 1), True),  # ResNet's stem on a small image
     (3, 3, 37, 41, 32, 7, 2, 3, (3, 2, 1), True),  # odd sizes, a batch the threads do not divide
     (2, 1, 20, 17, 16, 3, 1, 1, (2, 2, 0), False),
-    (1, 4, 9, 9, 80, 5, 2, 2, (3, 1, 1), True),  # 5 channel vectors: a block of 4, then 1
+    (1, 4, 9, 9, 80, 5, 2, 2, (3, 1, 1), True),  # 80 channels: the last block of vectors short
     (2, 8, 15, 16, 48, 1, 1, 0, (3, 2, 1), True),
 ]
 
@@ -65,6 +65,11 @@ def test_an_empty_batch_and_a_too_small_input():
         stem.conv_pool(torch.randn(1, 3, 2, 2), wt, b, 7, 2, 0, (3, 2, 1), True)
     with pytest.raises(ValueError, match="3 channels"):
         stem.conv_pool(torch.randn(1, 4, 32, 32), wt, b, 7, 2, 3, (3, 2, 1), True)
+    x = torch.randn(1, 3, 32, 32)
+    for bad_w, bad_b in ((wt, torch.zeros(8)), (wt, torch.zeros(16, dtype=torch.float64)),
+                         (wt.double(), b), (torch.randn(16, 3, 7, 7).permute(2, 1, 3, 0), b)):
+        with pytest.raises(ValueError, match="packed by pack_weight"):
+            stem.conv_pool(x, bad_w, bad_b, 7, 2, 3, (3, 2, 1), True)
 
 
 @pytest.mark.parametrize("conv,pool,why", [
@@ -96,6 +101,50 @@ def test_the_module_falls_back_to_the_three_operations_where_the_pass_does_not_a
     assert not fast.requires_grad and torch.allclose(fast, want, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(mod.double()(x.double()), want.double(), atol=1e-5)
+
+
+def test_the_module_follows_its_weight_when_it_changes():
+    """A state dict loaded into the model (the weight written in place) or a new weight
+    tensor: the pass packs it again, so it answers as the three operations do."""
+    torch.manual_seed(3)
+    conv, pool = nn.Conv2d(3, 16, 3, 1, 1), nn.MaxPool2d(2)
+    mod = sm.ConvPool(sm.ChannelsLastConv2d(conv), True, sm.ChannelsLastPool(pool))
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        first = mod(x)
+        mod.load_state_dict({k: v * 2 for k, v in mod.state_dict().items()})
+        assert torch.allclose(mod(x), mod.apart(x), atol=1e-5)
+        assert not torch.allclose(mod(x), first)
+        mod.conv.conv.weight = nn.Parameter(torch.randn(16, 3, 3, 3))
+        assert torch.allclose(mod(x), mod.apart(x), atol=1e-5)
+
+
+class Stem(nn.Module):
+    """A stem (convolution, ReLU, max-pool) and one layer the CS pattern takes; with
+    ``reuse``, the ReLU's output is also read after the pool."""
+
+    def __init__(self, reuse=False):
+        super().__init__()
+        self.reuse = reuse
+        self.conv1, self.relu, self.pool = nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 16, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.relu(self.conv1(x))
+        y = self.conv2(self.pool(h))
+        return y + h.mean() if self.reuse else y
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_only_a_chain_whose_links_have_no_other_use_runs_as_one_pass(reuse):
+    torch.manual_seed(4)
+    model = Stem(reuse).eval()
+    sparse = sm.sparsify(model, "cs", 0.75, input_size=(3, 16, 16), dense_layout="conv_pool")
+    assert sparse.sparsify_report.conv_pool == ([] if reuse else ["conv1"])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = sm.masked_dense(sparse).double()(x.double())
+        assert ((sparse(x).double() - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
 def test_the_library_says_how_it_was_built():

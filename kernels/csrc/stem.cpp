@@ -16,7 +16,7 @@
 #include "common.h"
 
 #include <limits>
-#include <memory>
+#include <vector>
 
 using namespace sc;
 
@@ -132,8 +132,12 @@ extern "C" int sc_stem_conv_pool(const sc_stem_geometry* gp, const float* x, flo
                  (g.pw - 1) * g.ps - g.ppad < g.ow && g.bands >= 1 && g.bands <= g.ph,
              "bad max-pool geometry");
     const int64_t hp = g.h + 2 * g.pad, wp = g.w + 2 * g.pad, img = g.cin * hp * wp;
-    const int64_t items = g.n * g.bands;
-#pragma omp parallel num_threads(std::max<int64_t>(1, g.threads))
+    const int64_t items = g.n * g.bands, threads = std::max<int64_t>(1, g.threads);
+    const int64_t ring_size = g.pk * g.ow * g.cout;
+    // each thread's ring, allocated here: an allocation failing inside the parallel region
+    // could not reach guarded()
+    std::vector<float> rings(threads * ring_size);
+#pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
       for (int64_t rr = 0; rr < g.n * g.cin * hp; ++rr) {  // the padded copy, a row each
@@ -147,7 +151,7 @@ extern "C" int sc_stem_conv_pool(const sc_stem_geometry* gp, const float* x, flo
         std::memcpy(dst + g.pad, x + (nc * g.h + r) * g.w, sizeof(float) * g.w);
         std::fill(dst + g.pad + g.w, dst + wp, 0.f);
       }
-      std::unique_ptr<float[]> ring(new float[g.pk * g.ow * g.cout]);
+      float* ring = rings.data() + omp_get_thread_num() * ring_size;
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t ni = it / g.bands, b = it % g.bands;
@@ -158,10 +162,10 @@ extern "C" int sc_stem_conv_pool(const sc_stem_geometry* gp, const float* x, flo
         float* yi = y + ni * g.ph * g.pw * g.cout;
         int64_t py = p0;
         for (int64_t r = r_lo; r < r_hi && py < p1; ++r) {
-          conv_row(g, xi, hp, wp, wt, r, ring.get() + (r % g.pk) * g.ow * g.cout);
+          conv_row(g, xi, hp, wp, wt, r, ring + (r % g.pk) * g.ow * g.cout);
           // every pool row whose window ends at this row (or is cut off by the last row)
           while (py < p1 && std::min<int64_t>(g.oh, py * g.ps - g.ppad + g.pk) - 1 <= r) {
-            pool_row(g, ring.get(), bias, py, yi + py * g.pw * g.cout);
+            pool_row(g, ring, bias, py, yi + py * g.pw * g.cout);
             ++py;
           }
         }
