@@ -255,9 +255,9 @@ class ConvPool(nn.Module):
     and the max-pool after that, as one C++ pass (``kernels.stem``) writing channels-last: the
     convolution's full-size output never leaves the cache, where the three operations write and
     read it three times (ResNet50's stem at batch 1 on a 2-core EPYC, warm: 1.16 ms against 1.51
-    ms). ``fuse_layers`` puts one in where ``sparsify`` measured the network faster so
-    (``Report.dense_layout`` "conv_pool"); any input the pass does not take (another dtype, a
-    gradient wanted) runs the three operations."""
+    ms). ``fuse_layers`` puts one in where ``sparsify`` measured the pass faster than the three
+    operations (``Report.conv_pool_kept``), or everywhere with ``dense_layout="conv_pool"``; any
+    input the pass does not take (another dtype, a gradient wanted) runs the three operations."""
 
     def __init__(self, conv: ChannelsLastConv2d, relu: bool, pool: ChannelsLastPool):
         super().__init__()
@@ -373,7 +373,7 @@ class Report:
     # relu_fused) runs in the kernel's epilogue
     residual_fused: list = field(default_factory=list)
     handover: list = field(default_factory=list)  # (producer, consumer) in the kernel's layout
-    # dense convolutions run with their ReLU and max-pool as one pass (ConvPool)
+    # dense convolutions run with their ReLU and max-pool as one pass (ConvPool) in this network
     conv_pool: list = field(default_factory=list)
     fusion: str = "not fused"  # what fuse() did, or why it could not
     # the layout the dense convolutions and max-pools run in (CPU), and the measurement behind
@@ -390,6 +390,11 @@ class Report:
     # measures them; unmeasured, every one is fused)
     residual: dict = field(default_factory=dict)
     residual_apart: list = field(default_factory=list)
+    # dense convolutions whose output goes through a ReLU to a max-pool (channels_last): name ->
+    # what timing the three as one pass (ConvPool) against one after another found; those in
+    # ``conv_pool_kept`` were faster as one pass and ``fuse_layers`` fuses them
+    conv_pool_timed: dict = field(default_factory=dict)
+    conv_pool_kept: list = field(default_factory=list)
     # dense Linear layers (a classifier left dense): name -> which runs it at the images per
     # call, PyTorch's Linear or the C++ pass (GemvLinear), and the times measured for both (CPU)
     dense_linear: dict = field(default_factory=dict)
@@ -409,11 +414,14 @@ class Report:
                                if v.startswith("C++ pass")),
                 "batch_chunk": self.batch_chunk,
                 "strided": [list(p) for p in self.strided_kept],
-                "residual_apart": list(self.residual_apart)}
+                "residual_apart": list(self.residual_apart),
+                "conv_pool": list(self.conv_pool_kept)}
 
     def dense_ops(self) -> str:
-        """Where the dense operations run: their layout, then each dense Linear's engine."""
-        return self.dense_layout + "".join(f"; {k}: {v}" for k, v in self.dense_linear.items())
+        """Where the dense operations run: their layout, each convolution, ReLU and max-pool
+        chain timed as one pass, then each dense Linear's engine."""
+        return self.dense_layout + "".join(
+            f"; {k}: {v}" for k, v in (*self.conv_pool_timed.items(), *self.dense_linear.items()))
 
     def summary(self) -> str:
         return (f"{len(self.replaced)} convolution(s) sparse, {len(self.dense)} dense, "
@@ -577,17 +585,19 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
     fused is in the copy's ``sparsify_report`` (``relu_fused``, ``residual_fused``,
     ``handover``, ``fusion``); a
     model torch.fx cannot trace, or with nothing to fuse, is returned as it is, with the reason
-    in its report's ``fusion``. With ``conv_pool`` (None: where the report's ``dense_layout``
-    is "conv_pool", as ``sparsify`` measured it), a convolution kept dense whose output goes
-    only to a max-pool, or only to a ReLU whose output goes only to a max-pool, runs with them
-    as one pass (:class:`ConvPool`; the report's ``conv_pool`` lists them). The result is a
+    in its report's ``fusion``. With ``conv_pool`` (None: those the report's
+    ``conv_pool_kept`` lists, as ``sparsify`` measured them, or every one where its
+    ``dense_layout`` is "conv_pool"), a convolution kept dense whose output goes only to a
+    max-pool, or only to a ReLU whose output goes only to a max-pool, runs with them as one
+    pass (:class:`ConvPool`; the report's ``conv_pool`` lists them). The result is a
     :class:`BatchChunks` running ``batch_chunk`` images per call (None: the report's
     ``batch_chunk``, as ``sparsify`` measured it)."""
     report = copy.copy(getattr(model, "sparsify_report", None) or Report("?", 0.0))
     report.relu_fused, report.handover, report.residual_fused = [], [], []
     report.conv_pool = []
     if conv_pool is None:
-        conv_pool = report.dense_layout.split()[:1] == ["conv_pool"]
+        conv_pool = True if report.dense_layout.split()[:1] == ["conv_pool"] \
+            else set(report.conv_pool_kept)
 
     def unfused(why: str) -> nn.Module:  # the model as it is, its own report saying why
         own = getattr(model, "sparsify_report", None) or report
@@ -671,7 +681,7 @@ def fuse_layers(model: nn.Module, handover: bool | str = True,
             report.relu_fused.append(node.target)
     for node in list(graph.nodes) if conv_pool else ():
         chain = _conv_pool_chain(node, mods, calls)
-        if chain is not None:
+        if chain is not None and (conv_pool is True or node.target in conv_pool):
             relu, pool = chain
             _set(gm, node.target, ConvPool(mods[node.target], relu is not None,
                                            mods[pool.target]))
@@ -753,11 +763,14 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
 
     On the CPU the operations that stay dense (convolutions kept dense, such as a stem with
     three input channels, and max-pools) run in one layout for the whole network:
-    ``dense_layout="channels_last"`` or ``"nchw"``; ``"conv_pool"`` is channels_last with a
-    convolution kept dense, its ReLU and the max-pool after it run as one C++ pass
-    (:class:`ConvPool`, a ResNet's stem); by default ``"measure"``: the network is timed each
-    way at ``input_size`` and ``batch`` (interleaved, a second or two) and the fastest is kept;
-    the report's ``dense_layout`` gives every time.
+    ``dense_layout="channels_last"`` or ``"nchw"``; ``"conv_pool"`` is channels_last with
+    every convolution kept dense, its ReLU and the max-pool after it run as one C++ pass
+    (:class:`ConvPool`, a ResNet's stem); by default ``"measure"``: the network is timed both
+    ways at ``input_size`` and ``batch`` (interleaved, a second or two; channels_last with
+    those chains as one pass) and the faster is kept (the report's ``dense_layout`` gives both
+    times), then, in channels_last, each chain is timed as one pass against its three
+    operations on its real input and runs as one pass where that was faster (the report's
+    ``conv_pool_timed`` and ``conv_pool_kept``).
 
     ``input_size`` (C, H, W) is the size the kernels are prepared for first (and the size a
     plan's layer shapes are matched at); the model takes any other height, width and batch as
@@ -827,7 +840,10 @@ def sparsify(model: nn.Module, pattern: str, sparsity: float, plan: Plan | dict 
         d = decisions or {}
         # the images per call first: the choices after it are timed at that many images
         chunk = _choose_batch_chunk(m, (batch, *input_size), d.get("batch_chunk"))
-        m = _choose_dense_layout(m, d.get("dense_layout") or dense_layout, (chunk, *input_size))
+        how = d.get("dense_layout") or dense_layout
+        m = _choose_dense_layout(m, how, (chunk, *input_size))
+        if how == "measure" or d.get("conv_pool") is not None:
+            _choose_conv_pool(m, (chunk, *input_size), d.get("conv_pool"))
         _choose_dense_linear(m, chunk, d.get("gemv"))
         _choose_strided_handover(m, (chunk, *input_size), d.get("strided"))
         _choose_residual(m, (chunk, *input_size), d.get("residual_apart"))
@@ -969,9 +985,9 @@ def _in_nchw(m: nn.Module) -> nn.Module:
 
 def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
     """``m`` (dense operations in channels_last, as built) or its NCHW twin: as asked, or the
-    fastest as fused and deployed, timed interleaved on a random input of ``size``: channels_last,
-    NCHW, and channels_last with each dense convolution, ReLU and max-pool chain as one pass
-    ("conv_pool", ``fuse_layers`` then fuses them; tried where a chain runs so here)."""
+    faster as fused and deployed, timed interleaved on a random input of ``size`` (channels_last
+    with each dense convolution, ReLU and max-pool chain as one pass: ``_choose_conv_pool`` then
+    times each chain on its own)."""
     report = m.sparsify_report
     dense = [mod for mod in m.modules() if isinstance(mod, (ChannelsLastConv2d,
                                                            ChannelsLastPool))]
@@ -985,23 +1001,51 @@ def _choose_dense_layout(m: nn.Module, how: str, size) -> nn.Module:
 
     nchw = _in_nchw(m)
     x = torch.randn(*size)
-    variants = {"channels_last": fuse_layers(m, conv_pool=False),
+    variants = {"channels_last": fuse_layers(m, conv_pool=True),
                 "nchw": fuse_layers(nchw, conv_pool=False)}
-    pooled = fuse_layers(m, conv_pool=True)
-    if pooled.sparsify_report.conv_pool:
-        variants["conv_pool"] = pooled
+    chains = len(variants["channels_last"].sparsify_report.conv_pool)
     with torch.inference_mode():
         st = interleaved_cpu({k: (v, x) for k, v in variants.items()}, rounds=5,
                              min_sample=0.02, warmup=0.05).stats
     best = min(st, key=lambda k: st[k].median)
-    words = {"channels_last": "channels_last", "nchw": "NCHW",
-             "conv_pool": "channels_last with each convolution, (ReLU,) max-pool chain in one "
-                          "pass"}
     report.dense_layout = (
         f"{best} ({len(dense)} dense operation(s); measured whole network at "
-        f"{'x'.join(map(str, size))}: "
-        + ", ".join(f"{words[k]} {st[k].median * 1e3:.2f} ms" for k in variants) + ")")
+        f"{'x'.join(map(str, size))}: channels_last {st['channels_last'].median * 1e3:.2f} ms"
+        + (f" (with {chains} convolution, ReLU and max-pool chain(s) in one pass)"
+           if chains else "") + f", NCHW {st['nchw'].median * 1e3:.2f} ms)")
     return nchw if best == "nchw" else m
+
+
+def _choose_conv_pool(m: nn.Module, size, kept: list | None = None) -> None:
+    """Which dense convolution, (ReLU,) max-pool chains run as one pass (``ConvPool``;
+    ``Report.conv_pool_kept``): each timed as one pass against its three operations on its real
+    input, interleaved (a few hundred microseconds on a ResNet stem: within a whole network's
+    noise, not a layer's). ``kept``: the chains an earlier measurement kept (nothing is
+    timed)."""
+    from .timing import interleaved_cpu
+
+    report = m.sparsify_report
+    report.conv_pool_timed, report.conv_pool_kept = {}, []
+    every = fuse_layers(m, conv_pool=True)
+    names = every.sparsify_report.conv_pool
+    if kept is not None:
+        for name in names:
+            report.conv_pool_timed[name] = (f"{'one pass' if name in kept else 'apart'}: as "
+                                            f"decided before (not measured here)")
+        report.conv_pool_kept = [n for n in names if n in kept]
+        return
+    ins = inputs_of(every, names, torch.randn(*size))
+    for name in names:
+        mod = every.get_submodule(name)
+        with torch.inference_mode():
+            st = interleaved_cpu({"one": (mod, ins[name]), "apart": (mod.apart, ins[name])},
+                                 rounds=5, min_sample=0.01, warmup=0.0).stats
+        one, apart = st["one"].median, st["apart"].median
+        report.conv_pool_timed[name] = (
+            f"{'one pass' if one < apart else 'apart'}: convolution, ReLU and max-pool in one "
+            f"pass {one * 1e3:.2f} ms against one after another {apart * 1e3:.2f} ms")
+        if one < apart:
+            report.conv_pool_kept.append(name)
 
 
 BATCH_CHUNKS = (1, 2, 4, 8)  # images per call tried on a larger batch (the whole batch too)
