@@ -390,8 +390,9 @@ def _run_e2e(req: E2ERequest) -> E2EResult:
         if "sparse_epilogue" in variants_sparse and rep.handover:
             info["handover"] = json.dumps(_handover_savings(
                 variants_sparse["sparse_epilogue"], sparse, x, case.device, short))
-        if rep.conv_pool:
-            info["conv_pool"] = json.dumps(_conv_pool_savings(sparse, x, case.device, short))
+        if rep.conv_pool:  # on the whole batch, as the residual figure
+            info["conv_pool"] = json.dumps(_conv_pool_savings(
+                variants_sparse.get("sparse_whole", sparse), x, case.device, short))
         if case.device is Device.CPU:
             where = in_network(sparse, x)
             if where is not None:
