@@ -115,13 +115,9 @@ def _conv_pool_savings(fused: nn.Module, x, device, opts) -> list:
     """[layer, seconds saved] per dense convolution run with its ReLU and max-pool as one pass
     (``sparse_model.ConvPool``): the three operations as the network runs them otherwise
     (channels_last) timed interleaved with the one pass, on the layer's real input."""
-    names = fused.sparsify_report.conv_pool
-    ins = sparse_model.inputs_of(fused, names, x)
     out = []
-    for name in names:
-        mod = fused.get_submodule(name)
-        st, _ = timed(device, {"apart": (mod.apart, ins[name]), "one": (mod, ins[name])}, opts,
-                      graphs=False)
+    for name, variants in sparse_model.conv_pool_variants(fused, x).items():
+        st, _ = timed(device, variants, opts, graphs=False)  # eager, like the network's
         out.append([name, st["apart"].median - st["one"].median])
     return out
 

@@ -31,7 +31,7 @@ from torch import fx, nn
 import kernels
 import shapes
 from kernels.cpu_common import ThreadBuffers
-from kernels.cpu_layout import GEMV_MAX_ROWS, CpuLayout
+from kernels.cpu_layout import GEMV_MAX_ROWS, CpuLayout, max_pool_args, square
 
 from .plan import Plan, PlanError
 from .records import Device
@@ -261,14 +261,11 @@ class ConvPool(nn.Module):
 
     def __init__(self, conv: ChannelsLastConv2d, relu: bool, pool: ChannelsLastPool):
         super().__init__()
-        from kernels import stem
-
         self.conv, self.relu, self.pool = conv, relu, pool
-        c, p = conv.conv, pool.pool
+        c = conv.conv
         self._packed = self._packed_of = None  # the weight as the pass reads it, and of what
-        one = stem.square
-        self._args = (one(c.kernel_size), one(c.stride), one(c.padding),
-                      (one(p.kernel_size), one(p.stride or p.kernel_size), one(p.padding)))
+        self._args = (square(c.kernel_size), square(c.stride), square(c.padding),
+                      max_pool_args(pool.pool))
 
     @property
     def weight(self):
@@ -313,15 +310,7 @@ class NchwMaxPool(nn.Module):
     def __init__(self, pool: nn.Module):
         super().__init__()
         self.pool = pool
-        p = pool if isinstance(pool, nn.MaxPool2d) else None
-        args = None
-        if p is not None and not p.ceil_mode and not p.return_indices:
-            k, s, pad, d = (v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None)
-                            for v in (p.kernel_size, p.stride or p.kernel_size, p.padding,
-                                      p.dilation))
-            if None not in (k, s, pad) and d == 1 and 2 * pad <= k:
-                args = (k, s, pad)
-        self._args = args
+        self._args = max_pool_args(pool)
 
     def forward(self, x):
         if self._args is not None and x.dim() == 4 and x.dtype == torch.float32 and x.is_cpu \
@@ -936,6 +925,17 @@ def residual_variants(fused: nn.Module, x) -> dict:
     return out
 
 
+def conv_pool_variants(fused: nn.Module, x) -> dict:
+    """Layer -> {"one": (fn, input), "apart": (fn, input)} for every convolution of ``fused``
+    (a :func:`fuse_layers` result) run with its ReLU and max-pool as one pass
+    (:class:`ConvPool`): the pass, and the three operations one after another, each on the
+    layer's real input when ``fused`` runs on ``x``."""
+    names = fused.sparsify_report.conv_pool
+    ins = inputs_of(fused, names, x)
+    return {name: {"one": (fused.get_submodule(name), ins[name]),
+                   "apart": (fused.get_submodule(name).apart, ins[name])} for name in names}
+
+
 def _choose_residual(m: nn.Module, size, apart: list | None = None) -> None:
     """Which layers ending a residual block add the shortcut in their epilogue (all but
     ``Report.residual_apart``): each timed both ways on its real input and shortcut,
@@ -1034,12 +1034,9 @@ def _choose_conv_pool(m: nn.Module, size, kept: list | None = None) -> None:
                                             f"decided before (not measured here)")
         report.conv_pool_kept = [n for n in names if n in kept]
         return
-    ins = inputs_of(every, names, torch.randn(*size))
-    for name in names:
-        mod = every.get_submodule(name)
+    for name, variants in conv_pool_variants(every, torch.randn(*size)).items():
         with torch.inference_mode():
-            st = interleaved_cpu({"one": (mod, ins[name]), "apart": (mod.apart, ins[name])},
-                                 rounds=5, min_sample=0.01, warmup=0.0).stats
+            st = interleaved_cpu(variants, rounds=5, min_sample=0.01, warmup=0.0).stats
         one, apart = st["one"].median, st["apart"].median
         report.conv_pool_timed[name] = (
             f"{'one pass' if one < apart else 'apart'}: convolution, ReLU and max-pool in one "

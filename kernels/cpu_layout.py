@@ -152,6 +152,23 @@ def check_input(layer: ConvLayer, x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: float32 input expected, got {x.dtype}")
 
 
+def square(v):
+    """A square size (an int, or a pair of equal ints) as an int, else None."""
+    if isinstance(v, int):
+        return v
+    return v[0] if len(set(v)) == 1 else None
+
+
+def max_pool_args(pool) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of an ``nn.MaxPool2d`` the C++ passes take (a square window,
+    no dilation, ceil_mode or indices, padding at most half the window), else None."""
+    if not isinstance(pool, torch.nn.MaxPool2d) or pool.ceil_mode or pool.return_indices:
+        return None
+    k, s, pad, d = (square(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size,
+                                         pool.padding, pool.dilation))
+    return (k, s, pad) if None not in (k, s, pad) and d == 1 and 2 * pad <= k else None
+
+
 def max_pool_nchw(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """``F.max_pool2d(x, kernel, stride, padding)`` of a contiguous NCHW float32 CPU tensor in one
     parallel C++ pass. PyTorch's NCHW max-pool runs at a fraction of memory speed at batch 1

@@ -3,8 +3,9 @@ in one C++ pass that writes the pooled output channels-last (``csrc/stem.cpp``):
 stem (ResNet's 7x7 stride-2 3->64 convolution, ReLU, 3x3 stride-2 max-pool) as one operation,
 whose full-size convolution output never leaves the cache.
 
-``harness.sparse_model`` runs a stem through it where ``sparsify`` measured the network faster
-so (``ConvPool``); ``why_not(conv, pool)`` says why a pair cannot.
+``harness.sparse_model`` runs a stem through it where ``sparsify`` measured the pass faster
+than the three operations on the layer's input (``ConvPool``); ``why_not(conv, pool)`` says why
+a pair cannot.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from . import _ext
+from .cpu_layout import max_pool_args, square
 from .registry import KernelBuildError
 
 _FIELDS = ("n", "cin", "h", "w", "cout", "k", "stride", "pad", "oh", "ow",
@@ -33,13 +35,6 @@ STEM = _ext.Family("stem", "stem.cpp", {
 MAX_CIN = 8  # a stem's few input channels: every input value is broadcast once per tile
 
 
-def square(v):
-    """A square size (an int, or a pair of equal ints) as an int, else None."""
-    if isinstance(v, int):
-        return v
-    return v[0] if len(set(v)) == 1 else None
-
-
 def why_not(conv: nn.Module, pool: nn.Module) -> str | None:
     """Why ``conv`` followed by ``pool`` cannot run as one pass here, or None when it can."""
     if not isinstance(conv, nn.Conv2d) or not isinstance(pool, nn.MaxPool2d):
@@ -54,9 +49,7 @@ def why_not(conv: nn.Module, pool: nn.Module) -> str | None:
         return f"{conv.out_channels} output channels are not a multiple of {_ext.lanes()}"
     if conv.weight.dtype != torch.float32 or not conv.weight.is_cpu:
         return "not a float32 CPU convolution"
-    k, s, p, d = (square(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size,
-                                       pool.padding, pool.dilation))
-    if None in (k, s, p) or d != 1 or pool.ceil_mode or pool.return_indices or 2 * p > k:
+    if max_pool_args(pool) is None:
         return "the max-pool is not square, undilated, without ceil_mode or indices"
     return None
 
